@@ -1,0 +1,82 @@
+"""Checkpoints: a state_dict plus the model config, written atomically, read without pickle code.
+
+A checkpoint holds only tensors, strings, numbers, lists and dicts, so `torch.load(path,
+weights_only=True)` reads it and a file that tries to run code on load is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fmnist_hpo.data import CLASSES, FMNIST_MEAN, FMNIST_STD
+from fmnist_hpo.errors import FmnistError
+
+FORMAT_VERSION = 1
+
+
+class CheckpointError(FmnistError):
+    """A checkpoint is missing, corrupt or not one of ours."""
+
+
+def atomic_write(path: Path, write: Any) -> None:
+    """Call write(tmp_path), then rename tmp into place: a crash mid-write keeps the old file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path: Path, model: nn.Module, model_config: dict[str, Any], **extra: Any) -> Path:
+    payload = {
+        "format_version": FORMAT_VERSION,
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "model_config": model_config,
+        "classes": list(CLASSES),
+        "normalization": {"mean": FMNIST_MEAN, "std": FMNIST_STD},
+        **extra,
+    }
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    return path
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError for code, RuntimeError/EOFError for corrupt zips
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: not a loadable checkpoint ({first_line[:200]})") from None
+    if not isinstance(payload, dict) or "state_dict" not in payload or "model_config" not in payload:
+        raise CheckpointError(f"{path}: not an fmnist-hpo checkpoint (no state_dict/model_config)")
+    return payload
+
+
+def load_model(path: str | Path) -> nn.Module:
+    """The documented loader: a checkpoint file -> the trained model in eval mode, on the CPU."""
+    from fmnist_hpo.config import ConfigError, validate
+    from fmnist_hpo.model import build_model
+
+    payload = read_checkpoint(path)
+    try:
+        model_cfg = validate({"model": payload["model_config"]}).model
+    except ConfigError as exc:
+        raise CheckpointError(f"{path}: its model config is invalid ({exc})") from None
+    model = build_model(model_cfg)
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not fit its model config ({str(exc)[:200]})") from None
+    return model.eval()

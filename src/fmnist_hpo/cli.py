@@ -1,0 +1,105 @@
+"""The `fmnist` command. Commands parse options, call one plain function and map errors to exit codes.
+
+Heavy modules (torch, mlflow, hyperopt) are imported inside commands so `fmnist --help` is instant.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fmnist_hpo.errors import FmnistError
+
+app = typer.Typer(
+    help="Reproducible hyperparameter sweeps of BatchNorm CNNs on Fashion-MNIST, tracked in MLflow.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ConfigArg = Annotated[Path, typer.Argument(help="experiment spec (YAML), e.g. configs/exp12.yaml")]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="override a key, e.g. --set train.epochs=3 (repeatable)"),
+]
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def collect_overrides(overrides: list[str] | None, **shortcuts: object) -> list[str]:
+    """--set values plus the dedicated options (which win, being more specific)."""
+    extra = [f"{key}={value}" for key, value in shortcuts.items() if value is not None]
+    return [*(overrides or []), *extra]
+
+
+@app.command()
+def run(
+    config: ConfigArg,
+    overrides: SetOption = None,
+    max_evals: Annotated[int | None, typer.Option(help="number of trials (search.max_evals)")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cuda, mps or cpu (train.device)")] = None,
+    experiment: Annotated[str | None, typer.Option(help="MLflow experiment name (experiment)")] = None,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI (mlflow.tracking_uri)")] = None,
+    dry_run: Annotated[bool, typer.Option(help="print the resolved config and search space, train nothing")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="warnings and the closing table only")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="one line per epoch")] = False,
+) -> None:
+    """Run the sweep an experiment spec describes and log every trial to MLflow."""
+    from fmnist_hpo import config as config_module
+
+    try:
+        cfg = config_module.load(config, collect_overrides(
+            overrides, **{"search.max_evals": max_evals, "train.device": device, "experiment": experiment,
+                          "mlflow.tracking_uri": tracking_uri}))
+    except FmnistError as exc:
+        raise fail(str(exc)) from None
+    if dry_run:
+        print_resolved(cfg)
+        return
+    from fmnist_hpo.progress import configure_logging, console, results_table
+    from fmnist_hpo.sweep import SweepFailed, run_from_config
+
+    configure_logging(-1 if quiet else (1 if verbose else 0))
+    try:
+        result = run_from_config(cfg, show_bars=False if quiet else None)
+    except SweepFailed as exc:
+        console.print(results_table(exc.result))
+        raise fail(str(exc), code=1) from None
+    except FmnistError as exc:
+        raise fail(str(exc)) from None
+    except KeyboardInterrupt:
+        raise fail("interrupted; the runs in progress were marked KILLED", code=130) from None
+    from rich.console import Console
+
+    Console().print(results_table(result))
+    best = result.best
+    typer.echo(f"best trial {best.number}: val_accuracy={best.best_val_accuracy:.4f} "
+               f"test_accuracy={best.test_accuracy:.4f} (run {best.run_id})")
+
+
+@app.command()
+def validate(config: ConfigArg, overrides: SetOption = None) -> None:
+    """Check a spec without training: print the resolved config and the search space."""
+    from fmnist_hpo import config as config_module
+
+    try:
+        cfg = config_module.load(config, overrides)
+    except FmnistError as exc:
+        raise fail(str(exc)) from None
+    print_resolved(cfg)
+
+
+def print_resolved(cfg: object) -> None:
+    from fmnist_hpo import config as config_module
+    from fmnist_hpo.space import describe
+
+    typer.echo(config_module.dump_yaml(cfg).rstrip())
+    lines = describe(cfg.search.space)
+    typer.echo("\n# search space" + (f" ({cfg.search.algo}, {cfg.search.max_evals} trials)" if lines else ": empty, one run"))
+    for line in lines:
+        typer.echo(f"#   {line}")

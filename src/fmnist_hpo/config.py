@@ -1,0 +1,350 @@
+"""The experiment spec: typed sections, loading, overrides and validation.
+
+A spec is read as plain YAML, overrides are merged into that raw mapping, and only then is the
+whole thing validated, so a `--set` value or a sampled search point passes the same checks as
+the file itself. Every problem is collected before anything is reported.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import hashlib
+import json
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from fmnist_hpo.errors import ConfigError
+
+
+def setting(default: Any, doc: str, **bounds: float) -> Any:
+    """A config field with its help text and numeric bounds (ge, gt, le, lt)."""
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"doc": doc, **bounds})
+    return field(default=default, metadata={"doc": doc, **bounds})
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    root: str | None = setting(None, "folder holding the four IDX files; null: $FMNIST_DATA_DIR, else data/")
+    download: bool = setting(True, "download the files with torchvision when they are missing")
+    val_size: int = setting(10_000, "training images held out (stratified) for early stopping and the search", ge=10)
+    split_seed: int = setting(0, "seed of the validation split; fixed so every trial sees the same split")
+    train_subset: int | None = setting(None, "train on the class-balanced first N remaining images; null: all", ge=10)
+    augment_flip: bool = setting(False, "random horizontal flips, applied on the device")
+    augment_translate: int = setting(0, "random translation by up to this many pixels", ge=0, le=8)
+    augment_erase: float = setting(0.0, "probability of random erasing per image", ge=0, le=1)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    architecture: Literal["cnn", "dual_path"] = setting("cnn", "cnn: one conv tower; dual_path: 3x3 and 5x5 towers")
+    num_blocks: int = setting(3, "conv blocks: conv 3x3, BatchNorm, ReLU, MaxPool 2, Dropout2d", ge=1, le=6)
+    filters: int = setting(256, "channels of every conv layer", ge=1, le=4096)
+    units1: int = setting(192, "units of the first dense layer", ge=1, le=16384)
+    units2: int = setting(96, "units of the second dense layer", ge=1, le=16384)
+    batchnorm: bool = setting(True, "BatchNorm after every conv and dense layer")
+    residual: bool = setting(False, "add a shortcut around every block after the first")
+    conv_dropout: float | list[float] = setting(0.05, "Dropout2d rate after each block (one, or one per block)", ge=0, lt=1)
+    dropout_placement: Literal["all", "none", "early", "middle", "late", "both"] = setting(
+        "all", "which conv blocks get Dropout2d: all, none, early (first), middle, late (last), both (first and last)"
+    )
+    dense1_dropout: float = setting(0.15, "dropout after the first dense layer", ge=0, lt=1)
+    dense2_dropout: float = setting(0.1, "dropout after the second dense layer", ge=0, lt=1)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = setting(40, "maximum number of epochs", ge=1, le=10_000)
+    batch_size: int = setting(64, "images per training step", ge=2, le=65_536)
+    lr: float = setting(1e-3, "Adam learning rate", gt=0, le=10)
+    weight_decay: float = setting(0.0, "Adam weight decay (L2)", ge=0)
+    scheduler: Literal["step", "onecycle", "cosine", "none"] = setting("step", "learning-rate schedule")
+    step_size: int = setting(10, "StepLR: epochs between decays", ge=1)
+    gamma: float = setting(0.5, "StepLR: factor applied every step_size epochs", gt=0, le=1)
+    label_smoothing: float = setting(0.0, "cross-entropy label smoothing", ge=0, lt=1)
+    patience: int | None = setting(15, "stop after this many epochs without improvement; null: never stop early", ge=1)
+    min_delta: float = setting(0.0, "smallest change of the monitored metric that counts as improvement", ge=0)
+    monitor: Literal["val_loss", "val_accuracy"] = setting("val_loss", "metric that picks the best epoch and stops early")
+    seed: int = setting(42, "seed of weights, batch order and dropout; same seed, same CPU result")
+    device: Literal["auto", "cuda", "mps", "cpu"] = setting("auto", "auto picks cuda, then mps, then cpu")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = setting("auto", "auto: bf16 autocast on CUDA where supported, else fp32")
+    channels_last: bool = setting(True, "channels_last memory format on CUDA (ignored elsewhere)")
+    compile: bool = setting(False, "torch.compile the model (pays off on CUDA for long runs)")
+    eval_batch_size: int = setting(1024, "images per evaluation step", ge=1)
+
+
+SearchAlgo = Literal["tpe", "random", "anneal"]
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    algo: SearchAlgo = setting("tpe", "Hyperopt algorithm: tpe, random or anneal")
+    max_evals: int = setting(1, "number of trials", ge=1, le=100_000)
+    metric: Literal["val_loss", "val_accuracy"] = setting("val_accuracy", "objective: val_loss minimised, val_accuracy maximised")
+    seed: int = setting(0, "seed of the search algorithm; same seed, same sampled points")
+    space: dict[str, dict[str, Any]] = setting({}, "dotted config key -> {primitive: arguments}; empty: one run")
+
+
+@dataclass(frozen=True)
+class MlflowConfig:
+    tracking_uri: str | None = setting(None, "null: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    log_model: Literal["best", "all", "none"] = setting("best", "trials whose model is logged as an MLflow model")
+
+
+@dataclass(frozen=True)
+class Config:
+    experiment: str = setting("default", "MLflow experiment name; also the folder under models/")
+    description: str = setting("", "free text, logged with the sweep")
+    models_dir: str = setting("models", "where best-epoch checkpoints are written")
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'train': {'lr': 1}} -> {'train.lr': 1}; the search space stays one value."""
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and path != "search.space":
+            flat.update(flatten(value, f"{path}."))
+        else:
+            flat[path] = value
+    return flat
+
+
+def config_hash(cfg: Config) -> str:
+    text = json.dumps(to_dict(cfg), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+# --- loading and overrides -------------------------------------------------------------------
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(["no such file"], str(path))
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError([f"not valid YAML: {where}{exc.problem}"], str(path)) from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"not valid YAML: {exc}"], str(path)) from None
+    if raw is None:
+        raise ConfigError(["the file is empty"], str(path))
+    if not isinstance(raw, dict):
+        raise ConfigError([f"must be a mapping of sections, got {type(raw).__name__}"], str(path))
+    return raw
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'train.epochs=3' -> ('train.epochs', 3); the value is read as YAML."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError([f"override {text!r} must look like key=value"], "--set")
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise ConfigError([f"override {text!r}: value is not valid YAML"], "--set") from None
+
+
+def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    """Set raw['a']['b'] for key 'a.b'; a search-space key keeps its dots after 'search.space.'."""
+    parts = key.split(".")
+    if parts[:2] == ["search", "space"] and len(parts) > 2:
+        parts = ["search", "space", ".".join(parts[2:])]
+    node = raw
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(raw)
+    for key, value in overrides.items():
+        set_dotted(merged, key, value)
+    return merged
+
+
+def load(path: str | Path, overrides: list[str] | None = None) -> Config:
+    raw = read_yaml(path)
+    parsed = dict(parse_override(o) for o in overrides or [])
+    return validate(apply_overrides(raw, parsed), source=str(path))
+
+
+def validate(raw: dict[str, Any], source: str = "config") -> Config:
+    problems: list[str] = []
+    cfg = _build(Config, raw, "", problems)
+    if cfg is not None:
+        problems += _cross_checks(cfg)
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
+
+
+# --- the validator ---------------------------------------------------------------------------
+
+
+def _build(cls: type, raw: Any, path: str, problems: list[str]) -> Any:
+    if not isinstance(raw, dict):
+        problems.append(f"{path.rstrip('.') or 'config'}: must be a mapping, got {_describe(raw)}")
+        return None
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in raw:
+        if key not in fields:
+            hint = difflib.get_close_matches(str(key), fields, n=1)
+            suggestion = f" (did you mean '{path}{hint[0]}'?)" if hint else ""
+            problems.append(f"{path}{key}: unknown key{suggestion}")
+    values: dict[str, Any] = {}
+    ok = True
+    for name, f in fields.items():
+        if name not in raw:
+            continue
+        where = f"{path}{name}"
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            value = _build(tp, raw[name], f"{where}.", problems)
+            ok &= value is not None
+        else:
+            try:
+                value = _coerce(raw[name], tp)
+                _check_bounds(value, f.metadata)
+            except ValueError as exc:
+                problems.append(f"{where}: {exc}")
+                ok = False
+                continue
+        values[name] = value
+    return cls(**values) if ok else None
+
+
+def _describe(value: Any) -> str:
+    return "null" if value is None else f"{type(value).__name__} {value!r}"
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, option)
+            except ValueError as exc:
+                errors.append(str(exc))
+        raise ValueError(" or ".join(dict.fromkeys(errors)))
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"must be one of {', '.join(map(str, args))}; got {_describe(value)}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ValueError(f"must be a list, got {_describe(value)}")
+        return [_coerce(v, args[0]) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"must be a mapping, got {_describe(value)}")
+        return dict(value)
+    return _coerce_scalar(value, tp)
+
+
+def _coerce_scalar(value: Any, tp: type) -> Any:
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"must be true or false, got {_describe(value)}")
+    if tp is int:
+        if isinstance(value, float) and value.is_integer():
+            return int(value)  # quniform samples integral floats
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ValueError(f"must be an integer, got {_describe(value)}")
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            if value != value or value in (float("inf"), float("-inf")):
+                raise ValueError(f"must be a finite number, got {value}")
+            return float(value)
+        raise ValueError(f"must be a number, got {_describe(value)}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"must be a string, got {_describe(value)}")
+    return value
+
+
+def _check_bounds(value: Any, meta: typing.Mapping[str, Any]) -> None:
+    if isinstance(value, list):
+        for item in value:
+            _check_bounds(item, meta)
+        return
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return
+    for key, test, word in (("ge", float.__ge__, ">="), ("gt", float.__gt__, ">"),
+                            ("le", float.__le__, "<="), ("lt", float.__lt__, "<")):
+        if key in meta and not test(float(value), float(meta[key])):
+            raise ValueError(f"must be {word} {meta[key]:g}, got {value}")
+
+
+def _cross_checks(cfg: Config) -> list[str]:
+    from fmnist_hpo.space import check_space  # the space validator applies points through this module
+
+    problems = []
+    if isinstance(cfg.model.conv_dropout, list) and len(cfg.model.conv_dropout) != cfg.model.num_blocks:
+        problems.append(
+            f"model.conv_dropout: has {len(cfg.model.conv_dropout)} rates for "
+            f"{cfg.model.num_blocks} blocks (give one rate, or one per block)"
+        )
+    if not EXPERIMENT_NAME.fullmatch(cfg.experiment):
+        problems.append(
+            f"experiment: {cfg.experiment!r} must be 1-100 letters, digits, '.', '_' or '-' "
+            "(it names a folder under models/)"
+        )
+    problems += check_space(cfg)
+    return problems
+
+
+EXPERIMENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def field_docs(cls: type = Config, prefix: str = "") -> dict[str, str]:
+    """Dotted key -> help text, for `fmnist validate --keys` and the README reference."""
+    docs: dict[str, str] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            docs.update(field_docs(hints[f.name], f"{prefix}{f.name}."))
+        else:
+            docs[f"{prefix}{f.name}"] = f.metadata.get("doc", "")
+    return docs

@@ -1,0 +1,214 @@
+"""Fashion-MNIST: IDX files -> uint8 arrays -> stratified splits -> tensors on the device.
+
+The whole dataset is 55 MB as uint8, so it is read once, moved to the training device once and
+batched there by slicing; normalisation happens per batch on the device (see train.py).
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from fmnist_hpo.errors import DataError
+
+if TYPE_CHECKING:
+    import torch
+
+    from fmnist_hpo.config import DataConfig
+
+FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+           "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+FMNIST_MEAN = 0.2860
+FMNIST_STD = 0.3530
+IMAGE_SIZE = 28
+_IDX_UBYTE = 0x08
+
+
+@dataclass(frozen=True)
+class Dataset:
+    train_images: np.ndarray  # (60000, 28, 28) uint8
+    train_labels: np.ndarray  # (60000,) int64
+    test_images: np.ndarray
+    test_labels: np.ndarray
+
+
+@dataclass(frozen=True)
+class Split:
+    images: torch.Tensor  # (n, 1, 28, 28) uint8 on the training device
+    labels: torch.Tensor  # (n,) int64 on the training device
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@dataclass(frozen=True)
+class Splits:
+    train: Split
+    val: Split
+    test: Split
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """One IDX file (gzipped or not) as a uint8 array, checked against its own header."""
+    try:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as handle:
+            blob = handle.read()
+    except (OSError, EOFError) as exc:
+        raise DataError(f"{path}: cannot be read ({exc})") from None
+    if len(blob) < 4 or blob[0] != 0 or blob[1] != 0 or blob[2] != _IDX_UBYTE:
+        raise DataError(f"{path}: not an IDX file of unsigned bytes (bad magic number)")
+    ndim = blob[3]
+    header = 4 + 4 * ndim
+    if ndim == 0 or len(blob) < header:
+        raise DataError(f"{path}: header is truncated")
+    shape = tuple(int(d) for d in np.frombuffer(blob, dtype=">u4", count=ndim, offset=4))
+    expected = int(np.prod(shape))
+    actual = len(blob) - header
+    if actual < expected:
+        raise DataError(f"{path}: truncated: header promises {expected} bytes of data, file has {actual}")
+    if actual > expected:
+        raise DataError(f"{path}: {actual - expected} unexpected bytes after the data")
+    return np.frombuffer(blob, dtype=np.uint8, offset=header).reshape(shape).copy()
+
+
+def data_root(cfg: DataConfig) -> Path:
+    return Path(cfg.root or os.environ.get("FMNIST_DATA_DIR") or "data").expanduser()
+
+
+def find_files(root: Path) -> dict[str, Path] | None:
+    """The four files under root (plain or .gz, or where torchvision puts them); None if any is missing."""
+    found = {}
+    for key, name in FILES.items():
+        candidates = [root / name, root / f"{name}.gz", root / "FashionMNIST" / "raw" / name,
+                      root / "FashionMNIST" / "raw" / f"{name}.gz"]
+        path = next((c for c in candidates if c.is_file()), None)
+        if path is None:
+            return None
+        found[key] = path
+    return found
+
+
+def download(root: Path) -> None:
+    """Fetch the dataset with torchvision into root/FashionMNIST/raw."""
+    try:
+        from torchvision.datasets import FashionMNIST
+
+        root.mkdir(parents=True, exist_ok=True)
+        for train in (True, False):
+            FashionMNIST(str(root), train=train, download=True)
+    except Exception as exc:  # torchvision raises URLError, RuntimeError, OSError...
+        raise DataError(
+            f"Fashion-MNIST is not in {root} and could not be downloaded ({type(exc).__name__}); "
+            f"put {', '.join(f + '.gz' for f in FILES.values())} there "
+            "or point FMNIST_DATA_DIR / data.root at them"
+        ) from None
+
+
+def load_dataset(cfg: DataConfig) -> Dataset:
+    root = data_root(cfg)
+    paths = find_files(root)
+    if paths is None:
+        if not cfg.download:
+            raise DataError(
+                f"Fashion-MNIST is not in {root}; put {', '.join(FILES.values())} (gzipped or not) there, "
+                "or point FMNIST_DATA_DIR / data.root at them"
+            )
+        download(root)
+        paths = find_files(root)
+        if paths is None:
+            raise DataError(f"download finished but the files are still missing from {root}")
+    arrays = {key: read_idx(path) for key, path in paths.items()}
+    for part in ("train", "test"):
+        _check_pair(arrays[f"{part}_images"], arrays[f"{part}_labels"],
+                    paths[f"{part}_images"], paths[f"{part}_labels"])
+    return Dataset(
+        train_images=arrays["train_images"],
+        train_labels=arrays["train_labels"].astype(np.int64),
+        test_images=arrays["test_images"],
+        test_labels=arrays["test_labels"].astype(np.int64),
+    )
+
+
+def _check_pair(images: np.ndarray, labels: np.ndarray, image_path: Path, label_path: Path) -> None:
+    if images.ndim != 3 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
+        raise DataError(f"{image_path}: expected images of 28x28, got shape {images.shape}")
+    if labels.ndim != 1:
+        raise DataError(f"{label_path}: expected a 1-D label file, got shape {labels.shape}")
+    if len(images) != len(labels):
+        raise DataError(f"{label_path}: {len(labels)} labels for {len(images)} images in {image_path.name}")
+    if labels.size and labels.max() >= len(CLASSES):
+        raise DataError(f"{label_path}: label {int(labels.max())} is not a class (0-9)")
+
+
+def stratified_split(labels: np.ndarray, val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train indices, val indices): val_size images drawn per class in proportion, seeded."""
+    if not 0 < val_size < len(labels):
+        raise DataError(f"data.val_size: {val_size} must be between 1 and {len(labels) - 1} for {len(labels)} training images")
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels, return_counts=True)
+    quotas = np.floor(counts * val_size / len(labels)).astype(int)
+    remainder = counts * val_size / len(labels) - quotas
+    quotas[np.argsort(-remainder, kind="stable")[: val_size - quotas.sum()]] += 1
+    val = [rng.permutation(np.flatnonzero(labels == c))[:q] for c, q in zip(classes, quotas, strict=True)]
+    val_idx = np.sort(np.concatenate(val))
+    train_idx = np.setdiff1d(np.arange(len(labels)), val_idx, assume_unique=True)
+    return train_idx, val_idx
+
+
+def balanced_subset(indices: np.ndarray, labels: np.ndarray, size: int) -> np.ndarray:
+    """The first size indices (in file order) taking classes in turn, so every class is equally present."""
+    if size >= len(indices):
+        return indices
+    by_class = [indices[labels[indices] == c] for c in np.unique(labels[indices])]
+    per_class, extra = divmod(size, len(by_class))
+    picked = [members[: per_class + (i < extra)] for i, members in enumerate(by_class)]
+    return np.sort(np.concatenate(picked))
+
+
+def make_splits(dataset: Dataset, cfg: DataConfig, device: torch.device) -> Splits:
+    train_idx, val_idx = stratified_split(dataset.train_labels, cfg.val_size, cfg.split_seed)
+    if cfg.train_subset is not None:
+        train_idx = balanced_subset(train_idx, dataset.train_labels, cfg.train_subset)
+    return Splits(
+        train=_to_split(dataset.train_images[train_idx], dataset.train_labels[train_idx], device),
+        val=_to_split(dataset.train_images[val_idx], dataset.train_labels[val_idx], device),
+        test=_to_split(dataset.test_images, dataset.test_labels, device),
+    )
+
+
+def _to_split(images: np.ndarray, labels: np.ndarray, device: torch.device) -> Split:
+    import torch
+
+    return Split(
+        images=torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1).to(device),
+        labels=torch.from_numpy(np.ascontiguousarray(labels)).to(device),
+    )
+
+
+class SplitCache:
+    """Splits on the device for one data config at a time, shared by every trial that uses it."""
+
+    def __init__(self, dataset: Dataset, device: torch.device) -> None:
+        self.dataset = dataset
+        self.device = device
+        self._key: DataConfig | None = None
+        self._splits: Splits | None = None
+
+    def get(self, cfg: DataConfig) -> Splits:
+        if self._splits is None or self._key != cfg:
+            self._splits = None  # free the old tensors before making new ones
+            self._splits = make_splits(self.dataset, cfg, self.device)
+            self._key = cfg
+        return self._splits

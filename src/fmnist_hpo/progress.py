@@ -1,0 +1,103 @@
+"""What a user sees while a sweep runs: log lines, live bars on a terminal, a closing table."""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING, Any
+
+from loguru import logger
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from fmnist_hpo.sweep import SweepResult, TrialRecord
+    from fmnist_hpo.train import EpochMetrics
+
+console = Console(stderr=True)
+
+
+def configure_logging(verbosity: int) -> None:
+    """-1 quiet (warnings only), 0 normal, 1 verbose (one line per epoch)."""
+    level = {-1: "WARNING", 0: "INFO", 1: "DEBUG"}[max(-1, min(1, verbosity))]
+    logger.remove()
+    logger.add(lambda msg: console.print(msg, end="", markup=False, highlight=False, soft_wrap=True),
+               level=level, format="{time:HH:mm:ss} {level: <7} {message}")
+
+
+class SweepProgress:
+    """Bars for trials and epochs when stderr is a terminal and not quiet; log lines always."""
+
+    def __init__(self, total_trials: int, epochs: int, show_bars: bool | None = None) -> None:
+        self.epochs = epochs
+        self.show_bars = sys.stderr.isatty() if show_bars is None else show_bars
+        self.progress: Progress | None = None
+        if self.show_bars:
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
+                                     console=console, transient=True)
+            self.trials_bar = self.progress.add_task("trials", total=total_trials, status="")
+            self.epochs_bar = self.progress.add_task("epochs", total=epochs, status="")
+
+    def __enter__(self) -> SweepProgress:
+        if self.progress:
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.progress:
+            self.progress.stop()
+
+    def trial_started(self, number: int, values: dict[str, Any]) -> None:
+        shown = ", ".join(f"{k}={_fmt(v)}" for k, v in values.items()) or "base config"
+        logger.info(f"trial {number}: {shown}")
+        if self.progress:
+            self.progress.reset(self.epochs_bar, total=self.epochs, status="")
+            self.progress.update(self.epochs_bar, description=f"trial {number}")
+
+    def epoch_done(self, number: int, m: EpochMetrics) -> None:
+        logger.debug(f"trial {number} epoch {m.epoch}: train_loss={m.train_loss:.4f} "
+                     f"val_loss={m.val_loss:.4f} val_acc={m.val_accuracy:.4f} ({m.epoch_seconds:.1f}s)")
+        if self.progress:
+            self.progress.update(self.epochs_bar, advance=1, status=f"val_acc {m.val_accuracy:.4f}")
+
+    def trial_done(self, record: TrialRecord) -> None:
+        if record.status == "ok":
+            logger.info(f"trial {record.number} done: val_acc={record.best_val_accuracy:.4f} "
+                        f"test_acc={record.test_accuracy:.4f} epochs={record.epochs_run} "
+                        f"({record.train_seconds:.1f}s)")
+        else:
+            logger.warning(f"trial {record.number} failed: {record.reason}")
+        if self.progress:
+            self.progress.update(self.trials_bar, advance=1)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def results_table(result: SweepResult) -> Table:
+    keys = list(dict.fromkeys(k for t in result.trials for k in t.values))
+    table = Table(title=f"{result.experiment}: {len(result.finished)} finished, {len(result.failed)} failed")
+    table.add_column("trial", justify="right")
+    for key in keys:
+        table.add_column(key, justify="right")
+    for name in ("val acc", "test acc", "epochs", "time (s)", "status"):
+        table.add_column(name, justify="right")
+    best_id = result.best.run_id if result.best else None
+    for t in result.trials:
+        mark = "*" if t.run_id == best_id else ""
+        ok = t.status == "ok"
+        table.add_row(
+            f"{t.number}{mark}",
+            *(_fmt(t.values.get(k, "")) for k in keys),
+            f"{t.best_val_accuracy:.4f}" if ok else "-",
+            f"{t.test_accuracy:.4f}" if ok else "-",
+            str(t.epochs_run) if ok else "-",
+            f"{t.train_seconds:.1f}" if ok else "-",
+            "ok" if ok else f"failed: {t.reason}"[:60],
+            style="bold green" if mark else None,
+        )
+    return table

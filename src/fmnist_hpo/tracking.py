@@ -1,0 +1,134 @@
+"""MLflow: the only module that imports it. One parent run per sweep, one nested run per trial."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from fmnist_hpo.errors import FmnistError
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+PARENT_TAG = "mlflow.parentRunId"
+_MAX_PARAM_LENGTH = 6000
+_BATCH = 100  # MLflow's limit of params (and a sane chunk of metrics) per log_batch call
+
+
+class TrackingError(FmnistError):
+    """The tracking store cannot be opened or written."""
+
+
+def resolve_tracking_uri(configured: str | None) -> str:
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def _quiet_mlflow() -> None:
+    for name in ("alembic", "mlflow"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def check_sqlite_location(uri: str) -> None:
+    """A one-line error now, rather than a SQLAlchemy traceback later, for an unwritable store."""
+    if not uri.startswith("sqlite:///"):
+        return
+    path = Path(uri.removeprefix("sqlite:///")).expanduser()
+    folder = path.parent if str(path.parent) else Path(".")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise TrackingError(f"{path}: the MLflow store is not writable")
+    if not path.exists() and not (folder.is_dir() and os.access(folder, os.W_OK)):
+        raise TrackingError(f"{folder}: cannot create the MLflow store {path.name} here (missing or not writable)")
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _param_value(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text[:_MAX_PARAM_LENGTH]
+
+
+class Tracker:
+    """Writes a sweep into one MLflow experiment through the client API."""
+
+    def __init__(self, tracking_uri: str, experiment: str) -> None:
+        _quiet_mlflow()
+        check_sqlite_location(tracking_uri)
+        self.tracking_uri = tracking_uri
+        mlflow.set_tracking_uri(tracking_uri)
+        self.client = MlflowClient(tracking_uri)
+        try:
+            found = self.client.get_experiment_by_name(experiment)
+            self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+            if found is not None and found.lifecycle_stage == "deleted":
+                self.client.restore_experiment(found.experiment_id)
+        except MlflowException as exc:
+            raise TrackingError(f"{tracking_uri}: cannot open experiment {experiment!r} ({exc.message})") from None
+
+    # --- runs -----------------------------------------------------------------------------
+
+    def start_run(self, name: str, params: dict[str, Any], tags: dict[str, str], parent_id: str | None = None) -> str:
+        all_tags = {**self.environment_tags(), **tags}
+        if parent_id:
+            all_tags[PARENT_TAG] = parent_id
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
+        run_id = run.info.run_id
+        items = [Param(k, _param_value(v)) for k, v in params.items()]
+        for start in range(0, len(items), _BATCH):
+            self.client.log_batch(run_id, params=items[start:start + _BATCH])
+        return run_id
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+        stamp = _now_ms()
+        items = [Metric(k, float(v), stamp, step) for k, v in metrics.items()]
+        for start in range(0, len(items), _BATCH):
+            self.client.log_batch(run_id, metrics=items[start:start + _BATCH])
+
+    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        self.client.log_text(run_id, text, artifact_file)
+
+    def log_file(self, run_id: str, path: Path, artifact_dir: str) -> None:
+        self.client.log_artifact(run_id, str(path), artifact_dir)
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    def log_pytorch_model(self, run_id: str, model: Any, input_example: Any) -> str:
+        """Log model as an MLflow model linked to run_id; returns its models:/ URI."""
+        import mlflow.pytorch
+
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pytorch.log_model(model, name="model", input_example=input_example)
+        return info.model_uri
+
+    @staticmethod
+    def environment_tags() -> dict[str, str]:
+        import torch
+
+        tags = {"torch_version": torch.__version__, "python_version": platform.python_version(),
+                "host": platform.node()}
+        commit = git_commit()
+        if commit:
+            tags["git_commit"] = commit
+        return tags

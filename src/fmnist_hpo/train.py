@@ -1,0 +1,308 @@
+"""The training engine: fit() with Adam, a schedule and early stopping on a validation split.
+
+Batches are slices of a device-side permutation of uint8 tensors that already live on the
+device; losses and correct counts accumulate on the device and are read once per epoch, so a
+step never waits for the host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fmnist_hpo.data import FMNIST_MEAN, FMNIST_STD, Split, Splits
+from fmnist_hpo.errors import DeviceError
+
+if TYPE_CHECKING:
+    from fmnist_hpo.config import Config, DataConfig, TrainConfig
+
+
+class TrialDiverged(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if name not in available:
+        raise DeviceError(f"unknown device {name!r}; use auto, cuda, mps or cpu")
+    if not available[name]:
+        raise DeviceError(f"device {name!r} is not available on this machine (torch {torch.__version__})")
+    return torch.device(name)
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for plain fp32."""
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return None
+    if name == "fp16" and device.type == "cpu":
+        raise DeviceError("train.precision: fp16 needs cuda or mps; use bf16 or fp32 on cpu")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> standardised float32, on whatever device the batch is."""
+    return images.float().mul_(1.0 / (255.0 * FMNIST_STD)).sub_(FMNIST_MEAN / FMNIST_STD)
+
+
+def augment(x: torch.Tensor, cfg: DataConfig, generator: torch.Generator) -> torch.Tensor:
+    """Flip, translate and erase a normalised batch, each image independently, on its device."""
+    n, _, h, w = x.shape
+    dev = x.device
+    if cfg.augment_flip:
+        flip = torch.rand(n, device=dev, generator=generator) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    if cfg.augment_translate:
+        t = cfg.augment_translate
+        padded = F.pad(x, (t, t, t, t))
+        dy, dx = (torch.randint(0, 2 * t + 1, (2, n), device=dev, generator=generator))
+        rows = (torch.arange(h, device=dev)[None, :] + dy[:, None])[:, None, :, None].expand(n, 1, h, w + 2 * t)
+        cols = (torch.arange(w, device=dev)[None, :] + dx[:, None])[:, None, None, :].expand(n, 1, h, w)
+        x = padded.gather(2, rows).gather(3, cols)
+    if cfg.augment_erase:
+        erase = torch.rand(n, device=dev, generator=generator) < cfg.augment_erase
+        size = torch.randint(4, h // 2 + 1, (2, n), device=dev, generator=generator)
+        top = (torch.rand(n, device=dev, generator=generator) * (h - size[0])).long()
+        left = (torch.rand(n, device=dev, generator=generator) * (w - size[1])).long()
+        r = torch.arange(h, device=dev)[None, :]
+        c = torch.arange(w, device=dev)[None, :]
+        in_rows = (r >= top[:, None]) & (r < (top + size[0])[:, None])
+        in_cols = (c >= left[:, None]) & (c < (left + size[1])[:, None])
+        mask = (in_rows[:, :, None] & in_cols[:, None, :] & erase[:, None, None])[:, None]
+        x = x.masked_fill(mask, 0.0)
+    return x
+
+
+def batches(n: int, batch_size: int, generator: torch.Generator, device: torch.device) -> Iterator[torch.Tensor]:
+    """Index tensors of a shuffled epoch; a last batch of one image is dropped (BatchNorm needs two)."""
+    order = torch.randperm(n, device=device, generator=generator)
+    for start in range(0, n, batch_size):
+        idx = order[start:start + batch_size]
+        if idx.numel() > 1:
+            yield idx
+
+
+@dataclass
+class EarlyStopping:
+    """Tracks the best value of the monitored metric and how long since it improved."""
+
+    patience: int | None
+    min_delta: float
+    maximize: bool
+    best: float = math.nan
+    best_epoch: int = -1
+    stale: int = 0
+
+    def update(self, value: float, epoch: int) -> bool:
+        """Record one epoch's value; True when it is a new best."""
+        gain = (value - self.best) if self.maximize else (self.best - value)
+        if self.best_epoch < 0 or gain > self.min_delta:
+            self.best, self.best_epoch, self.stale = value, epoch, 0
+            return True
+        self.stale += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience is not None and self.stale >= self.patience
+
+
+@dataclass
+class EpochMetrics:
+    epoch: int
+    train_loss: float
+    train_accuracy: float
+    val_loss: float
+    val_accuracy: float
+    lr: float
+    epoch_seconds: float
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: v for k, v in self.__dict__.items() if k != "epoch"}
+
+
+@dataclass
+class FitResult:
+    history: list[EpochMetrics]
+    best_epoch: int
+    best_state: dict[str, torch.Tensor]
+    train_seconds: float
+    stopped_early: bool
+
+    @property
+    def best(self) -> EpochMetrics:
+        return self.history[self.best_epoch]
+
+
+@dataclass
+class Engine:
+    """What one trial trains with: the device, the autocast dtype and the RNG for batches."""
+
+    device: torch.device
+    dtype: torch.dtype | None
+    generator: torch.Generator
+    channels_last: bool = False
+    scaler: torch.amp.GradScaler | None = field(default=None)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def inputs(self, images: torch.Tensor) -> torch.Tensor:
+        x = normalize(images)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+
+def make_engine(cfg: TrainConfig, device: torch.device, seed: int) -> Engine:
+    dtype = resolve_precision(cfg.precision, device)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return Engine(
+        device=device,
+        dtype=dtype,
+        generator=generator,
+        channels_last=cfg.channels_last and device.type == "cuda",
+        scaler=torch.amp.GradScaler(device.type) if dtype == torch.float16 else None,
+    )
+
+
+def train_epoch(model: nn.Module, split: Split, optimizer: torch.optim.Optimizer, engine: Engine,
+                cfg: TrainConfig, data_cfg: DataConfig,
+                step_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> tuple[float, float]:
+    """One pass over the training split; returns (mean loss, accuracy), read from the device once."""
+    model.train()
+    loss_sum = torch.zeros((), device=engine.device)
+    correct = torch.zeros((), device=engine.device, dtype=torch.long)
+    seen = 0
+    for idx in batches(len(split), cfg.batch_size, engine.generator, engine.device):
+        x = augment(engine.inputs(split.images[idx]), data_cfg, engine.generator)
+        y = split.labels[idx]
+        optimizer.zero_grad(set_to_none=True)
+        with engine.autocast():
+            logits = model(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+        if engine.scaler is not None:
+            engine.scaler.scale(loss).backward()
+            engine.scaler.step(optimizer)
+            engine.scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        if step_scheduler is not None:
+            step_scheduler.step()
+        loss_sum += loss.detach().float() * len(idx)
+        correct += (logits.argmax(1) == y).sum()
+        seen += len(idx)
+    return loss_sum.item() / max(seen, 1), correct.item() / max(seen, 1)
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, split: Split, engine: Engine, batch_size: int = 1024) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of model on split, in eval mode."""
+    model.eval()
+    loss_sum = torch.zeros((), device=engine.device)
+    correct = torch.zeros((), device=engine.device, dtype=torch.long)
+    for start in range(0, len(split), batch_size):
+        x = engine.inputs(split.images[start:start + batch_size])
+        y = split.labels[start:start + batch_size]
+        with engine.autocast():
+            logits = model(x)
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
+        correct += (logits.argmax(1) == y).sum()
+    return loss_sum.item() / len(split), correct.item() / len(split)
+
+
+def make_schedulers(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
+    """(per-epoch scheduler, per-step scheduler); at most one of them is set."""
+    sched = torch.optim.lr_scheduler
+    if cfg.scheduler == "step":
+        return sched.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma), None
+    if cfg.scheduler == "cosine":
+        return sched.CosineAnnealingLR(optimizer, T_max=cfg.epochs), None
+    if cfg.scheduler == "onecycle":
+        return None, sched.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch)
+    return None, None
+
+
+def fit(model: nn.Module, splits: Splits, cfg: Config, engine: Engine,
+        on_epoch: Callable[[EpochMetrics], None] | None = None) -> FitResult:
+    """Train with early stopping on the validation split and return the best epoch's weights."""
+    train_cfg = cfg.train
+    optimizer = torch.optim.Adam(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    steps = max(1, sum(1 for _ in range(0, len(splits.train), train_cfg.batch_size)))
+    epoch_scheduler, step_scheduler = make_schedulers(optimizer, train_cfg, steps)
+    stopper = EarlyStopping(train_cfg.patience, train_cfg.min_delta, maximize=train_cfg.monitor == "val_accuracy")
+    history: list[EpochMetrics] = []
+    best_state = _snapshot(model)
+    train_seconds = 0.0
+    for epoch in range(train_cfg.epochs):
+        start = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
+        train_loss, train_acc = train_epoch(model, splits.train, optimizer, engine, train_cfg, cfg.data, step_scheduler)
+        if not math.isfinite(train_loss):
+            raise TrialDiverged(f"training loss became {train_loss} at epoch {epoch}")
+        val_loss, val_acc = evaluate(model, splits.val, engine, train_cfg.eval_batch_size)
+        if not math.isfinite(val_loss):
+            raise TrialDiverged(f"validation loss became {val_loss} at epoch {epoch}")
+        if epoch_scheduler is not None:
+            epoch_scheduler.step()
+        seconds = time.perf_counter() - start
+        train_seconds += seconds
+        metrics = EpochMetrics(epoch, train_loss, train_acc, val_loss, val_acc, lr, seconds)
+        history.append(metrics)
+        monitored = val_acc if stopper.maximize else val_loss
+        if stopper.update(monitored, epoch):
+            best_state = _snapshot(model)
+        if on_epoch is not None:
+            on_epoch(metrics)
+        if stopper.should_stop:
+            break
+    model.load_state_dict(best_state)
+    return FitResult(history, stopper.best_epoch, best_state, train_seconds,
+                     stopped_early=len(history) < train_cfg.epochs)
+
+
+@dataclass
+class TrialOutcome:
+    model: nn.Module  # holding the best epoch's weights
+    fit: FitResult
+    test_loss: float
+    test_accuracy: float
+    total_parameters: int
+
+
+def train_and_test(cfg: Config, splits: Splits, device: torch.device,
+                   on_epoch: Callable[[EpochMetrics], None] | None = None) -> TrialOutcome:
+    """Build the model, fit it on train/val, then score the best checkpoint once on the test set."""
+    from fmnist_hpo.model import build_model, count_parameters
+
+    torch.manual_seed(cfg.train.seed)
+    engine = make_engine(cfg.train, device, cfg.train.seed)
+    model = build_model(cfg.model).to(device)
+    if engine.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.train.compile:
+        model.compile()
+    result = fit(model, splits, cfg, engine, on_epoch)
+    test_loss, test_acc = evaluate(model, splits.test, engine, cfg.train.eval_batch_size)
+    return TrialOutcome(model, result, test_loss, test_acc, count_parameters(model))
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
