@@ -78,7 +78,7 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = setting("auto", "auto: bf16 autocast on CUDA where supported, else fp32")
     channels_last: bool = setting(True, "channels_last memory format on CUDA (ignored elsewhere)")
     compile: bool = setting(False, "torch.compile the model (pays off on CUDA for long runs)")
-    eval_batch_size: int = setting(1024, "images per evaluation step", ge=1)
+    eval_batch_size: int = setting(256, "images per evaluation step (256 is fastest on CPU)", ge=1)
 
 
 SearchAlgo = Literal["tpe", "random", "anneal"]
@@ -326,6 +326,8 @@ def _cross_checks(cfg: Config) -> list[str]:
             f"model.conv_dropout: has {len(cfg.model.conv_dropout)} rates for "
             f"{cfg.model.num_blocks} blocks (give one rate, or one per block)"
         )
+    if cfg.model.dropout_placement == "middle" and cfg.model.num_blocks < 3:
+        problems.append("model.dropout_placement: middle needs num_blocks >= 3 (the blocks between first and last)")
     if not EXPERIMENT_NAME.fullmatch(cfg.experiment):
         problems.append(
             f"experiment: {cfg.experiment!r} must be 1-100 letters, digits, '.', '_' or '-' "

@@ -78,12 +78,18 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _short_name(key: str, keys: list[str]) -> str:
+    """'model.filters' -> 'filters' unless another key ends the same way."""
+    last = key.rsplit(".", 1)[-1]
+    return last if sum(k.rsplit(".", 1)[-1] == last for k in keys) == 1 else key
+
+
 def results_table(result: SweepResult) -> Table:
     keys = list(dict.fromkeys(k for t in result.trials for k in t.values))
     table = Table(title=f"{result.experiment}: {len(result.finished)} finished, {len(result.failed)} failed")
     table.add_column("trial", justify="right")
     for key in keys:
-        table.add_column(key, justify="right")
+        table.add_column(_short_name(key, keys), justify="right")
     for name in ("val acc", "test acc", "epochs", "time (s)", "status"):
         table.add_column(name, justify="right")
     best_id = result.best.run_id if result.best else None

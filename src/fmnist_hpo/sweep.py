@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -125,6 +126,7 @@ class Sweep:
             result.trials.append(self.run_trial(0, {}, result.parent_run_id, progress))
             return
         from hyperopt import STATUS_FAIL, STATUS_OK, Trials, anneal, fmin, rand, tpe
+        from hyperopt.exceptions import AllTrialsFailed
 
         algo = {"tpe": tpe, "random": rand, "anneal": anneal}[self.cfg.search.algo].suggest
 
@@ -135,8 +137,10 @@ class Sweep:
                 return {"status": STATUS_FAIL, "failure": record.reason}
             return {"status": STATUS_OK, "loss": record.objective(self.cfg.search.metric), "run_id": record.run_id}
 
-        fmin(objective, to_hyperopt(self.cfg.search.space), algo=algo, max_evals=n_trials, trials=Trials(),
-             rstate=np.random.default_rng(self.cfg.search.seed), show_progressbar=False, return_argmin=False)
+        # every failure is already recorded; run_from_config reports a sweep with no finished trial
+        with contextlib.suppress(AllTrialsFailed):
+            fmin(objective, to_hyperopt(self.cfg.search.space), algo=algo, max_evals=n_trials, trials=Trials(),
+                 rstate=np.random.default_rng(self.cfg.search.seed), show_progressbar=False, return_argmin=False)
 
     def run_trial(self, number: int, values: dict[str, Any], parent_id: str, progress: SweepProgress) -> TrialRecord:
         raw = config_module.apply_overrides(config_module.to_dict(self.cfg), values)

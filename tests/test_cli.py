@@ -1,0 +1,154 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import tiny_raw
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from fmnist_hpo import sweep as sweep_module
+from fmnist_hpo.checkpoints import load_model, read_checkpoint
+from fmnist_hpo.cli import app
+from fmnist_hpo.model import with_normalization
+
+runner = CliRunner()
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+
+
+def write_config(folder: Path, raw: dict) -> Path:
+    path = folder / "spec.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_help_does_not_import_torch_or_mlflow():
+    code = "import sys; from fmnist_hpo.cli import app; print(sorted({'torch', 'mlflow', 'hyperopt'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0 and "run" in result.output and "validate" in result.output
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_validates(path: Path):
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "# search space" in result.output
+    text = path.read_text()
+    keys = [line for line in text.splitlines()
+            if line.strip() and not line.lstrip().startswith("#") and not line.rstrip().endswith(":")]
+    assert [line for line in keys if "#" not in line] == [], "every key carries a comment"
+
+
+def test_bad_config_is_one_line_and_exit_2(tmp_path: Path):
+    path = write_config(tmp_path, {"train": {"epochs": 0}, "model": {"filtres": 8}})
+    result = runner.invoke(app, ["run", str(path)])
+    assert result.exit_code == 2
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert "train.epochs: must be >= 1, got 0" in result.stderr
+    assert "did you mean 'model.filters'" in result.stderr
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_dry_run_prints_the_resolved_config(tmp_path: Path, data_dir: Path):
+    raw = tiny_raw(data_dir, search={"max_evals": 2, "space": {"model.filters": {"choice": [4, 8]}}})
+    result = runner.invoke(app, ["run", str(write_config(tmp_path, raw)), "--dry-run", "--set", "train.epochs=2"])
+    assert result.exit_code == 0
+    assert yaml.safe_load(result.output)["train"]["epochs"] == 2
+    assert "model.filters: choice(4, 8)" in result.output
+
+
+def test_missing_data_is_exit_2_and_writes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)
+    raw = tiny_raw(tmp_path / "nowhere")
+    result = runner.invoke(app, ["run", str(write_config(tmp_path, raw))])
+    assert result.exit_code == 2
+    assert "train-images-idx3-ubyte" in result.stderr
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "models").exists()
+
+
+def test_unavailable_device_is_exit_2(tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = runner.invoke(app, ["run", str(write_config(tmp_path, tiny_raw(data_dir))), "--device", "cuda"])
+    assert result.exit_code == 2 and "'cuda' is not available" in result.stderr
+
+
+def children_of(client: MlflowClient, experiment: str):
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("fmnist.role") == "sweep"]
+    children = sorted((r for r in runs if r.data.tags.get("fmnist.role") == "trial"), key=lambda r: r.info.run_name)
+    return parents, children
+
+
+def test_run_end_to_end_into_sqlite(tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)
+    raw = tiny_raw(data_dir, search={"max_evals": 2, "space": {"model.filters": {"choice": [4, 8]}}},
+                   mlflow={"log_model": "best"})
+    result = runner.invoke(app, ["run", str(write_config(tmp_path, raw)), "--experiment", "e2e"])
+    assert result.exit_code == 0, result.output + result.stderr
+    assert "best trial" in result.output
+
+    client = MlflowClient("sqlite:///mlflow.db")
+    parents, children = children_of(client, "e2e")
+    assert len(parents) == 1 and len(children) == 2
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert child.data.params["model.filters"] in ("4", "8")  # real values, not choice indices
+        assert child.data.params["train.epochs"] == "1"
+        for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds"):
+            assert len(client.get_metric_history(child.info.run_id, key)) == 1
+        for key in ("best_val_accuracy", "test_accuracy", "test_loss", "total_parameters", "train_seconds", "epochs_run"):
+            assert key in child.data.metrics
+        assert {"config.yaml", "checkpoint"} <= {a.path for a in client.list_artifacts(child.info.run_id)}
+        assert Path("models/e2e", f"{child.info.run_id}.pt").is_file()
+
+    best = client.get_run(parent.data.tags["best_run_id"])
+    assert parent.data.metrics["best_test_accuracy"] == best.data.metrics["test_accuracy"]
+    checkpoint = Path("models/e2e", f"{best.info.run_id}.pt")
+    assert read_checkpoint(checkpoint)["model_config"]["filters"] == int(best.data.params["model.filters"])
+    model = with_normalization(load_model(checkpoint))
+    images = np.random.default_rng(0).random((3, 1, 28, 28), dtype=np.float32)
+    expected = model(torch.from_numpy(images)).detach()
+    logged = mlflow.pytorch.load_model(best.data.tags["model_uri"])
+    assert torch.allclose(logged(torch.from_numpy(images)), expected, atol=1e-5)
+    assert expected.argmax(1).shape == (3,)
+
+
+def test_failed_trials_are_recorded_and_the_sweep_goes_on(tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)
+    real = sweep_module.train_and_test
+
+    def flaky(cfg, *args, **kwargs):
+        if cfg.model.filters == 4:
+            raise RuntimeError("CUDA out of memory (injected)")
+        return real(cfg, *args, **kwargs)
+
+    monkeypatch.setattr(sweep_module, "train_and_test", flaky)
+    raw = tiny_raw(data_dir, search={"max_evals": 4, "algo": "random", "seed": 3,
+                                     "space": {"model.filters": {"choice": [4, 8]}}})
+    result = runner.invoke(app, ["run", str(write_config(tmp_path, raw))])
+    assert result.exit_code == 0, result.stderr
+    _, children = children_of(MlflowClient("sqlite:///mlflow.db"), "tiny")
+    failed = [c for c in children if c.info.status == "FAILED"]
+    assert failed and len(failed) < 4
+    assert all(c.data.tags["failure_reason"] == "RuntimeError: CUDA out of memory (injected)" for c in failed)
+    assert "failed: RuntimeError" in result.output
+
+    raw["experiment"] = "allfail"
+    raw["search"]["space"] = {"model.filters": {"choice": [4]}}
+    result = runner.invoke(app, ["run", str(write_config(tmp_path, raw))])
+    assert result.exit_code == 1
+    assert "all 4 trials failed" in result.stderr
+    parents, _ = children_of(MlflowClient("sqlite:///mlflow.db"), "allfail")
+    assert parents[0].info.status == "FAILED"

@@ -1,0 +1,111 @@
+from pathlib import Path
+
+import pytest
+
+from fmnist_hpo import config
+from fmnist_hpo.errors import ConfigError
+
+
+def problems_of(raw: dict) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        config.validate(raw)
+    return info.value.problems
+
+
+def test_defaults_are_the_study_recipe():
+    cfg = config.validate({})
+    assert (cfg.model.filters, cfg.model.units1, cfg.model.units2, cfg.model.num_blocks) == (256, 192, 96, 3)
+    assert (cfg.model.conv_dropout, cfg.model.dense1_dropout, cfg.model.dense2_dropout) == (0.05, 0.15, 0.1)
+    assert (cfg.train.lr, cfg.train.step_size, cfg.train.gamma) == (1e-3, 10, 0.5)
+    assert (cfg.train.epochs, cfg.train.batch_size, cfg.train.patience) == (40, 64, 15)
+
+
+def test_unknown_key_suggests_the_closest_one():
+    assert problems_of({"train": {"epoch": 3}}) == ["train.epoch: unknown key (did you mean 'train.epochs'?)"]
+    assert problems_of({"trian": {}})[0].startswith("trian: unknown key (did you mean 'train'?)")
+
+
+def test_every_problem_is_reported_at_once():
+    problems = problems_of({"train": {"epochs": 0, "lr": "fast", "batch_size": 1.5}, "model": {"batchnorm": "yes"}})
+    assert problems == [
+        "model.batchnorm: must be true or false, got str 'yes'",
+        "train.epochs: must be >= 1, got 0",
+        "train.batch_size: must be an integer, got float 1.5",
+        "train.lr: must be a number, got str 'fast'",
+    ]
+
+
+def test_error_message_names_the_file(tmp_path: Path):
+    path = tmp_path / "x.yaml"
+    path.write_text("train:\n  epochs: 0\n")
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    assert str(info.value) == f"{path}: train.epochs: must be >= 1, got 0"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("", "the file is empty"),
+        ("train: [1, 2\n", "not valid YAML: line 2, column 1"),
+        ("- 1\n- 2\n", "must be a mapping of sections, got list"),
+        ("train: 3\n", "train: must be a mapping, got int 3"),
+    ],
+)
+def test_unreadable_files(tmp_path: Path, text: str, expected: str):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    assert expected in str(info.value)
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="no such file"):
+        config.load("does/not/exist.yaml")
+
+
+def test_overrides_are_typed_and_validated(tmp_path: Path):
+    path = tmp_path / "x.yaml"
+    path.write_text("train:\n  epochs: 5\n")
+    cfg = config.load(path, ["train.epochs=3", "train.lr=1e-3", "data.train_subset=null", "model.conv_dropout=[0.1, 0.2, 0.3]"])
+    assert cfg.train.epochs == 3
+    assert cfg.train.lr == pytest.approx(1e-3)
+    assert cfg.model.conv_dropout == [0.1, 0.2, 0.3]
+    with pytest.raises(ConfigError, match=r"train\.epochs: must be >= 1, got -2"):
+        config.load(path, ["train.epochs=-2"])
+    with pytest.raises(ConfigError, match="must look like key=value"):
+        config.load(path, ["train.epochs"])
+
+
+def test_yaml_exponent_without_dot_is_a_number():
+    assert config.validate({"train": {"lr": "1e-3"}}).train.lr == pytest.approx(1e-3)
+
+
+def test_cross_field_checks():
+    assert problems_of({"model": {"conv_dropout": [0.1, 0.2]}}) == [
+        "model.conv_dropout: has 2 rates for 3 blocks (give one rate, or one per block)"
+    ]
+    assert "experiment:" in problems_of({"experiment": "../etc"})[0]
+    assert "middle" in problems_of({"model": {"num_blocks": 2, "dropout_placement": "middle"}})[0]
+
+
+def test_flatten_and_hash_are_stable():
+    cfg = config.validate({"search": {"space": {"train.lr": {"loguniform": [1e-4, 1e-2]}}}})
+    flat = config.flatten(config.to_dict(cfg))
+    assert flat["train.epochs"] == 40
+    assert flat["search.space"] == {"train.lr": {"loguniform": [1e-4, 1e-2]}}
+    assert config.config_hash(cfg) == config.config_hash(config.validate(config.to_dict(cfg)))
+    assert config.config_hash(cfg) != config.config_hash(config.validate({}))
+
+
+def test_every_key_has_help_text():
+    docs = config.field_docs()
+    assert "train.epochs" in docs
+    assert all(docs.values())
+
+
+def test_readme_reference_lists_every_key():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    missing = [key for key in config.field_docs() if f"| `{key}` |" not in readme]
+    assert missing == []

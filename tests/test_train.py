@@ -1,0 +1,100 @@
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_raw
+
+from fmnist_hpo import config
+from fmnist_hpo.data import load_dataset, make_splits
+from fmnist_hpo.train import EarlyStopping, TrialDiverged, augment, normalize, resolve_device, train_and_test
+
+CPU = torch.device("cpu")
+
+
+def tiny_run(data_dir: Path, **sections):
+    cfg = config.validate(tiny_raw(data_dir, **sections))
+    splits = make_splits(load_dataset(cfg.data), cfg.data, CPU)
+    return train_and_test(cfg, splits, CPU)
+
+
+def test_early_stopping_counts_epochs_without_improvement():
+    stopper = EarlyStopping(patience=2, min_delta=0.01, maximize=False)
+    assert stopper.update(1.0, 0)
+    assert stopper.update(0.9, 1)
+    assert not stopper.update(0.895, 2)  # within min_delta: not an improvement
+    assert not stopper.should_stop
+    assert not stopper.update(0.95, 3)
+    assert stopper.should_stop and stopper.best_epoch == 1 and stopper.best == 0.9
+
+
+def test_early_stopping_maximises_accuracy_and_can_be_off():
+    stopper = EarlyStopping(patience=None, min_delta=0.0, maximize=True)
+    for epoch, value in enumerate([0.5, 0.7, 0.6, 0.6, 0.6]):
+        stopper.update(value, epoch)
+    assert stopper.best_epoch == 1 and not stopper.should_stop
+
+
+def test_smoke_run_learns_and_restores_the_best_epoch(data_dir: Path):
+    outcome = tiny_run(data_dir, train={"epochs": 4})
+    losses = [m.train_loss for m in outcome.fit.history]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0]
+    best = min(outcome.fit.history, key=lambda m: m.val_loss)
+    assert outcome.fit.best_epoch == best.epoch
+    assert 0.0 <= outcome.test_accuracy <= 1.0
+
+
+def test_patience_stops_training_early(data_dir: Path):
+    # lr so small that val loss barely moves: min_delta makes every epoch a non-improvement
+    outcome = tiny_run(data_dir, train={"epochs": 6, "lr": 1e-7, "patience": 2, "min_delta": 1.0})
+    assert len(outcome.fit.history) == 3 and outcome.fit.stopped_early and outcome.fit.best_epoch == 0
+
+
+def test_same_seed_same_metrics(data_dir: Path):
+    first, second = tiny_run(data_dir, train={"epochs": 2}), tiny_run(data_dir, train={"epochs": 2})
+    assert [m.val_loss for m in first.fit.history] == [m.val_loss for m in second.fit.history]
+    assert first.test_accuracy == second.test_accuracy
+    other = tiny_run(data_dir, train={"epochs": 2, "seed": 7})
+    assert [m.val_loss for m in other.fit.history] != [m.val_loss for m in first.fit.history]
+
+
+@pytest.mark.parametrize("scheduler", ["step", "cosine", "onecycle"])
+def test_schedules_move_the_learning_rate(data_dir: Path, scheduler: str):
+    outcome = tiny_run(data_dir, train={"epochs": 3, "scheduler": scheduler, "step_size": 1, "gamma": 0.5})
+    lrs = [m.lr for m in outcome.fit.history]
+    assert len(set(lrs)) > 1
+
+
+def test_a_diverging_trial_raises(data_dir: Path, monkeypatch: pytest.MonkeyPatch):
+    from fmnist_hpo import model as model_module
+
+    real_build = model_module.build_model
+
+    def poisoned_build(cfg):
+        model = real_build(cfg)
+        with torch.no_grad():
+            next(model.parameters()).fill_(float("nan"))
+        return model
+
+    monkeypatch.setattr(model_module, "build_model", poisoned_build)
+    with pytest.raises(TrialDiverged, match="training loss became nan at epoch 0"):
+        tiny_run(data_dir)
+
+
+def test_augmentation_keeps_shape_and_changes_pixels(data_dir: Path):
+    cfg = config.validate({"data": {"augment_flip": True, "augment_translate": 2, "augment_erase": 1.0}}).data
+    x = normalize(torch.randint(0, 255, (16, 1, 28, 28), dtype=torch.uint8))
+    out = augment(x, cfg, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and not torch.equal(out, x)
+    assert (out == 0).any()  # erased patches are set to the (normalised) mean
+
+
+def test_unavailable_device_is_a_clear_error():
+    from fmnist_hpo.errors import DeviceError
+
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceError, match="'cuda' is not available"):
+            resolve_device("cuda")
+    with pytest.raises(DeviceError, match="unknown device 'tpu'"):
+        resolve_device("tpu")
+    assert resolve_device("cpu") == CPU
