@@ -94,6 +94,45 @@ def validate(config: ConfigArg, overrides: SetOption = None) -> None:
     print_resolved(cfg)
 
 
+@app.command()
+def analyze(
+    experiment: Annotated[list[str] | None, typer.Option("--experiment", "-e", help="experiment to analyse (repeatable)")] = None,
+    all_experiments: Annotated[bool, typer.Option("--all", help="every experiment with fmnist runs")] = False,
+    compare: Annotated[tuple[str, str] | None, typer.Option(
+        help="two groups to test: EXPERIMENT or EXPERIMENT:KEY=VALUE (e.g. exp13:model.dropout_placement=late)")] = None,
+    metric: Annotated[str, typer.Option(help="metric for --compare: test_accuracy or best_val_accuracy")] = "test_accuracy",
+    fmt: Annotated[str, typer.Option("--format", help="table, markdown, csv or json")] = "table",
+    plots: Annotated[Path | None, typer.Option(help="write PNG plots into this folder")] = None,
+    report: Annotated[Path | None, typer.Option(help="write a markdown findings report to this file")] = None,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI (default: sqlite:///mlflow.db)")] = None,
+) -> None:
+    """Turn logged runs into tables, statistics, plots and a findings report."""
+    from fmnist_hpo.render import FORMATS
+
+    if fmt not in FORMATS:
+        raise fail(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
+    if metric not in ("test_accuracy", "best_val_accuracy"):
+        raise fail(f"--metric {metric!r}: use test_accuracy or best_val_accuracy")
+    from fmnist_hpo.analyze import AnalysisRequest, run_analysis
+    from fmnist_hpo.render import render
+    from fmnist_hpo.tracking import resolve_tracking_uri
+
+    request = AnalysisRequest(resolve_tracking_uri(tracking_uri), experiment or [], all_experiments,
+                              list(compare) if compare else None, metric,
+                              str(plots) if plots else None, str(report) if report else None)
+    try:
+        result = run_analysis(request)
+    except FmnistError as exc:
+        raise fail(str(exc)) from None
+    text = render(result.sections, fmt)
+    if text is not None:
+        typer.echo(text)
+    for path in result.plots:
+        typer.echo(f"wrote {path}", err=True)
+    if result.report:
+        typer.echo(f"wrote {result.report}", err=True)
+
+
 def print_resolved(cfg: object) -> None:
     from fmnist_hpo import config as config_module
     from fmnist_hpo.space import describe

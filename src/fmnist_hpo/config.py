@@ -81,13 +81,14 @@ class TrainConfig:
     eval_batch_size: int = setting(256, "images per evaluation step (256 is fastest on CPU)", ge=1)
 
 
-SearchAlgo = Literal["tpe", "random", "anneal"]
+SearchAlgo = Literal["tpe", "random", "anneal", "grid"]
 
 
 @dataclass(frozen=True)
 class SearchConfig:
-    algo: SearchAlgo = setting("tpe", "Hyperopt algorithm: tpe, random or anneal")
-    max_evals: int = setting(1, "number of trials", ge=1, le=100_000)
+    algo: SearchAlgo = setting("tpe", "tpe, random or anneal (Hyperopt), or grid: every combination of choices")
+    max_evals: int = setting(1, "number of sampled configurations (grid: ignored)", ge=1, le=100_000)
+    repeats: int = setting(1, "runs of each configuration, with seeds train.seed, train.seed+1, ...", ge=1, le=1000)
     metric: Literal["val_loss", "val_accuracy"] = setting("val_accuracy", "objective: val_loss minimised, val_accuracy maximised")
     seed: int = setting(0, "seed of the search algorithm; same seed, same sampled points")
     space: dict[str, dict[str, Any]] = setting({}, "dotted config key -> {primitive: arguments}; empty: one run")

@@ -95,6 +95,9 @@ def check_space(cfg: Config) -> list[str]:
     from fmnist_hpo import config as config_module
 
     problems = []
+    if cfg.search.algo == "grid":
+        problems += [f"search.space.{key}: grid search takes only choice entries"
+                     for key, spec in cfg.search.space.items() if not (isinstance(spec, dict) and "choice" in spec)]
     base = config_module.to_dict(cfg)
     base["search"]["space"] = {}
     known = config_module.field_docs()
@@ -147,6 +150,15 @@ def to_hyperopt(space: dict[str, dict[str, Any]]) -> dict[str, Any]:
         else:
             expressions[key] = getattr(hp, kind)(key, *args)
     return expressions
+
+
+def grid_points(space: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every combination of the choice entries, in the order the YAML lists them."""
+    import itertools
+
+    keys = list(space)
+    options = [parse_entry(key, space[key])[1] for key in keys]
+    return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*options)]
 
 
 def plain_values(values: dict[str, Any]) -> dict[str, Any]:

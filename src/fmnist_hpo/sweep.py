@@ -21,7 +21,7 @@ from fmnist_hpo.data import SplitCache, load_dataset
 from fmnist_hpo.errors import FmnistError
 from fmnist_hpo.model import with_normalization
 from fmnist_hpo.progress import SweepProgress
-from fmnist_hpo.space import plain_values, to_hyperopt
+from fmnist_hpo.space import grid_points, plain_values, to_hyperopt
 from fmnist_hpo.tracking import Tracker
 from fmnist_hpo.train import EpochMetrics, train_and_test
 
@@ -43,8 +43,10 @@ class TrialRecord:
     number: int
     run_id: str
     values: dict[str, Any]
+    repeat: int = 0
     status: str = "ok"  # ok | failed
     reason: str | None = None
+    best_train_accuracy: float = math.nan
     best_val_accuracy: float = math.nan
     best_val_loss: float = math.nan
     test_accuracy: float = math.nan
@@ -60,6 +62,7 @@ class TrialRecord:
 
     def final_metrics(self) -> dict[str, float]:
         return {
+            "best_train_accuracy": self.best_train_accuracy,
             "best_val_accuracy": self.best_val_accuracy, "best_val_loss": self.best_val_loss,
             "test_accuracy": self.test_accuracy, "test_loss": self.test_loss,
             "total_parameters": self.total_parameters, "train_seconds": self.train_seconds,
@@ -109,10 +112,9 @@ class Sweep:
         )
         self.tracker.log_text(parent, config_module.dump_yaml(cfg), "config.yaml")
         result = SweepResult(cfg.experiment, parent, cfg.search.metric)
-        n_trials = cfg.search.max_evals if cfg.search.space else 1
         try:
-            with SweepProgress(n_trials, cfg.train.epochs, self.show_bars) as progress:
-                self._search(result, progress, n_trials)
+            with SweepProgress(self.n_points() * cfg.search.repeats, cfg.train.epochs, self.show_bars) as progress:
+                self._search(result, progress)
             self._finish(result)
         except BaseException:
             if self._active_run:
@@ -121,38 +123,56 @@ class Sweep:
             raise
         return result
 
-    def _search(self, result: SweepResult, progress: SweepProgress, n_trials: int) -> None:
-        if not self.cfg.search.space:
-            result.trials.append(self.run_trial(0, {}, result.parent_run_id, progress))
+    def n_points(self) -> int:
+        """How many configurations the search will try (each run `repeats` times)."""
+        search = self.cfg.search
+        if not search.space:
+            return 1
+        return len(grid_points(search.space)) if search.algo == "grid" else search.max_evals
+
+    def _search(self, result: SweepResult, progress: SweepProgress) -> None:
+        search = self.cfg.search
+        if not search.space or search.algo == "grid":
+            for values in grid_points(search.space) if search.space else [{}]:
+                self.evaluate_point(values, result, progress)
             return
         from hyperopt import STATUS_FAIL, STATUS_OK, Trials, anneal, fmin, rand, tpe
         from hyperopt.exceptions import AllTrialsFailed
 
-        algo = {"tpe": tpe, "random": rand, "anneal": anneal}[self.cfg.search.algo].suggest
+        algo = {"tpe": tpe, "random": rand, "anneal": anneal}[search.algo].suggest
 
         def objective(point: dict[str, Any]) -> dict[str, Any]:
-            record = self.run_trial(len(result.trials), plain_values(point), result.parent_run_id, progress)
-            result.trials.append(record)
-            if record.status != "ok":
-                return {"status": STATUS_FAIL, "failure": record.reason}
-            return {"status": STATUS_OK, "loss": record.objective(self.cfg.search.metric), "run_id": record.run_id}
+            loss = self.evaluate_point(plain_values(point), result, progress)
+            return {"status": STATUS_FAIL} if loss is None else {"status": STATUS_OK, "loss": loss}
 
         # every failure is already recorded; run_from_config reports a sweep with no finished trial
         with contextlib.suppress(AllTrialsFailed):
-            fmin(objective, to_hyperopt(self.cfg.search.space), algo=algo, max_evals=n_trials, trials=Trials(),
-                 rstate=np.random.default_rng(self.cfg.search.seed), show_progressbar=False, return_argmin=False)
+            fmin(objective, to_hyperopt(search.space), algo=algo, max_evals=search.max_evals, trials=Trials(),
+                 rstate=np.random.default_rng(search.seed), show_progressbar=False, return_argmin=False)
 
-    def run_trial(self, number: int, values: dict[str, Any], parent_id: str, progress: SweepProgress) -> TrialRecord:
-        raw = config_module.apply_overrides(config_module.to_dict(self.cfg), values)
+    def evaluate_point(self, values: dict[str, Any], result: SweepResult, progress: SweepProgress) -> float | None:
+        """Train one configuration `repeats` times; the mean objective of the runs that finished."""
+        losses = []
+        for repeat in range(self.cfg.search.repeats):
+            record = self.run_trial(len(result.trials), values, repeat, result.parent_run_id, progress)
+            result.trials.append(record)
+            if record.status == "ok":
+                losses.append(record.objective(self.cfg.search.metric))
+        return float(np.mean(losses)) if losses else None
+
+    def run_trial(self, number: int, values: dict[str, Any], repeat: int, parent_id: str,
+                  progress: SweepProgress) -> TrialRecord:
+        overrides = {**values, "train.seed": self.cfg.train.seed + repeat} if repeat else values
+        raw = config_module.apply_overrides(config_module.to_dict(self.cfg), overrides)
         run_id = self.tracker.start_run(
             f"trial-{number:03d}",
             params=config_module.flatten(raw),
-            tags={"fmnist.role": "trial", "trial": str(number), "device": str(self.device),
+            tags={"fmnist.role": "trial", "trial": str(number), "repeat": str(repeat), "device": str(self.device),
                   "sampled": yaml.safe_dump(values, sort_keys=False).strip()},
             parent_id=parent_id,
         )
         self._active_run = run_id
-        record = TrialRecord(number, run_id, values)
+        record = TrialRecord(number, run_id, values, repeat)
         progress.trial_started(number, values)
         try:
             trial_cfg = config_module.validate(raw, source=f"trial {number}")
@@ -183,6 +203,7 @@ class Sweep:
         start = time.perf_counter()
         outcome = train_and_test(cfg, splits, self.device, on_epoch)
         best = outcome.fit.best
+        record.best_train_accuracy = best.train_accuracy
         record.best_val_accuracy, record.best_val_loss = best.val_accuracy, best.val_loss
         record.test_accuracy, record.test_loss = outcome.test_accuracy, outcome.test_loss
         record.epochs_run = len(outcome.fit.history)

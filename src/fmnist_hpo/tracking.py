@@ -8,10 +8,12 @@ import os
 import platform
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlflow
+import yaml
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -132,3 +134,67 @@ class Tracker:
         if commit:
             tags["git_commit"] = commit
         return tags
+
+
+# --- reading runs back (for `fmnist analyze`) ---------------------------------------------------
+
+
+@dataclass
+class LoggedTrial:
+    """One trial run as analyze sees it: plain values, no MLflow types."""
+
+    run_id: str
+    experiment: str
+    number: int
+    repeat: int
+    status: str  # FINISHED, FAILED, KILLED, RUNNING
+    values: dict[str, Any]  # the sampled values of this trial
+    metrics: dict[str, float]
+    params: dict[str, str]
+    tags: dict[str, str]
+
+
+class RunReader:
+    """Reads fmnist sweeps from any tracking URI through MLflow's client API."""
+
+    def __init__(self, tracking_uri: str) -> None:
+        _quiet_mlflow()
+        if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
+            raise TrackingError(f"{tracking_uri}: no MLflow store here yet (run `fmnist run` first)")
+        self.client = MlflowClient(tracking_uri)
+
+    def experiments(self) -> list[str]:
+        """Names of the experiments that hold at least one fmnist trial, sorted."""
+        names = []
+        for exp in self.client.search_experiments():
+            if self.client.search_runs([exp.experiment_id], "tags.`fmnist.role` = 'trial'", max_results=1):
+                names.append(exp.name)
+        return sorted(names)
+
+    def trials(self, experiment: str) -> list[LoggedTrial]:
+        found = self.client.get_experiment_by_name(experiment)
+        if found is None:
+            known = ", ".join(self.experiments()) or "none"
+            raise TrackingError(f"unknown experiment {experiment!r}; known experiments: {known}")
+        runs = self.client.search_runs([found.experiment_id], "tags.`fmnist.role` = 'trial'", max_results=50_000)
+        trials = [
+            LoggedTrial(
+                run_id=r.info.run_id, experiment=experiment, number=int(r.data.tags.get("trial", -1)),
+                repeat=int(r.data.tags.get("repeat", 0)), status=r.info.status,
+                values=yaml.safe_load(r.data.tags.get("sampled", "{}")) or {},
+                metrics=dict(r.data.metrics), params=dict(r.data.params), tags=dict(r.data.tags),
+            )
+            for r in runs
+        ]
+        return sorted(trials, key=lambda t: (t.number, t.run_id))
+
+    def history(self, run_id: str, key: str) -> list[tuple[int, float]]:
+        return sorted((m.step, m.value) for m in self.client.get_metric_history(run_id, key))
+
+    def sweep_description(self, experiment: str) -> str:
+        found = self.client.get_experiment_by_name(experiment)
+        if found is None:
+            return ""
+        runs = self.client.search_runs([found.experiment_id], "tags.`fmnist.role` = 'sweep'", max_results=1,
+                                       order_by=["attributes.start_time DESC"])
+        return runs[0].data.params.get("description", "") if runs else ""

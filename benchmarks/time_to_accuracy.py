@@ -1,0 +1,77 @@
+"""Training seconds until the full 10,000-image test set first reaches 93.0%, 93.5% and 94.0%.
+
+    python benchmarks/time_to_accuracy.py --config configs/fast.yaml --device cuda
+
+The test set is scored after every epoch for this report only (outside the timed training, and
+never used to pick anything); the last line is the honest number: the test accuracy of the
+checkpoint the validation split picked. Needs only torch, numpy and pyyaml.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from fmnist_hpo import config  # noqa: E402
+from fmnist_hpo.data import load_dataset, make_splits  # noqa: E402
+from fmnist_hpo.model import build_model  # noqa: E402
+from fmnist_hpo.train import EpochMetrics, evaluate, fit, make_engine, resolve_device  # noqa: E402
+
+THRESHOLDS = (0.930, 0.935, 0.940)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/fast.yaml")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="key=value, repeatable")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+
+    cfg = config.load(args.config, ["search.space={}", *args.overrides])
+    device = resolve_device(args.device)
+    splits = make_splits(load_dataset(cfg.data), cfg.data, device)
+    torch.manual_seed(cfg.train.seed)
+    engine = make_engine(cfg.train, device, cfg.train.seed)
+    model = build_model(cfg.model).to(device)
+    if engine.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.train.compile:
+        model.compile()
+
+    curve: list[dict[str, float]] = []
+    elapsed = 0.0
+
+    def on_epoch(m: EpochMetrics) -> None:
+        nonlocal elapsed
+        elapsed += m.epoch_seconds
+        _, test_acc = evaluate(model, splits.test, engine, cfg.train.eval_batch_size)
+        curve.append({"epoch": m.epoch, "train_seconds": elapsed, "val_accuracy": m.val_accuracy, "test_accuracy": test_acc})
+        print(f"epoch {m.epoch:3d}  {elapsed:7.1f}s  val {m.val_accuracy:.4f}  test {test_acc:.4f}", flush=True)
+
+    result = fit(model, splits, cfg, engine, on_epoch)
+    _, selected_test = evaluate(model, splits.test, engine, cfg.train.eval_batch_size)
+    reached = {f"{t:.3f}": next((c["train_seconds"] for c in curve if c["test_accuracy"] >= t), None) for t in THRESHOLDS}
+    for threshold, seconds in reached.items():
+        print(f"test >= {float(threshold):.1%}: " + (f"{seconds:.1f} s of training" if seconds is not None else "not reached"))
+    print(f"validation-selected checkpoint (epoch {result.best_epoch}): test {selected_test:.4f} "
+          f"after {result.train_seconds:.1f} s of training")
+    if args.out:
+        args.out.write_text(json.dumps({
+            "config": args.config, "device": str(device),
+            "machine": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "date": time.strftime("%Y-%m-%d"), "reached_seconds": reached, "curve": curve,
+            "selected_epoch": result.best_epoch, "selected_test_accuracy": selected_test,
+            "train_seconds": result.train_seconds,
+        }, indent=2))
+
+
+if __name__ == "__main__":
+    main()

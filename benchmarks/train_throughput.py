@@ -1,0 +1,149 @@
+"""Per-epoch speed of the training engine against a reference loop written the usual way.
+
+    python benchmarks/train_throughput.py --config configs/exp12.yaml --device cuda
+    python benchmarks/train_throughput.py --config configs/quick.yaml --device cpu --train-images 12000
+
+Modes, run interleaved (one epoch of each per round) so drift hits them alike; medians reported:
+  reference   DataLoader over CPU tensors, batch 64, fp32, loss.item() every step
+  engine64    the engine at batch 64 in fp32: the same math as the reference
+  enginefast  the engine with its fast settings (batch 256, bf16 autocast and channels_last on
+              CUDA; --compile adds torch.compile)
+Needs only torch, numpy and pyyaml (no mlflow or hyperopt), so it runs on a bare GPU box.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from fmnist_hpo import config  # noqa: E402
+from fmnist_hpo.data import Split, load_dataset, make_splits  # noqa: E402
+from fmnist_hpo.model import build_model  # noqa: E402
+from fmnist_hpo.train import make_engine, normalize, resolve_device, train_epoch  # noqa: E402
+
+
+def reference_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
+                    device: torch.device) -> float:
+    """The loop most tutorials write: per-sample collation, host->device copies, a sync per step."""
+    model.train()
+    total = 0.0
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        total += loss.item() * len(y)
+    return total / len(loader.dataset)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/exp12.yaml")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--rounds", type=int, default=3, help="epochs of each mode, interleaved")
+    parser.add_argument("--train-images", type=int, default=None, help="train on a class-balanced subset")
+    parser.add_argument("--modes", default="reference,engine64,enginefast")
+    parser.add_argument("--fast-batch", type=int, default=256)
+    parser.add_argument("--compile", action="store_true", help="torch.compile in enginefast")
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    args = parser.parse_args()
+
+    cfg = config.load(args.config, ["search.space={}"] + ([f"data.train_subset={args.train_images}"] if args.train_images else []))
+    device = resolve_device(args.device)
+    splits = make_splits(load_dataset(cfg.data), cfg.data, device)
+    cpu_train = Split(splits.train.images.cpu(), splits.train.labels.cpu())
+    modes = args.modes.split(",")
+    runners = {mode: make_runner(mode, cfg, cpu_train, splits.train, device, args) for mode in modes}
+    for runner in runners.values():  # warm-up: allocator, cudnn autotuning, compilation
+        runner()
+    seconds: dict[str, list[float]] = {mode: [] for mode in modes}
+    peak: dict[str, int] = {}
+    for _ in range(args.rounds):
+        for mode, runner in runners.items():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            sync(device)
+            start = time.perf_counter()
+            runner()
+            sync(device)
+            seconds[mode].append(time.perf_counter() - start)
+            if device.type == "cuda":
+                peak[mode] = torch.cuda.max_memory_allocated(device)
+    report(args, cfg, device, len(cpu_train), seconds, peak)
+
+
+def make_runner(mode: str, cfg: config.Config, cpu_train: Split, train: Split, device: torch.device, args):
+    torch.manual_seed(0)
+    model = build_model(cfg.model).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+    if mode == "reference":
+        dataset = TensorDataset(normalize(cpu_train.images), cpu_train.labels)
+        loader = DataLoader(dataset, batch_size=64, shuffle=True)
+        return lambda: reference_epoch(model, loader, optimizer, device)
+    if mode == "engine64":
+        train_cfg = replace(cfg.train, batch_size=64, precision="fp32", channels_last=False, compile=False)
+    elif mode == "enginefast":
+        train_cfg = replace(cfg.train, batch_size=args.fast_batch, precision="auto", channels_last=True,
+                            compile=args.compile)
+    else:
+        raise SystemExit(f"unknown mode {mode!r}")
+    engine = make_engine(train_cfg, device, seed=0)
+    if engine.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if train_cfg.compile:
+        model.compile()
+    return lambda: train_epoch(model, train, optimizer, engine, train_cfg, cfg.data)
+
+
+def report(args, cfg, device, n_images: int, seconds: dict[str, list[float]], peak: dict[str, int]) -> None:
+    medians = {mode: statistics.median(values) for mode, values in seconds.items()}
+    base = medians.get("reference")
+    rows = []
+    print(f"{args.config} on {machine(device)}; {n_images} training images, {args.rounds} rounds, torch {torch.__version__}")
+    print(f"{'mode':<12}{'s/epoch':>10}{'images/s':>12}{'peak MiB':>10}{'vs reference':>14}")
+    for mode, median in medians.items():
+        ratio = base / median if base else float("nan")
+        mib = peak[mode] / 2**20 if mode in peak else float("nan")
+        print(f"{mode:<12}{median:>10.2f}{n_images / median:>12.0f}{mib:>10.0f}{ratio:>13.2f}x")
+        rows.append({"mode": mode, "seconds_per_epoch": median, "all_seconds": seconds[mode],
+                     "images_per_second": n_images / median, "peak_mib": mib, "speedup_vs_reference": ratio})
+    if args.out:
+        args.out.write_text(json.dumps({"config": args.config, "machine": machine(device), "device": str(device),
+                                        "torch": torch.__version__, "train_images": n_images,
+                                        "date": time.strftime("%Y-%m-%d"), "results": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""Summary statistics and Welch's t-test, with verdicts that do not overclaim on small samples."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats as scipy_stats
+
+ALPHA = 0.05
+FEW_RUNS = 5  # below this many runs per group, a verdict is called preliminary
+
+
+@dataclass(frozen=True)
+class Summary:
+    n: int
+    mean: float
+    std: float  # sample standard deviation (ddof=1); nan for n < 2
+    ci_low: float  # 95% confidence interval of the mean (Student's t); nan for n < 2
+    ci_high: float
+
+
+def summarize(values: Sequence[float]) -> Summary:
+    x = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=float)
+    n = len(x)
+    if n == 0:
+        return Summary(0, math.nan, math.nan, math.nan, math.nan)
+    mean = float(x.mean())
+    if n < 2:
+        return Summary(1, mean, math.nan, math.nan, math.nan)
+    std = float(x.std(ddof=1))
+    half = float(scipy_stats.t.ppf(1 - ALPHA / 2, n - 1)) * std / math.sqrt(n)
+    return Summary(n, mean, std, mean - half, mean + half)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    a: Summary
+    b: Summary
+    difference: float  # mean(a) - mean(b)
+    ci_low: float  # 95% CI of the difference (Welch-Satterthwaite degrees of freedom)
+    ci_high: float
+    p_value: float  # two-sided Welch's t-test
+    verdict: str
+
+
+def compare(a_values: Sequence[float], b_values: Sequence[float], a_name: str = "A", b_name: str = "B",
+            unit: float = 100.0, unit_name: str = "points") -> Comparison:
+    """Welch's t-test of mean(a) - mean(b); the verdict is in `unit_name` (percentage points by default)."""
+    a, b = summarize(a_values), summarize(b_values)
+    diff = a.mean - b.mean
+    if a.n < 2 or b.n < 2:
+        verdict = (f"cannot test: at least 2 finished runs per group are needed "
+                   f"({a_name} has {a.n}, {b_name} has {b.n})")
+        return Comparison(a, b, diff, math.nan, math.nan, math.nan, verdict)
+    var_a, var_b = a.std**2 / a.n, b.std**2 / b.n
+    se = math.sqrt(var_a + var_b)
+    if se == 0:
+        p = 1.0 if diff == 0 else 0.0
+        low = high = diff
+    else:
+        df = (var_a + var_b) ** 2 / (var_a**2 / (a.n - 1) + var_b**2 / (b.n - 1))
+        p = float(scipy_stats.ttest_ind(a_values, b_values, equal_var=False).pvalue)
+        half = float(scipy_stats.t.ppf(1 - ALPHA / 2, df)) * se
+        low, high = diff - half, diff + half
+    return Comparison(a, b, diff, low, high, p, _verdict(a_name, b_name, diff, low, high, p, min(a.n, b.n),
+                                                         unit, unit_name))
+
+
+def _verdict(a_name: str, b_name: str, diff: float, low: float, high: float, p: float, n_min: int,
+             unit: float, unit_name: str) -> str:
+    span = f"95% CI {low * unit:+.2f} to {high * unit:+.2f} {unit_name}"
+    if p < ALPHA:
+        better, worse = (a_name, b_name) if diff > 0 else (b_name, a_name)
+        text = (f"{better} beats {worse} by {abs(diff) * unit:.2f} {unit_name} ({span}, p={p:.3g}): "
+                f"a real difference at the 5% level")
+        if n_min < FEW_RUNS:
+            text += f", but with only {n_min} runs in a group treat it as preliminary"
+        return text
+    text = f"no significant difference (p={p:.3g}); the {span} includes zero"
+    if n_min < FEW_RUNS:
+        text += f", and with only {n_min} runs in a group a real difference of this size could be missed"
+    return text

@@ -1,0 +1,165 @@
+"""`fmnist analyze` against a store whose metric values the test chose, checked by hand-computed numbers."""
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from scipy import stats as scipy_stats
+from typer.testing import CliRunner
+
+from fmnist_hpo.cli import app
+from fmnist_hpo.stats import compare, summarize
+from fmnist_hpo.tracking import Tracker
+
+runner = CliRunner()
+ALPHA_TEST = [0.90, 0.91, 0.92]
+BETA_TEST = [0.85, 0.86, 0.88, 0.87]
+
+
+def log_trial(tracker: Tracker, parent: str, number: int, values: dict, test: float, val: float, status="FINISHED"):
+    import yaml
+
+    run = tracker.start_run(f"trial-{number:03d}", params={"train.epochs": 3},
+                            tags={"fmnist.role": "trial", "trial": str(number), "sampled": yaml.safe_dump(values)},
+                            parent_id=parent)
+    if status == "FINISHED":
+        for epoch in range(3):
+            tracker.log_metrics(run, {"val_loss": 1.0 / (epoch + 1) + number, "val_accuracy": val - 0.01 * (2 - epoch)},
+                                step=epoch)
+        tracker.log_metrics(run, {"test_accuracy": test, "best_val_accuracy": val, "best_train_accuracy": test + 0.05,
+                                  "total_parameters": 1000 * (number + 1), "train_seconds": 10.0 + number,
+                                  "epochs_run": 3})
+    tracker.end_run(run, status)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    uri = f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
+    for name, tests, filters in (("alpha", ALPHA_TEST, [64, 64, 128]), ("beta", BETA_TEST, [32, 32, 64, 64])):
+        tracker = Tracker(uri, name)
+        parent = tracker.start_run("sweep", params={"description": f"{name} sweep"}, tags={"fmnist.role": "sweep"})
+        for i, (test, f) in enumerate(zip(tests, filters, strict=True)):
+            log_trial(tracker, parent, i, {"model.filters": f}, test, test + 0.005)
+        if name == "beta":
+            log_trial(tracker, parent, len(tests), {"model.filters": 64}, 0.0, 0.0, status="FAILED")
+        tracker.end_run(parent)
+    Tracker(uri, "empty").start_run("sweep", params={}, tags={"fmnist.role": "trial"})
+    return uri
+
+
+def analyze(store: str, *args: str):
+    return runner.invoke(app, ["analyze", "--tracking-uri", store, *args])
+
+
+def sections_of(result) -> dict:
+    assert result.exit_code == 0, result.stderr
+    return {s["title"]: s for s in json.loads(result.stdout)["sections"]}
+
+
+def test_summary_numbers_match_hand_computation(store: str):
+    summary = sections_of(analyze(store, "-e", "alpha", "-e", "beta", "--format", "json"))["Summary"]["rows"]
+    alpha, beta = summary
+    n = len(ALPHA_TEST)
+    mean = sum(ALPHA_TEST) / n
+    std = math.sqrt(sum((x - mean) ** 2 for x in ALPHA_TEST) / (n - 1))
+    half = 4.302652729911275 * std / math.sqrt(n)  # Student's t, 97.5% quantile, 2 degrees of freedom
+    assert alpha["finished"] == 3 and alpha["failed"] == 0
+    assert alpha["test_mean"] == pytest.approx(mean, abs=1e-6)
+    assert alpha["test_std"] == pytest.approx(std, abs=1e-6)
+    assert alpha["test_ci95"] == pytest.approx([mean - half, mean + half], abs=1e-6)
+    assert alpha["selected_test_accuracy"] == pytest.approx(0.92)  # the trial with the best validation accuracy
+    assert alpha["mean_gap"] == pytest.approx(0.05, abs=1e-6)
+    assert alpha["median_parameters"] == 2000
+    assert beta["finished"] == 4 and beta["failed"] == 1
+
+
+def test_per_parameter_groups(store: str):
+    section = sections_of(analyze(store, "-e", "beta", "--format", "json"))
+    rows = section["beta: accuracy by value of each searched parameter"]["rows"]
+    by_value = {r["value"]: r for r in rows}
+    assert by_value["32"]["n"] == 2 and by_value["32"]["test_mean"] == pytest.approx(0.855, abs=1e-6)
+    assert by_value["64"]["test_std"] == pytest.approx(np.std([0.88, 0.87], ddof=1), abs=1e-6)
+
+
+def test_compare_is_welch_t_test(store: str):
+    result = sections_of(analyze(store, "--compare", "alpha", "beta", "--format", "json"))
+    row = result["alpha vs beta (test_accuracy)"]["rows"][0]
+    a, b = np.array(ALPHA_TEST), np.array(BETA_TEST)
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    t = (a.mean() - b.mean()) / math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    p = 2 * scipy_stats.t.sf(abs(t), df)
+    half = scipy_stats.t.ppf(0.975, df) * math.sqrt(va + vb)
+    assert row["difference"] == pytest.approx(a.mean() - b.mean(), abs=1e-6)
+    assert row["p_value"] == pytest.approx(p, abs=1e-6)
+    assert row["difference_ci95"] == pytest.approx([a.mean() - b.mean() - half, a.mean() - b.mean() + half], abs=1e-6)
+    assert "alpha beats beta" in row["verdict"] and "preliminary" in row["verdict"]
+
+
+def test_compare_groups_within_one_experiment(store: str):
+    result = sections_of(analyze(store, "--compare", "beta:model.filters=64", "beta:model.filters=32", "--format", "json"))
+    row = result["beta:model.filters=64 vs beta:model.filters=32 (test_accuracy)"]["rows"][0]
+    assert (row["n_a"], row["n_b"]) == (2, 2)
+    assert row["mean_a"] == pytest.approx(0.875) and row["mean_b"] == pytest.approx(0.855)
+
+
+def test_verdicts_do_not_overclaim():
+    assert compare([0.9], [0.8, 0.85]).verdict.startswith("cannot test")
+    same = compare([0.90, 0.91, 0.92], [0.905, 0.915, 0.91])
+    assert same.verdict.startswith("no significant difference") and "could be missed" in same.verdict
+    assert summarize([0.5]).std != summarize([0.5]).std  # nan: no spread from one run
+
+
+def test_formats_have_their_structure(store: str):
+    markdown = analyze(store, "-e", "alpha", "--format", "markdown").stdout
+    assert "### Summary" in markdown and "| experiment |" in markdown and "|---|" in markdown
+    assert "test mean ± std" in markdown
+    text = analyze(store, "-e", "alpha", "--format", "csv").stdout
+    blocks = [b for b in text.strip().split("\n\n") if b]
+    assert blocks[0].startswith("# Summary")
+    rows = list(csv.DictReader(io.StringIO(blocks[0].split("\n", 1)[1])))
+    assert rows[0]["experiment"] == "alpha" and float(rows[0]["test_mean"]) == pytest.approx(0.91)
+    table = analyze(store, "-e", "alpha")
+    assert table.exit_code == 0 and "alpha" in table.stdout and "0.9100 ± 0.0100" in table.stdout
+
+
+def test_plots_are_real_pngs(store: str, tmp_path: Path):
+    result = analyze(store, "-e", "beta", "--plots", str(tmp_path / "plots"))
+    assert result.exit_code == 0, result.stderr
+    names = sorted(p.name for p in (tmp_path / "plots").iterdir())
+    assert names == ["beta_by_model.filters.png", "beta_learning_curves.png",
+                     "beta_optimisation_history.png", "beta_parameters_vs_accuracy.png"]
+    for path in (tmp_path / "plots").iterdir():
+        image = Image.open(path)
+        assert image.format == "PNG"
+        assert len(set(image.convert("RGB").getdata())) > 1
+
+
+def test_report_is_written(store: str, tmp_path: Path):
+    result = analyze(store, "--all", "--report", str(tmp_path / "findings.md"), "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    text = (tmp_path / "findings.md").read_text()
+    assert "## Round 1: alpha" in text and "## Round 2: beta" in text and "## Conclusions" in text
+    assert "alpha sweep" in text
+    assert "1. alpha: 92.00% test accuracy" in text
+
+
+def test_unknown_experiment_lists_the_known_ones(store: str):
+    result = analyze(store, "-e", "gamma")
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1
+    assert "unknown experiment 'gamma'; known experiments: alpha, beta, empty" in result.stderr
+
+
+def test_no_finished_runs_says_so(store: str):
+    result = analyze(store, "-e", "empty")
+    assert result.exit_code == 2 and "no finished runs" in result.stderr
+
+
+def test_missing_store_is_a_clear_error(tmp_path: Path):
+    result = runner.invoke(app, ["analyze", "--all", "--tracking-uri", f"sqlite:///{tmp_path}/none.db"])
+    assert result.exit_code == 2 and "no MLflow store here yet" in result.stderr
