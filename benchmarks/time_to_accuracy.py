@@ -19,10 +19,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from fmnist_hpo import config  # noqa: E402
-from fmnist_hpo.data import load_dataset, make_splits  # noqa: E402
-from fmnist_hpo.model import build_model  # noqa: E402
-from fmnist_hpo.train import EpochMetrics, evaluate, fit, make_engine, resolve_device  # noqa: E402
+from fmnist_hpo import config
+from fmnist_hpo.data import load_dataset, make_splits
+from fmnist_hpo.model import build_model
+from fmnist_hpo.train import EpochMetrics, evaluate, fit, make_engine, resolve_device
 
 THRESHOLDS = (0.930, 0.935, 0.940)
 

@@ -28,10 +28,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from fmnist_hpo import config  # noqa: E402
-from fmnist_hpo.data import Split, load_dataset, make_splits  # noqa: E402
-from fmnist_hpo.model import build_model  # noqa: E402
-from fmnist_hpo.train import make_engine, normalize, resolve_device, train_epoch  # noqa: E402
+from fmnist_hpo import config
+from fmnist_hpo.data import Split, load_dataset, make_splits
+from fmnist_hpo.model import build_model
+from fmnist_hpo.train import make_engine, normalize, resolve_device, train_epoch
 
 
 def reference_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
@@ -80,7 +80,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args()
 
-    cfg = config.load(args.config, ["search.space={}"] + ([f"data.train_subset={args.train_images}"] if args.train_images else []))
+    subset = [f"data.train_subset={args.train_images}"] if args.train_images else []
+    cfg = config.load(args.config, ["search.space={}", *subset])
     device = resolve_device(args.device)
     splits = make_splits(load_dataset(cfg.data), cfg.data, device)
     cpu_train = Split(splits.train.images.cpu(), splits.train.labels.cpu())

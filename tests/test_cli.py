@@ -96,7 +96,7 @@ def test_run_end_to_end_into_sqlite(tmp_path: Path, data_dir: Path, monkeypatch:
     assert result.exit_code == 0, result.output + result.stderr
     assert "best trial" in result.output
 
-    client = MlflowClient("sqlite:///mlflow.db")
+    client = MlflowClient(f"sqlite:///{Path.cwd() / 'mlflow.db'}")
     parents, children = children_of(client, "e2e")
     assert len(parents) == 1 and len(children) == 2
     parent = parents[0]
@@ -139,7 +139,7 @@ def test_failed_trials_are_recorded_and_the_sweep_goes_on(tmp_path: Path, data_d
                                      "space": {"model.filters": {"choice": [4, 8]}}})
     result = runner.invoke(app, ["run", str(write_config(tmp_path, raw))])
     assert result.exit_code == 0, result.stderr
-    _, children = children_of(MlflowClient("sqlite:///mlflow.db"), "tiny")
+    _, children = children_of(MlflowClient(f"sqlite:///{Path.cwd() / 'mlflow.db'}"), "tiny")
     failed = [c for c in children if c.info.status == "FAILED"]
     assert failed and len(failed) < 4
     assert all(c.data.tags["failure_reason"] == "RuntimeError: CUDA out of memory (injected)" for c in failed)
@@ -150,5 +150,18 @@ def test_failed_trials_are_recorded_and_the_sweep_goes_on(tmp_path: Path, data_d
     result = runner.invoke(app, ["run", str(write_config(tmp_path, raw))])
     assert result.exit_code == 1
     assert "all 4 trials failed" in result.stderr
-    parents, _ = children_of(MlflowClient("sqlite:///mlflow.db"), "allfail")
+    parents, _ = children_of(MlflowClient(f"sqlite:///{Path.cwd() / 'mlflow.db'}"), "allfail")
     assert parents[0].info.status == "FAILED"
+
+
+def test_grid_with_repeats_trains_each_configuration_with_new_seeds(tmp_path: Path, data_dir: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)
+    raw = tiny_raw(data_dir, search={"algo": "grid", "repeats": 2,
+                                     "space": {"model.dropout_placement": {"choice": ["early", "none"]}}})
+    result = runner.invoke(app, ["run", str(write_config(tmp_path, raw))])
+    assert result.exit_code == 0, result.stderr
+    _, children = children_of(MlflowClient(f"sqlite:///{Path.cwd() / 'mlflow.db'}"), "tiny")
+    seen = sorted((c.data.params["model.dropout_placement"], c.data.params["train.seed"], c.data.tags["repeat"])
+                  for c in children)
+    assert seen == [("early", "42", "0"), ("early", "43", "1"), ("none", "42", "0"), ("none", "43", "1")]

@@ -135,10 +135,13 @@ def analyze(
 
 def print_resolved(cfg: object) -> None:
     from fmnist_hpo import config as config_module
-    from fmnist_hpo.space import describe
+    from fmnist_hpo.space import describe, planned_points
 
     typer.echo(config_module.dump_yaml(cfg).rstrip())
-    lines = describe(cfg.search.space)
-    typer.echo("\n# search space" + (f" ({cfg.search.algo}, {cfg.search.max_evals} trials)" if lines else ": empty, one run"))
+    search = cfg.search
+    runs = planned_points(search) * search.repeats
+    lines = describe(search.space)
+    typer.echo(f"\n# search space: {search.algo if lines else 'empty'}, "
+               f"{planned_points(search)} configuration(s) x {search.repeats} repeat(s) = {runs} run(s)")
     for line in lines:
         typer.echo(f"#   {line}")

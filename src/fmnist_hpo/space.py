@@ -18,7 +18,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from fmnist_hpo.config import Config
+    from fmnist_hpo.config import Config, SearchConfig
 
 # primitive -> argument names, in the order the YAML list gives them
 PRIMITIVES: dict[str, tuple[str, ...]] = {
@@ -159,6 +159,13 @@ def grid_points(space: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     keys = list(space)
     options = [parse_entry(key, space[key])[1] for key in keys]
     return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*options)]
+
+
+def planned_points(search: SearchConfig) -> int:
+    """How many configurations a search tries (each is trained `repeats` times)."""
+    if not search.space:
+        return 1
+    return len(grid_points(search.space)) if search.algo == "grid" else search.max_evals
 
 
 def plain_values(values: dict[str, Any]) -> dict[str, Any]:

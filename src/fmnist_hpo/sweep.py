@@ -21,7 +21,7 @@ from fmnist_hpo.data import SplitCache, load_dataset
 from fmnist_hpo.errors import FmnistError
 from fmnist_hpo.model import with_normalization
 from fmnist_hpo.progress import SweepProgress
-from fmnist_hpo.space import grid_points, plain_values, to_hyperopt
+from fmnist_hpo.space import grid_points, plain_values, planned_points, to_hyperopt
 from fmnist_hpo.tracking import Tracker
 from fmnist_hpo.train import EpochMetrics, train_and_test
 
@@ -113,7 +113,7 @@ class Sweep:
         self.tracker.log_text(parent, config_module.dump_yaml(cfg), "config.yaml")
         result = SweepResult(cfg.experiment, parent, cfg.search.metric)
         try:
-            with SweepProgress(self.n_points() * cfg.search.repeats, cfg.train.epochs, self.show_bars) as progress:
+            with SweepProgress(planned_points(cfg.search) * cfg.search.repeats, cfg.train.epochs, self.show_bars) as progress:
                 self._search(result, progress)
             self._finish(result)
         except BaseException:
@@ -122,13 +122,6 @@ class Sweep:
             self.tracker.end_run(parent, "KILLED")
             raise
         return result
-
-    def n_points(self) -> int:
-        """How many configurations the search will try (each run `repeats` times)."""
-        search = self.cfg.search
-        if not search.space:
-            return 1
-        return len(grid_points(search.space)) if search.algo == "grid" else search.max_evals
 
     def _search(self, result: SweepResult, progress: SweepProgress) -> None:
         search = self.cfg.search

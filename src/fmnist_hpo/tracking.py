@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import platform
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,11 @@ class TrackingError(FmnistError):
 
 
 def resolve_tracking_uri(configured: str | None) -> str:
-    return configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    """The URI to use, with a relative SQLite path made absolute (MLflow caches stores by URI text)."""
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = f"sqlite:///{Path(uri.removeprefix('sqlite:///')).expanduser().absolute()}"
+    return uri
 
 
 def _quiet_mlflow() -> None:
@@ -49,6 +55,23 @@ def check_sqlite_location(uri: str) -> None:
         raise TrackingError(f"{path}: the MLflow store is not writable")
     if not path.exists() and not (folder.is_dir() and os.access(folder, os.W_OK)):
         raise TrackingError(f"{folder}: cannot create the MLflow store {path.name} here (missing or not writable)")
+
+
+@contextlib.contextmanager
+def _fluent_tracking_uri(uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API at uri for a moment; set_tracking_uri also writes
+    MLFLOW_TRACKING_URI into the environment, which must not leak into later runs."""
+    saved_env = os.environ.get("MLFLOW_TRACKING_URI")
+    saved_uri = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved_uri)
+        if saved_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved_env
 
 
 def git_commit() -> str | None:
@@ -75,7 +98,6 @@ class Tracker:
         _quiet_mlflow()
         check_sqlite_location(tracking_uri)
         self.tracking_uri = tracking_uri
-        mlflow.set_tracking_uri(tracking_uri)
         self.client = MlflowClient(tracking_uri)
         try:
             found = self.client.get_experiment_by_name(experiment)
@@ -120,7 +142,7 @@ class Tracker:
         """Log model as an MLflow model linked to run_id; returns its models:/ URI."""
         import mlflow.pytorch
 
-        with mlflow.start_run(run_id=run_id):
+        with _fluent_tracking_uri(self.tracking_uri), mlflow.start_run(run_id=run_id):
             info = mlflow.pytorch.log_model(model, name="model", input_example=input_example)
         return info.model_uri
 
