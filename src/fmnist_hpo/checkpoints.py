@@ -80,3 +80,20 @@ def load_model(path: str | Path) -> nn.Module:
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: weights do not fit its model config ({str(exc)[:200]})") from None
     return model.eval()
+
+
+def save_training_state(path: Path, state: dict[str, Any]) -> None:
+    """The per-epoch state of a running trial (see train.training_state), replaced atomically."""
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def read_training_state(path: Path) -> dict[str, Any]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: corrupt training state ({first_line[:200]}); "
+                              "move it away to restart that trial from scratch") from None
+    if not isinstance(state, dict) or "next_epoch" not in state:
+        raise CheckpointError(f"{path}: not an fmnist-hpo training state")
+    return state

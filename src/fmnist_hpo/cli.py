@@ -5,6 +5,11 @@ Heavy modules (torch, mlflow, hyperopt) are imported inside commands so `fmnist 
 
 from __future__ import annotations
 
+import contextlib
+import shlex
+import signal
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -31,6 +36,22 @@ def fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the sweep is, so it unwinds like Ctrl-C."""
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    def handler(signum: int, frame: object) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def collect_overrides(overrides: list[str] | None, **shortcuts: object) -> list[str]:
     """--set values plus the dedicated options (which win, being more specific)."""
     extra = [f"{key}={value}" for key, value in shortcuts.items() if value is not None]
@@ -46,16 +67,24 @@ def run(
     experiment: Annotated[str | None, typer.Option(help="MLflow experiment name (experiment)")] = None,
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI (mlflow.tracking_uri)")] = None,
     dry_run: Annotated[bool, typer.Option(help="print the resolved config and search space, train nothing")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted sweep of this config without asking")] = False,
+    fresh: Annotated[bool, typer.Option("--fresh", help="start a new sweep even if one was interrupted")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="warnings and the closing table only")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="one line per epoch")] = False,
 ) -> None:
-    """Run the sweep an experiment spec describes and log every trial to MLflow."""
+    """Run the sweep an experiment spec describes and log every trial to MLflow.
+
+    An interrupted sweep of the same config (Ctrl-C, SIGTERM, a crash) is offered for resumption:
+    its finished trials are kept, an unfinished trial continues from its last epoch.
+    """
+    if resume and fresh:
+        raise fail("--resume and --fresh contradict each other; pass one")
     from fmnist_hpo import config as config_module
 
+    all_overrides = collect_overrides(overrides, **{"search.max_evals": max_evals, "train.device": device,
+                                                    "experiment": experiment, "mlflow.tracking_uri": tracking_uri})
     try:
-        cfg = config_module.load(config, collect_overrides(
-            overrides, **{"search.max_evals": max_evals, "train.device": device, "experiment": experiment,
-                          "mlflow.tracking_uri": tracking_uri}))
+        cfg = config_module.load(config, all_overrides)
     except FmnistError as exc:
         raise fail(str(exc)) from None
     if dry_run:
@@ -65,15 +94,20 @@ def run(
     from fmnist_hpo.sweep import SweepFailed, run_from_config
 
     configure_logging(-1 if quiet else (1 if verbose else 0))
+    mode = "resume" if resume else "fresh" if fresh else "ask"
+    ask = (lambda question: typer.confirm(question, default=True, err=True)) if sys.stdin.isatty() else None
+    resume_command = shlex.join(["fmnist", "run", str(config), *(f"--set={o}" for o in all_overrides), "--resume"])
     try:
-        result = run_from_config(cfg, show_bars=False if quiet else None)
+        with terminate_as_interrupt():
+            result = run_from_config(cfg, show_bars=False if quiet else None, resume=mode, ask=ask)
     except SweepFailed as exc:
         console.print(results_table(exc.result))
         raise fail(str(exc), code=1) from None
     except FmnistError as exc:
         raise fail(str(exc)) from None
-    except KeyboardInterrupt:
-        raise fail("interrupted; the runs in progress were marked KILLED", code=130) from None
+    except (KeyboardInterrupt, Terminated) as exc:
+        code = 143 if isinstance(exc, Terminated) else 130
+        raise fail(f"interrupted; finished trials are kept, continue with: {resume_command}", code=code) from None
     from rich.console import Console
 
     Console().print(results_table(result))

@@ -48,6 +48,13 @@ class SweepProgress:
         if self.progress:
             self.progress.stop()
 
+    def skip(self, done: int) -> None:
+        """Count trials finished before a resume."""
+        if done:
+            logger.info(f"continuing the sweep: {done} trial(s) already done")
+        if self.progress and done:
+            self.progress.update(self.trials_bar, advance=done)
+
     def trial_started(self, number: int, values: dict[str, Any]) -> None:
         shown = ", ".join(f"{k}={_fmt(v)}" for k, v in values.items()) or "base config"
         logger.info(f"trial {number}: {shown}")

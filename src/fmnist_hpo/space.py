@@ -168,6 +168,16 @@ def planned_points(search: SearchConfig) -> int:
     return len(grid_points(search.space)) if search.algo == "grid" else search.max_evals
 
 
+def to_hyperopt_vals(space: dict[str, dict[str, Any]], values: dict[str, Any]) -> dict[str, list[Any]]:
+    """Real values -> Hyperopt's stored form (a choice is stored as its index), to rebuild a history."""
+    vals = {}
+    for key, spec in space.items():
+        kind, args = parse_entry(key, spec)
+        value = values[key]
+        vals[key] = [args.index(value) if kind == "choice" else value]
+    return vals
+
+
 def plain_values(values: dict[str, Any]) -> dict[str, Any]:
     """A sampled point as plain Python values (numpy scalars unwrapped, 128.0 -> 128)."""
     return {key: _plain(value) for key, value in values.items()}

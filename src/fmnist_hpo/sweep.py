@@ -1,8 +1,15 @@
-"""The search objective and the sequential sweep driver (Hyperopt's fmin, one trial at a time)."""
+"""The search objective and the sequential sweep driver (Hyperopt's fmin, one trial at a time).
+
+MLflow is the sweep's memory: every trial run carries its sampled values, its point (the index of
+the configuration in the search) and its repeat, so an interrupted sweep is rebuilt from the store
+and continued in the same parent run. A trial writes its whole training state after every epoch,
+so an interrupted trial continues from its last finished epoch.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import time
@@ -15,14 +22,14 @@ import torch
 import yaml
 
 from fmnist_hpo import config as config_module
-from fmnist_hpo.checkpoints import load_model, save_checkpoint
+from fmnist_hpo.checkpoints import load_model, read_training_state, save_checkpoint, save_training_state
 from fmnist_hpo.config import Config
 from fmnist_hpo.data import SplitCache, load_dataset
 from fmnist_hpo.errors import FmnistError
 from fmnist_hpo.model import with_normalization
 from fmnist_hpo.progress import SweepProgress
-from fmnist_hpo.space import grid_points, plain_values, planned_points, to_hyperopt
-from fmnist_hpo.tracking import Tracker
+from fmnist_hpo.space import grid_points, plain_values, planned_points, to_hyperopt, to_hyperopt_vals
+from fmnist_hpo.tracking import LoggedTrial, Tracker
 from fmnist_hpo.train import EpochMetrics, train_and_test
 
 
@@ -38,11 +45,16 @@ class OutputError(FmnistError):
     """A folder the sweep must write to cannot be written."""
 
 
+class ResumeError(FmnistError):
+    """An earlier sweep cannot be continued as asked."""
+
+
 @dataclass
 class TrialRecord:
     number: int
     run_id: str
     values: dict[str, Any]
+    point: int = 0
     repeat: int = 0
     status: str = "ok"  # ok | failed
     reason: str | None = None
@@ -69,6 +81,19 @@ class TrialRecord:
             "epochs_run": self.epochs_run,
         }
 
+    @classmethod
+    def from_logged(cls, trial: LoggedTrial, models_dir: Path) -> TrialRecord:
+        m = trial.metrics
+        return cls(
+            number=trial.number, run_id=trial.run_id, values=trial.values, point=trial.point, repeat=trial.repeat,
+            status="ok" if trial.status == "FINISHED" else "failed", reason=trial.tags.get("failure_reason"),
+            best_train_accuracy=m.get("best_train_accuracy", math.nan),
+            best_val_accuracy=m.get("best_val_accuracy", math.nan), best_val_loss=m.get("best_val_loss", math.nan),
+            test_accuracy=m.get("test_accuracy", math.nan), test_loss=m.get("test_loss", math.nan),
+            epochs_run=int(m.get("epochs_run", 0)), train_seconds=m.get("train_seconds", 0.0),
+            total_parameters=int(m.get("total_parameters", 0)), checkpoint=models_dir / f"{trial.run_id}.pt",
+        )
+
 
 @dataclass
 class SweepResult:
@@ -90,6 +115,18 @@ class SweepResult:
         candidates = [t for t in self.finished if math.isfinite(t.objective(self.metric))]
         return min(candidates, key=lambda t: t.objective(self.metric), default=None)
 
+    def runs_of(self, point: int) -> dict[int, TrialRecord]:
+        return {t.repeat: t for t in self.trials if t.point == point}
+
+
+def sweep_id(cfg: Config) -> str:
+    """The identity of a sweep: its config without what may change between a run and its resume."""
+    raw = config_module.to_dict(cfg)
+    raw["search"].pop("max_evals")
+    raw.pop("mlflow")
+    raw.pop("description")
+    return config_module.hash_of(raw)
+
 
 class Sweep:
     """Runs cfg's search: each trial is validated, trained, tested once and logged as a nested run."""
@@ -100,20 +137,22 @@ class Sweep:
         self.device = data.device
         self.tracker = tracker
         self.show_bars = show_bars
+        self.models_dir = Path(cfg.models_dir) / cfg.experiment
         self._active_run: str | None = None
+        self._interrupted: dict[tuple[int, int], LoggedTrial] = {}
 
-    def run(self) -> SweepResult:
+    # --- the sweep ----------------------------------------------------------------------------
+
+    def run(self, resume_parent: str | None = None) -> SweepResult:
         cfg = self.cfg
-        parent = self.tracker.start_run(
-            f"sweep-{config_module.config_hash(cfg)}",
-            params=config_module.flatten(config_module.to_dict(cfg)),
-            tags={"fmnist.role": "sweep", "config_hash": config_module.config_hash(cfg),
-                  "device": str(self.device), "mlflow.note.content": cfg.description},
-        )
-        self.tracker.log_text(parent, config_module.dump_yaml(cfg), "config.yaml")
+        parent = resume_parent or self._start_parent()
         result = SweepResult(cfg.experiment, parent, cfg.search.metric)
         try:
-            with SweepProgress(planned_points(cfg.search) * cfg.search.repeats, cfg.train.epochs, self.show_bars) as progress:
+            if resume_parent:
+                self._reload(result)
+            total = planned_points(cfg.search) * cfg.search.repeats
+            with SweepProgress(total, cfg.train.epochs, self.show_bars) as progress:
+                progress.skip(len(result.trials))
                 self._search(result, progress)
             self._finish(result)
         except BaseException:
@@ -123,57 +162,113 @@ class Sweep:
             raise
         return result
 
+    def _start_parent(self) -> str:
+        cfg = self.cfg
+        parent = self.tracker.start_run(
+            f"sweep-{config_module.config_hash(cfg)}",
+            params=config_module.flatten(config_module.to_dict(cfg)),
+            tags={"fmnist.role": "sweep", "sweep_id": sweep_id(cfg), "config_hash": config_module.config_hash(cfg),
+                  "device": str(self.device), "mlflow.note.content": cfg.description, **process_tags()},
+        )
+        self.tracker.log_text(parent, config_module.dump_yaml(cfg), "config.yaml")
+        return parent
+
+    def _reload(self, result: SweepResult) -> None:
+        """Take back the finished trials of an interrupted sweep and note the ones to continue."""
+        self.tracker.reopen(result.parent_run_id, process_tags())
+        for trial in self.tracker.trials_of(result.parent_run_id):
+            if trial.status == "FINISHED" or (trial.status == "FAILED" and "failure_reason" in trial.tags):
+                result.trials.append(TrialRecord.from_logged(trial, self.models_dir))
+            else:  # RUNNING after a crash, KILLED after Ctrl-C, or FAILED by an abandoned resume
+                self._interrupted[(trial.point, trial.repeat)] = trial
+
     def _search(self, result: SweepResult, progress: SweepProgress) -> None:
         search = self.cfg.search
         if not search.space or search.algo == "grid":
-            for values in grid_points(search.space) if search.space else [{}]:
-                self.evaluate_point(values, result, progress)
+            for point, values in enumerate(grid_points(search.space) if search.space else [{}]):
+                self.evaluate_point(point, values, result, progress)
             return
-        from hyperopt import STATUS_FAIL, STATUS_OK, Trials, anneal, fmin, rand, tpe
+        from hyperopt import STATUS_FAIL, STATUS_OK, anneal, fmin, rand, tpe
         from hyperopt.exceptions import AllTrialsFailed
 
         algo = {"tpe": tpe, "random": rand, "anneal": anneal}[search.algo].suggest
+        trials = self._history(result, progress)
+        next_point = itertools.count(1 + max((t.point for t in result.trials), default=-1))
 
         def objective(point: dict[str, Any]) -> dict[str, Any]:
-            loss = self.evaluate_point(plain_values(point), result, progress)
+            loss = self.evaluate_point(next(next_point), plain_values(point), result, progress)
             return {"status": STATUS_FAIL} if loss is None else {"status": STATUS_OK, "loss": loss}
 
+        # a resumed search draws from a new stream, or random search would repeat its first points
+        rstate = np.random.default_rng([search.seed, len(trials.trials)] if trials.trials else search.seed)
         # every failure is already recorded; run_from_config reports a sweep with no finished trial
         with contextlib.suppress(AllTrialsFailed):
-            fmin(objective, to_hyperopt(search.space), algo=algo, max_evals=search.max_evals, trials=Trials(),
-                 rstate=np.random.default_rng(search.seed), show_progressbar=False, return_argmin=False)
+            fmin(objective, to_hyperopt(search.space), algo=algo, max_evals=search.max_evals, trials=trials,
+                 rstate=rstate, show_progressbar=False, return_argmin=False)
 
-    def evaluate_point(self, values: dict[str, Any], result: SweepResult, progress: SweepProgress) -> float | None:
-        """Train one configuration `repeats` times; the mean objective of the runs that finished."""
-        losses = []
+    def _history(self, result: SweepResult, progress: SweepProgress) -> Any:
+        """Hyperopt Trials holding the points evaluated before an interruption, completed first."""
+        from hyperopt import JOB_STATE_DONE, STATUS_FAIL, STATUS_OK, Trials
+
+        trials = Trials()
+        points = sorted({t.point for t in result.trials} | {p for p, _ in self._interrupted})
+        for point in points[: self.cfg.search.max_evals]:
+            values = next((t.values for t in result.trials if t.point == point), None)
+            if values is None:
+                values = self._interrupted[next(k for k in self._interrupted if k[0] == point)].values
+            loss = self.evaluate_point(point, values, result, progress)
+            (tid,) = trials.new_trial_ids(1)
+            misc = {"tid": tid, "cmd": ("domain_attachment", "FMinIter_Domain"), "workdir": None,
+                    "idxs": {key: [tid] for key in self.cfg.search.space},
+                    "vals": to_hyperopt_vals(self.cfg.search.space, values)}
+            outcome = {"status": STATUS_FAIL} if loss is None else {"status": STATUS_OK, "loss": loss}
+            doc = trials.new_trial_docs([tid], [None], [outcome], [misc])[0]
+            doc["state"] = JOB_STATE_DONE
+            trials.insert_trial_docs([doc])
+        trials.refresh()
+        return trials
+
+    def evaluate_point(self, point: int, values: dict[str, Any], result: SweepResult,
+                       progress: SweepProgress) -> float | None:
+        """Train one configuration `repeats` times (skipping runs already done); the mean objective."""
         for repeat in range(self.cfg.search.repeats):
-            record = self.run_trial(len(result.trials), values, repeat, result.parent_run_id, progress)
-            result.trials.append(record)
-            if record.status == "ok":
-                losses.append(record.objective(self.cfg.search.metric))
+            if repeat not in result.runs_of(point):
+                result.trials.append(self.run_trial(point, values, repeat, result, progress))
+        losses = [t.objective(self.cfg.search.metric) for t in result.runs_of(point).values() if t.status == "ok"]
         return float(np.mean(losses)) if losses else None
 
-    def run_trial(self, number: int, values: dict[str, Any], repeat: int, parent_id: str,
+    # --- one trial ----------------------------------------------------------------------------
+
+    def run_trial(self, point: int, values: dict[str, Any], repeat: int, result: SweepResult,
                   progress: SweepProgress) -> TrialRecord:
         overrides = {**values, "train.seed": self.cfg.train.seed + repeat} if repeat else values
         raw = config_module.apply_overrides(config_module.to_dict(self.cfg), overrides)
-        run_id = self.tracker.start_run(
-            f"trial-{number:03d}",
-            params=config_module.flatten(raw),
-            tags={"fmnist.role": "trial", "trial": str(number), "repeat": str(repeat), "device": str(self.device),
-                  "sampled": yaml.safe_dump(values, sort_keys=False).strip()},
-            parent_id=parent_id,
-        )
+        interrupted = self._interrupted.pop((point, repeat), None)
+        if interrupted is not None:
+            number, run_id = interrupted.number, interrupted.run_id
+            self.tracker.reopen(run_id, {"resumed": "after an interruption"})
+        else:
+            number = 1 + max((t.number for t in result.trials), default=-1)
+            number = max(number, 1 + max((t.number for t in self._interrupted.values()), default=-1))
+            run_id = self.tracker.start_run(
+                f"trial-{number:03d}", params=config_module.flatten(raw),
+                tags={"fmnist.role": "trial", "trial": str(number), "point": str(point), "repeat": str(repeat),
+                      "device": str(self.device), "sampled": yaml.safe_dump(values, sort_keys=False).strip()},
+                parent_id=result.parent_run_id,
+            )
         self._active_run = run_id
-        record = TrialRecord(number, run_id, values, repeat)
+        record = TrialRecord(number, run_id, values, point, repeat)
         progress.trial_started(number, values)
         try:
             trial_cfg = config_module.validate(raw, source=f"trial {number}")
-            self.tracker.set_tags(run_id, {"config_hash": config_module.config_hash(trial_cfg)})
-            self.tracker.log_text(run_id, config_module.dump_yaml(trial_cfg), "config.yaml")
+            if interrupted is None:
+                self.tracker.set_tags(run_id, {"config_hash": config_module.config_hash(trial_cfg)})
+                self.tracker.log_text(run_id, config_module.dump_yaml(trial_cfg), "config.yaml")
             self._train(trial_cfg, record, progress)
         except (KeyboardInterrupt, SystemExit):
             raise
+        except FmnistError:
+            raise  # a corrupt state file is the user's to look at, not a trial failure
         except Exception as exc:  # a trial's failure is data for the sweep, not the end of it
             record.status, record.reason = "failed", _reason(exc)
             self.tracker.set_tags(run_id, {"failure_reason": record.reason})
@@ -188,13 +283,16 @@ class Sweep:
 
     def _train(self, cfg: Config, record: TrialRecord, progress: SweepProgress) -> None:
         splits = self.data.get(cfg.data)
+        state_path = self.models_dir / f"{record.run_id}.state.pt"
+        resume = read_training_state(state_path) if state_path.exists() else None
 
         def on_epoch(m: EpochMetrics) -> None:
             self.tracker.log_metrics(record.run_id, m.as_dict(), step=m.epoch)
             progress.epoch_done(record.number, m)
 
         start = time.perf_counter()
-        outcome = train_and_test(cfg, splits, self.device, on_epoch)
+        outcome = train_and_test(cfg, splits, self.device, on_epoch, resume,
+                                 save_state=lambda state: save_training_state(state_path, state))
         best = outcome.fit.best
         record.best_train_accuracy = best.train_accuracy
         record.best_val_accuracy, record.best_val_loss = best.val_accuracy, best.val_loss
@@ -202,10 +300,11 @@ class Sweep:
         record.epochs_run = len(outcome.fit.history)
         record.train_seconds = outcome.fit.train_seconds
         record.total_parameters = outcome.total_parameters
-        path = Path(cfg.models_dir) / cfg.experiment / f"{record.run_id}.pt"
+        path = self.models_dir / f"{record.run_id}.pt"
         record.checkpoint = save_checkpoint(path, outcome.model, config_module.to_dict(cfg)["model"],
                                             run_id=record.run_id, best_epoch=outcome.fit.best_epoch)
         self.tracker.log_file(record.run_id, path, "checkpoint")
+        state_path.unlink(missing_ok=True)
         self.tracker.set_tags(record.run_id, {"best_epoch": outcome.fit.best_epoch,
                                               "wall_seconds": f"{time.perf_counter() - start:.1f}"})
         if self.cfg.mlflow.log_model == "all":
@@ -234,6 +333,10 @@ class Sweep:
         self.tracker.end_run(parent, "FINISHED")
 
 
+def process_tags() -> dict[str, str]:
+    return {"pid": str(os.getpid()), "host": os.uname().nodename}
+
+
 def _reason(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {text}"[:500] if text else type(exc).__name__
@@ -258,18 +361,61 @@ def check_writable(folder: Path) -> None:
         raise OutputError(f"{folder}: the checkpoint folder is not writable")
 
 
-def run_from_config(cfg: Config, show_bars: bool | None = None) -> SweepResult:
-    """Everything `fmnist run` does after parsing: every input is checked before MLflow is touched."""
-    from fmnist_hpo.tracking import resolve_tracking_uri
+def _alive_elsewhere(trial_tags: dict[str, str]) -> bool:
+    """Whether the process that ran a sweep is still running on this host."""
+    if trial_tags.get("host") != os.uname().nodename or not trial_tags.get("pid", "").isdigit():
+        return False
+    pid = int(trial_tags["pid"])
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def choose_parent(tracker: Tracker, cfg: Config, mode: str, ask: Any = None) -> str | None:
+    """The interrupted sweep to continue, or None for a fresh one.
+
+    mode: 'resume' continues without asking, 'fresh' starts anew (closing what was left RUNNING),
+    'ask' asks through ask(question) -> bool, or starts fresh when ask is None.
+    """
+    candidates = tracker.unfinished_sweeps(sweep_id(cfg))
+    if not candidates:
+        if mode == "resume":
+            raise ResumeError(f"no interrupted sweep of this config in experiment {cfg.experiment!r} to resume")
+        return None
+    parent = candidates[0]
+    if _alive_elsewhere(parent.tags):
+        raise ResumeError(f"this sweep is still running (pid {parent.tags['pid']}); "
+                          "wait for it, or start another with --fresh")
+    if mode == "ask" and ask is not None:
+        mode = "resume" if ask(f"An interrupted sweep of this config exists (run {parent.run_id}). Continue it?") else "fresh"
+    if mode == "resume":
+        return parent.run_id
+    for stale in candidates:
+        tracker.abandon(stale.run_id, "abandoned: a fresh sweep of the same config was started")
+    return None
+
+
+def run_from_config(cfg: Config, show_bars: bool | None = None, resume: str = "ask", ask: Any = None) -> SweepResult:
+    """Everything `fmnist run` does after parsing: every input is checked before anything is written."""
+    from fmnist_hpo.tracking import check_sqlite_location, resolve_tracking_uri
     from fmnist_hpo.train import resolve_device, resolve_precision
 
     device = resolve_device(cfg.train.device)
     resolve_precision(cfg.train.precision, device)
     data = SplitCache(load_dataset(cfg.data), device)
     data.get(cfg.data)
+    tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
+    check_sqlite_location(tracking_uri)
     check_writable(Path(cfg.models_dir) / cfg.experiment)
-    tracker = Tracker(resolve_tracking_uri(cfg.mlflow.tracking_uri), cfg.experiment)
-    result = Sweep(cfg, data, tracker, show_bars).run()
+    tracker = Tracker(tracking_uri, cfg.experiment)
+    parent = choose_parent(tracker, cfg, resume, ask)
+    result = Sweep(cfg, data, tracker, show_bars).run(resume_parent=parent)
     if not result.finished:
         raise SweepFailed(f"all {len(result.trials)} trials failed; first reason: {result.trials[0].reason}", result)
     return result

@@ -91,8 +91,20 @@ def _param_value(value: Any) -> str:
     return text[:_MAX_PARAM_LENGTH]
 
 
+def _is_contention(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return any(word in text for word in ("database is locked", "database is busy", "unique constraint failed",
+                                         "already exists", "deadlock"))
+
+
 class Tracker:
-    """Writes a sweep into one MLflow experiment through the client API."""
+    """Writes a sweep into one MLflow experiment through the client API.
+
+    Every write is retried with backoff when SQLite reports contention, so two sweeps (or a sweep
+    and `fmnist serve-ui`) can share one store file.
+    """
+
+    RETRIES = 12
 
     def __init__(self, tracking_uri: str, experiment: str) -> None:
         _quiet_mlflow()
@@ -100,12 +112,36 @@ class Tracker:
         self.tracking_uri = tracking_uri
         self.client = MlflowClient(tracking_uri)
         try:
-            found = self.client.get_experiment_by_name(experiment)
-            self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
-            if found is not None and found.lifecycle_stage == "deleted":
-                self.client.restore_experiment(found.experiment_id)
+            self.experiment_id = self._retry(self._experiment_id, experiment)
         except MlflowException as exc:
             raise TrackingError(f"{tracking_uri}: cannot open experiment {experiment!r} ({exc.message})") from None
+        except Exception as exc:  # SQLAlchemy and OS errors on a broken store
+            raise TrackingError(f"{tracking_uri}: cannot open the MLflow store ({str(exc).splitlines()[0][:200]})") from None
+
+    def _experiment_id(self, name: str) -> str:
+        found = self.client.get_experiment_by_name(name)
+        if found is None:
+            try:
+                return self.client.create_experiment(name)
+            except MlflowException:
+                found = self.client.get_experiment_by_name(name)  # created by a concurrent sweep
+                if found is None:
+                    raise
+        if found.lifecycle_stage == "deleted":
+            self.client.restore_experiment(found.experiment_id)
+        return found.experiment_id
+
+    def _retry(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        delay = 0.05
+        for attempt in range(self.RETRIES):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as exc:
+                if attempt == self.RETRIES - 1 or not _is_contention(exc):
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        raise AssertionError("unreachable")
 
     # --- runs -----------------------------------------------------------------------------
 
@@ -113,38 +149,66 @@ class Tracker:
         all_tags = {**self.environment_tags(), **tags}
         if parent_id:
             all_tags[PARENT_TAG] = parent_id
-        run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
+        run = self._retry(self.client.create_run, self.experiment_id, run_name=name, tags=all_tags)
         run_id = run.info.run_id
         items = [Param(k, _param_value(v)) for k, v in params.items()]
         for start in range(0, len(items), _BATCH):
-            self.client.log_batch(run_id, params=items[start:start + _BATCH])
+            self._retry(self.client.log_batch, run_id, params=items[start:start + _BATCH])
         return run_id
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
         stamp = _now_ms()
         items = [Metric(k, float(v), stamp, step) for k, v in metrics.items()]
         for start in range(0, len(items), _BATCH):
-            self.client.log_batch(run_id, metrics=items[start:start + _BATCH])
+            self._retry(self.client.log_batch, run_id, metrics=items[start:start + _BATCH])
 
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
-        self.client.log_batch(run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
+        self._retry(self.client.log_batch, run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
 
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
-        self.client.log_text(run_id, text, artifact_file)
+        self._retry(self.client.log_text, run_id, text, artifact_file)
 
     def log_file(self, run_id: str, path: Path, artifact_dir: str) -> None:
-        self.client.log_artifact(run_id, str(path), artifact_dir)
+        self._retry(self.client.log_artifact, run_id, str(path), artifact_dir)
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
-        self.client.set_terminated(run_id, status=status)
+        self._retry(self.client.set_terminated, run_id, status=status)
+
+    def reopen(self, run_id: str, tags: dict[str, str]) -> None:
+        """Mark an interrupted run RUNNING again, to continue it."""
+        self._retry(self.client.update_run, run_id, status="RUNNING")
+        self.set_tags(run_id, tags)
+
+    def abandon(self, parent_id: str, reason: str) -> None:
+        """Close an interrupted sweep that will not be continued: nothing of it stays RUNNING."""
+        for trial in self.trials_of(parent_id):
+            if trial.status in ("RUNNING", "KILLED"):
+                self.set_tags(trial.run_id, {"failure_reason": reason})
+                self.end_run(trial.run_id, "FAILED")
+        self.set_tags(parent_id, {"abandoned": reason})
+        self.end_run(parent_id, "FAILED")
+
+    def trials_of(self, parent_id: str) -> list[LoggedTrial]:
+        runs = self._retry(self.client.search_runs, [self.experiment_id],
+                           f"tags.`{PARENT_TAG}` = '{parent_id}'", max_results=50_000)
+        return sorted((logged_trial(r, "") for r in runs), key=lambda t: t.number)
+
+    def unfinished_sweeps(self, sweep_id: str) -> list[LoggedTrial]:
+        """Parent runs of this sweep left RUNNING (a crash) or KILLED (an interrupt), newest first."""
+        runs = self._retry(self.client.search_runs, [self.experiment_id],
+                           f"tags.`fmnist.role` = 'sweep' and tags.sweep_id = '{sweep_id}'",
+                           max_results=1000, order_by=["attributes.start_time DESC"])
+        return [logged_trial(r, "") for r in runs if r.info.status in ("RUNNING", "KILLED")]
 
     def log_pytorch_model(self, run_id: str, model: Any, input_example: Any) -> str:
         """Log model as an MLflow model linked to run_id; returns its models:/ URI."""
         import mlflow.pytorch
 
-        with _fluent_tracking_uri(self.tracking_uri), mlflow.start_run(run_id=run_id):
-            info = mlflow.pytorch.log_model(model, name="model", input_example=input_example)
-        return info.model_uri
+        def log() -> str:
+            with _fluent_tracking_uri(self.tracking_uri), mlflow.start_run(run_id=run_id):
+                return mlflow.pytorch.log_model(model, name="model", input_example=input_example).model_uri
+
+        return self._retry(log)
 
     @staticmethod
     def environment_tags() -> dict[str, str]:
@@ -168,12 +232,24 @@ class LoggedTrial:
     run_id: str
     experiment: str
     number: int
+    point: int
     repeat: int
     status: str  # FINISHED, FAILED, KILLED, RUNNING
     values: dict[str, Any]  # the sampled values of this trial
     metrics: dict[str, float]
     params: dict[str, str]
     tags: dict[str, str]
+
+
+def logged_trial(run: Any, experiment: str) -> LoggedTrial:
+    tags = run.data.tags
+    number = int(tags.get("trial", -1))
+    return LoggedTrial(
+        run_id=run.info.run_id, experiment=experiment, number=number, point=int(tags.get("point", number)),
+        repeat=int(tags.get("repeat", 0)), status=run.info.status,
+        values=yaml.safe_load(tags.get("sampled", "{}")) or {},
+        metrics=dict(run.data.metrics), params=dict(run.data.params), tags=dict(tags),
+    )
 
 
 class RunReader:
@@ -199,16 +275,7 @@ class RunReader:
             known = ", ".join(self.experiments()) or "none"
             raise TrackingError(f"unknown experiment {experiment!r}; known experiments: {known}")
         runs = self.client.search_runs([found.experiment_id], "tags.`fmnist.role` = 'trial'", max_results=50_000)
-        trials = [
-            LoggedTrial(
-                run_id=r.info.run_id, experiment=experiment, number=int(r.data.tags.get("trial", -1)),
-                repeat=int(r.data.tags.get("repeat", 0)), status=r.info.status,
-                values=yaml.safe_load(r.data.tags.get("sampled", "{}")) or {},
-                metrics=dict(r.data.metrics), params=dict(r.data.params), tags=dict(r.data.tags),
-            )
-            for r in runs
-        ]
-        return sorted(trials, key=lambda t: (t.number, t.run_id))
+        return sorted((logged_trial(r, experiment) for r in runs), key=lambda t: (t.number, t.run_id))
 
     def history(self, run_id: str, key: str) -> list[tuple[int, float]]:
         return sorted((m.step, m.value) for m in self.client.get_metric_history(run_id, key))

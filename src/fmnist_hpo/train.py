@@ -8,11 +8,12 @@ step never waits for the host.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -177,7 +178,7 @@ def make_engine(cfg: TrainConfig, device: torch.device, seed: int) -> Engine:
         device=device,
         dtype=dtype,
         generator=generator,
-        channels_last=cfg.channels_last and device.type == "cuda",
+        channels_last=cfg.channels_last and device.type in ("cuda", "cpu"),  # MPS support is patchy
         scaler=torch.amp.GradScaler(device.type) if dtype == torch.float16 else None,
     )
 
@@ -241,17 +242,27 @@ def make_schedulers(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_pe
 
 
 def fit(model: nn.Module, splits: Splits, cfg: Config, engine: Engine,
-        on_epoch: Callable[[EpochMetrics], None] | None = None) -> FitResult:
-    """Train with early stopping on the validation split and return the best epoch's weights."""
+        on_epoch: Callable[[EpochMetrics], None] | None = None,
+        resume: dict[str, Any] | None = None,
+        save_state: Callable[[dict[str, Any]], None] | None = None) -> FitResult:
+    """Train with early stopping on the validation split and return the best epoch's weights.
+
+    save_state receives, after every epoch, everything needed to continue (see training_state);
+    passing that dict back as resume continues from the next epoch with the same result.
+    """
     train_cfg = cfg.train
     optimizer = torch.optim.Adam(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
     steps = max(1, sum(1 for _ in range(0, len(splits.train), train_cfg.batch_size)))
-    epoch_scheduler, step_scheduler = make_schedulers(optimizer, train_cfg, steps)
-    stopper = EarlyStopping(train_cfg.patience, train_cfg.min_delta, maximize=train_cfg.monitor == "val_accuracy")
-    history: list[EpochMetrics] = []
-    best_state = _snapshot(model)
-    train_seconds = 0.0
-    for epoch in range(train_cfg.epochs):
+    schedulers = make_schedulers(optimizer, train_cfg, steps)
+    epoch_scheduler, step_scheduler = schedulers
+    loop = LoopState(EarlyStopping(train_cfg.patience, train_cfg.min_delta, maximize=train_cfg.monitor == "val_accuracy"),
+                     best_state=_snapshot(model))
+    if resume is not None:
+        restore_training_state(resume, loop, model, optimizer, schedulers, engine)
+    stopper = loop.stopper
+    for epoch in range(loop.next_epoch, train_cfg.epochs):
+        if stopper.should_stop:
+            break
         start = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         train_loss, train_acc = train_epoch(model, splits.train, optimizer, engine, train_cfg, cfg.data, step_scheduler)
@@ -263,19 +274,71 @@ def fit(model: nn.Module, splits: Splits, cfg: Config, engine: Engine,
         if epoch_scheduler is not None:
             epoch_scheduler.step()
         seconds = time.perf_counter() - start
-        train_seconds += seconds
+        loop.train_seconds += seconds
         metrics = EpochMetrics(epoch, train_loss, train_acc, val_loss, val_acc, lr, seconds)
-        history.append(metrics)
-        monitored = val_acc if stopper.maximize else val_loss
-        if stopper.update(monitored, epoch):
-            best_state = _snapshot(model)
+        loop.history.append(metrics)
+        if stopper.update(val_acc if stopper.maximize else val_loss, epoch):
+            loop.best_state = _snapshot(model)
+        loop.next_epoch = epoch + 1
         if on_epoch is not None:
             on_epoch(metrics)
-        if stopper.should_stop:
-            break
-    model.load_state_dict(best_state)
-    return FitResult(history, stopper.best_epoch, best_state, train_seconds,
-                     stopped_early=len(history) < train_cfg.epochs)
+        if save_state is not None:
+            save_state(training_state(loop, model, optimizer, schedulers, engine))
+    model.load_state_dict(loop.best_state)
+    return FitResult(loop.history, stopper.best_epoch, loop.best_state, loop.train_seconds,
+                     stopped_early=len(loop.history) < train_cfg.epochs)
+
+
+@dataclass
+class LoopState:
+    """What fit() carries from one epoch to the next."""
+
+    stopper: EarlyStopping
+    best_state: dict[str, torch.Tensor]
+    history: list[EpochMetrics] = field(default_factory=list)
+    train_seconds: float = 0.0
+    next_epoch: int = 0
+
+
+def training_state(loop: LoopState, model: nn.Module, optimizer: torch.optim.Optimizer,
+                   schedulers: tuple[Any, Any], engine: Engine) -> dict[str, Any]:
+    """Everything needed to continue training, as tensors and plain values (loads with weights_only=True)."""
+    return {
+        "next_epoch": loop.next_epoch,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "schedulers": [s.state_dict() if s is not None else None for s in schedulers],
+        "scaler": engine.scaler.state_dict() if engine.scaler is not None else None,
+        "stopper": {"best": loop.stopper.best, "best_epoch": loop.stopper.best_epoch, "stale": loop.stopper.stale},
+        "best_state": loop.best_state,
+        "history": [dataclasses.asdict(m) for m in loop.history],
+        "train_seconds": loop.train_seconds,
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if engine.device.type == "cuda" else [],
+        "engine_rng": engine.generator.get_state(),
+    }
+
+
+def restore_training_state(state: dict[str, Any], loop: LoopState, model: nn.Module, optimizer: torch.optim.Optimizer,
+                           schedulers: tuple[Any, Any], engine: Engine) -> None:
+    """The inverse of training_state: model, optimizer, schedulers, RNGs and loop as they were."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    for scheduler, saved in zip(schedulers, state["schedulers"], strict=True):
+        if scheduler is not None and saved is not None:
+            scheduler.load_state_dict(saved)
+    if engine.scaler is not None and state["scaler"] is not None:
+        engine.scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"]:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    engine.generator.set_state(state["engine_rng"])
+    loop.stopper.best, loop.stopper.best_epoch, loop.stopper.stale = (
+        state["stopper"]["best"], state["stopper"]["best_epoch"], state["stopper"]["stale"])
+    loop.best_state = state["best_state"]
+    loop.history = [EpochMetrics(**m) for m in state["history"]]
+    loop.train_seconds = state["train_seconds"]
+    loop.next_epoch = state["next_epoch"]
 
 
 @dataclass
@@ -288,7 +351,9 @@ class TrialOutcome:
 
 
 def train_and_test(cfg: Config, splits: Splits, device: torch.device,
-                   on_epoch: Callable[[EpochMetrics], None] | None = None) -> TrialOutcome:
+                   on_epoch: Callable[[EpochMetrics], None] | None = None,
+                   resume: dict[str, Any] | None = None,
+                   save_state: Callable[[dict[str, Any]], None] | None = None) -> TrialOutcome:
     """Build the model, fit it on train/val, then score the best checkpoint once on the test set."""
     from fmnist_hpo.model import build_model, count_parameters
 
@@ -299,7 +364,7 @@ def train_and_test(cfg: Config, splits: Splits, device: torch.device,
         model = model.to(memory_format=torch.channels_last)
     if cfg.train.compile:
         model.compile()
-    result = fit(model, splits, cfg, engine, on_epoch)
+    result = fit(model, splits, cfg, engine, on_epoch, resume, save_state)
     test_loss, test_acc = evaluate(model, splits.test, engine, cfg.train.eval_batch_size)
     return TrialOutcome(model, result, test_loss, test_acc, count_parameters(model))
 

@@ -1,0 +1,3 @@
+from fmnist_hpo.cli import app
+
+app(prog_name="fmnist")
