@@ -74,6 +74,20 @@ def _fluent_tracking_uri(uri: str) -> Iterator[None]:
             os.environ["MLFLOW_TRACKING_URI"] = saved_env
 
 
+def open_client(tracking_uri: str) -> MlflowClient:
+    """A client whose store exists; SQLite stores are created (and migrated) by one process at a time,
+    since two processes running MLflow's schema migrations on a new file at once corrupt it."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return MlflowClient(tracking_uri)
+    from filelock import FileLock
+
+    db = Path(tracking_uri.removeprefix("sqlite:///"))
+    with FileLock(str(db.parent / f".{db.name}.lock"), timeout=120):
+        client = MlflowClient(tracking_uri)
+        client.search_experiments(max_results=1)  # builds the store now, inside the lock
+    return client
+
+
 def git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False)
@@ -110,8 +124,8 @@ class Tracker:
         _quiet_mlflow()
         check_sqlite_location(tracking_uri)
         self.tracking_uri = tracking_uri
-        self.client = MlflowClient(tracking_uri)
         try:
+            self.client = open_client(tracking_uri)
             self.experiment_id = self._retry(self._experiment_id, experiment)
         except MlflowException as exc:
             raise TrackingError(f"{tracking_uri}: cannot open experiment {experiment!r} ({exc.message})") from None
@@ -259,7 +273,7 @@ class RunReader:
         _quiet_mlflow()
         if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
             raise TrackingError(f"{tracking_uri}: no MLflow store here yet (run `fmnist run` first)")
-        self.client = MlflowClient(tracking_uri)
+        self.client = open_client(tracking_uri)
 
     def experiments(self) -> list[str]:
         """Names of the experiments that hold at least one fmnist trial, sorted."""
