@@ -136,8 +136,9 @@ def report(args, cfg, device, n_images: int, seconds: dict[str, list[float]], pe
     print(f"{'mode':<12}{'s/epoch':>10}{'images/s':>12}{'peak MiB':>10}{'vs reference':>14}")
     for mode, median in medians.items():
         ratio = base / median if base else float("nan")
-        mib = peak[mode] / 2**20 if mode in peak else float("nan")
-        print(f"{mode:<12}{median:>10.2f}{n_images / median:>12.0f}{mib:>10.0f}{ratio:>13.2f}x")
+        mib = peak[mode] / 2**20 if mode in peak else None
+        shown = f"{mib:>10.0f}" if mib is not None else f"{'n/a':>10}"
+        print(f"{mode:<12}{median:>10.2f}{n_images / median:>12.0f}{shown}{ratio:>13.2f}x")
         rows.append({"mode": mode, "seconds_per_epoch": median, "all_seconds": seconds[mode],
                      "images_per_second": n_images / median, "peak_mib": mib, "speedup_vs_reference": ratio})
     if args.out:
