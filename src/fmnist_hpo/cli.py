@@ -69,6 +69,7 @@ def run(
     dry_run: Annotated[bool, typer.Option(help="print the resolved config and search space, train nothing")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted sweep of this config without asking")] = False,
     fresh: Annotated[bool, typer.Option("--fresh", help="start a new sweep even if one was interrupted")] = False,
+    register_as: Annotated[str | None, typer.Option("--register", help="register the best trial under this model name")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="warnings and the closing table only")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="one line per epoch")] = False,
 ) -> None:
@@ -114,6 +115,16 @@ def run(
     best = result.best
     typer.echo(f"best trial {best.number}: val_accuracy={best.best_val_accuracy:.4f} "
                f"test_accuracy={best.test_accuracy:.4f} (run {best.run_id})")
+    if register_as:
+        from fmnist_hpo.modelops import register_best
+        from fmnist_hpo.tracking import resolve_tracking_uri
+
+        try:
+            registered = register_best(resolve_tracking_uri(cfg.mlflow.tracking_uri), cfg.experiment, register_as,
+                                       best.run_id)
+        except FmnistError as exc:
+            raise fail(str(exc)) from None
+        typer.echo(f"registered {register_as} version {registered['version']} (alias champion)")
 
 
 @app.command()
@@ -165,6 +176,131 @@ def analyze(
         typer.echo(f"wrote {path}", err=True)
     if result.report:
         typer.echo(f"wrote {result.report}", err=True)
+
+
+@app.command("serve-ui")
+def serve_ui(
+    tracking_uri: Annotated[str | None, typer.Option(help="store to serve (default: sqlite:///mlflow.db)")] = None,
+    config: Annotated[Path | None, typer.Option(help="serve the store this experiment spec logs to")] = None,
+    host: Annotated[str, typer.Option(help="interface to bind; not loopback: no login protects the UI")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to listen on")] = 5001,
+) -> None:
+    """Open the MLflow UI (and tracking server) on the store `fmnist run` writes to."""
+    from fmnist_hpo.serve import is_loopback
+    from fmnist_hpo.serve import serve_ui as serve
+    from fmnist_hpo.tracking import resolve_tracking_uri
+
+    configured = None
+    if config is not None:
+        from fmnist_hpo import config as config_module
+
+        try:
+            configured = config_module.load(config).mlflow.tracking_uri
+        except FmnistError as exc:
+            raise fail(str(exc)) from None
+    uri = resolve_tracking_uri(tracking_uri or configured)
+    if not is_loopback(host):
+        typer.echo(f"warning: binding {host}: the MLflow UI has no login; anyone who can reach this port can read "
+                   "and change every run", err=True)
+
+    def ready(url: str, log: Path) -> None:
+        typer.echo(f"MLflow UI for {uri} at {url}  (server log: {log}; Ctrl-C to stop)")
+        sys.stdout.flush()
+
+    try:
+        code = serve(uri, host, port, ready)
+    except FmnistError as exc:
+        raise fail(str(exc)) from None
+    raise typer.Exit(code)
+
+
+TrackingOption = Annotated[str | None, typer.Option(help="MLflow tracking URI (default: sqlite:///mlflow.db)")]
+
+
+@app.command()
+def evaluate(
+    target: Annotated[str | None, typer.Argument(help="a run id or a checkpoint file")] = None,
+    experiment: Annotated[str | None, typer.Option(help="with --best: the experiment whose best trial to use")] = None,
+    best: Annotated[bool, typer.Option("--best", help="evaluate the experiment's best trial (by its search metric)")] = False,
+    data_root: Annotated[str | None, typer.Option(help="folder with the IDX files (default: $FMNIST_DATA_DIR, data/)")] = None,
+    png: Annotated[Path | None, typer.Option("--png", help="where to write the confusion matrix")] = None,
+    log: Annotated[bool, typer.Option("--log", help="attach the numbers and the PNG to the run in MLflow")] = False,
+    tracking_uri: TrackingOption = None,
+) -> None:
+    """Score a trained model on the test set: accuracy, per-class precision/recall, confusion matrix."""
+    from fmnist_hpo.data import CLASSES
+    from fmnist_hpo.modelops import evaluate_and_report, resolve_model
+    from fmnist_hpo.tracking import resolve_tracking_uri
+
+    if (target is None) != best or (best and experiment is None):
+        raise fail("give a run id or checkpoint, or --experiment NAME --best")
+    uri = resolve_tracking_uri(tracking_uri)
+    try:
+        resolved = resolve_model(target, uri, experiment)
+        name = resolved.run_id or resolved.checkpoint.stem
+        evaluation, written = evaluate_and_report(resolved, data_root, png or Path(f"confusion_{name}.png"), log, uri)
+    except FmnistError as exc:
+        raise fail(str(exc)) from None
+    typer.echo(f"{name}: test accuracy {evaluation.accuracy:.4f}, loss {evaluation.loss:.4f}")
+    typer.echo(f"{'class':<12}{'precision':>10}{'recall':>8}")
+    for i, cls in enumerate(CLASSES):
+        typer.echo(f"{cls:<12}{evaluation.precision[i]:>10.4f}{evaluation.recall[i]:>8.4f}")
+    typer.echo("confusion matrix (rows: true, columns: predicted)")
+    for row in evaluation.confusion:
+        typer.echo(" ".join(f"{count:5d}" for count in row))
+    typer.echo(f"wrote {written}" + (" and attached it to the run" if log else ""))
+
+
+@app.command()
+def predict(
+    model: Annotated[str, typer.Argument(help="a run id or a checkpoint file")],
+    images: Annotated[list[Path] | None, typer.Argument(help="PNG/JPEG files, any size, colour or grayscale")] = None,
+    idx: Annotated[Path | None, typer.Option(help="an IDX image file (gzipped or not) to predict instead")] = None,
+    tracking_uri: TrackingOption = None,
+) -> None:
+    """Class name and top-3 probabilities for images."""
+    import numpy as np
+
+    from fmnist_hpo.data import read_idx
+    from fmnist_hpo.inference import load_image, top_k
+    from fmnist_hpo.modelops import resolve_model
+    from fmnist_hpo.tracking import resolve_tracking_uri
+
+    if not images and idx is None:
+        raise fail("give image files, or --idx FILE")
+    try:
+        resolved = resolve_model(model, resolve_tracking_uri(tracking_uri))
+        if idx is not None:
+            batch = read_idx(idx)
+            if batch.ndim != 3 or batch.shape[1:] != (28, 28):
+                raise FmnistError(f"{idx}: expected 28x28 images, got shape {batch.shape}")
+            names = [f"{idx.name}[{i}]" for i in range(len(batch))]
+        else:
+            batch = np.stack([load_image(path) for path in images])
+            names = [str(path) for path in images]
+    except FmnistError as exc:
+        raise fail(str(exc)) from None
+    for name, ranked in zip(names, top_k(resolved.model, batch), strict=True):
+        shown = ", ".join(f"{cls} {p:.3f}" for cls, p in ranked)
+        typer.echo(f"{name}: {ranked[0][0]}  ({shown})")
+
+
+@app.command()
+def register(
+    experiment: Annotated[str, typer.Option(help="experiment whose best trial to register")],
+    name: Annotated[str, typer.Option(help="registered model name")] = "fmnist-cnn",
+    tracking_uri: TrackingOption = None,
+) -> None:
+    """Register an experiment's best trial in the MLflow Model Registry and move the `champion` alias to it."""
+    from fmnist_hpo.modelops import register_best
+    from fmnist_hpo.tracking import resolve_tracking_uri
+
+    try:
+        registered = register_best(resolve_tracking_uri(tracking_uri), experiment, name)
+    except FmnistError as exc:
+        raise fail(str(exc)) from None
+    typer.echo(f"registered {registered['name']} version {registered['version']} (alias champion) "
+               f"from run {registered['run_id']}: {registered['model_uri']}")
 
 
 def print_resolved(cfg: object) -> None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
+from typing import Any
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")  # files only: no display is needed or wanted
 import matplotlib.pyplot as plt
@@ -86,3 +88,18 @@ def write_plots(reader: RunReader, trials_by_experiment: dict[str, list[LoggedTr
         written.append(optimisation_history(experiment, trials, folder))
         written += [accuracy_by_value(experiment, trials, key, folder) for key in searched_keys(trials)]
     return written
+
+
+def confusion_matrix_png(confusion: Any, classes: tuple[str, ...], path: Path, title: str) -> Path:
+    fig, ax = plt.subplots(figsize=(7.5, 6.5))
+    image = ax.imshow(confusion, cmap="Blues")
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    threshold = confusion.max() / 2
+    for (i, j), count in np.ndenumerate(confusion):
+        ax.text(j, i, str(count), ha="center", va="center", fontsize=7,
+                color="white" if count > threshold else "black")
+    ax.set(title=title, xlabel="predicted", ylabel="true")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return _save(fig, path)

@@ -22,11 +22,11 @@ import torch
 import yaml
 
 from fmnist_hpo import config as config_module
-from fmnist_hpo.checkpoints import load_model, read_training_state, save_checkpoint, save_training_state
+from fmnist_hpo.checkpoints import read_training_state, save_checkpoint, save_training_state
 from fmnist_hpo.config import Config
 from fmnist_hpo.data import SplitCache, load_dataset
 from fmnist_hpo.errors import FmnistError
-from fmnist_hpo.model import with_normalization
+from fmnist_hpo.modelops import log_trial_model
 from fmnist_hpo.progress import SweepProgress
 from fmnist_hpo.space import grid_points, plain_values, planned_points, to_hyperopt, to_hyperopt_vals
 from fmnist_hpo.tracking import LoggedTrial, Tracker
@@ -311,11 +311,7 @@ class Sweep:
             self.log_model(record)
 
     def log_model(self, record: TrialRecord) -> str:
-        model = with_normalization(load_model(record.checkpoint))
-        example = np.zeros((2, 1, 28, 28), dtype=np.float32)  # batch 2 keeps the batch dim dynamic
-        uri = self.tracker.log_pytorch_model(record.run_id, model, example)
-        self.tracker.set_tags(record.run_id, {"model_uri": uri})
-        return uri
+        return log_trial_model(self.tracker, record.run_id, record.checkpoint)
 
     def _finish(self, result: SweepResult) -> None:
         best = result.best

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import mlflow.artifacts
 import yaml
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
@@ -301,3 +302,80 @@ class RunReader:
         runs = self.client.search_runs([found.experiment_id], "tags.`fmnist.role` = 'sweep'", max_results=1,
                                        order_by=["attributes.start_time DESC"])
         return runs[0].data.params.get("description", "") if runs else ""
+
+
+# --- trained models: find, attach evaluations, register ------------------------------------------
+
+
+def best_of(trials: list[LoggedTrial]) -> LoggedTrial | None:
+    """The finished trial the sweep's own search metric ranks first (validation, never test)."""
+    finished = [t for t in trials if t.status == "FINISHED" and "best_val_accuracy" in t.metrics]
+    if not finished:
+        return None
+    if finished[0].params.get("search.metric") == "val_loss":
+        return min(finished, key=lambda t: t.metrics.get("best_val_loss", float("inf")))
+    return max(finished, key=lambda t: t.metrics["best_val_accuracy"])
+
+
+class ModelStore(RunReader):
+    """The trained models of logged trials: their checkpoints, evaluations and registry entries."""
+
+    def best_trial(self, experiment: str) -> LoggedTrial:
+        best = best_of(self.trials(experiment))
+        if best is None:
+            raise TrackingError(f"experiment {experiment!r} has no finished trials")
+        return best
+
+    def checkpoint(self, run_id: str) -> Path:
+        """The run's checkpoint: the local file under models/ if it is there, else downloaded."""
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException:
+            raise TrackingError(f"{run_id!r} is neither a checkpoint file nor a run in {self.client.tracking_uri}") from None
+        experiment = self.client.get_experiment(run.info.experiment_id).name
+        local = Path(run.data.params.get("models_dir", "models")) / experiment / f"{run_id}.pt"
+        if local.is_file():
+            return local
+        import tempfile
+
+        try:
+            folder = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoint",
+                                                         dst_path=tempfile.mkdtemp(prefix="fmnist-"),
+                                                         tracking_uri=self.client.tracking_uri)
+        except (MlflowException, OSError):
+            raise TrackingError(f"run {run_id} has no checkpoint (not under models/, no artifact)") from None
+        found = sorted(Path(folder).glob("*.pt"))
+        if not found:
+            raise TrackingError(f"run {run_id} has no checkpoint artifact")
+        return found[0]
+
+    def attach(self, run_id: str, metrics: dict[str, float], files: list[Path]) -> None:
+        stamp = _now_ms()
+        self.client.log_batch(run_id, metrics=[Metric(k, float(v), stamp, 0) for k, v in metrics.items()
+                                                if v == v])  # NaN (a class never predicted) is left out
+        for path in files:
+            self.client.log_artifact(run_id, str(path), "evaluation")
+
+    def register(self, experiment: str, name: str, model_uri_of: Any, run_id: str | None = None) -> dict[str, str]:
+        """Register a trial (by default the experiment's best) as a new version of `name`; move `champion` to it.
+
+        model_uri_of(trial) returns the trial's models:/ URI, logging the model first if it has none.
+        """
+        best = self.best_trial(experiment) if run_id is None else logged_trial(self.client.get_run(run_id), experiment)
+        model_uri = best.tags.get("model_uri") or model_uri_of(best)
+        try:
+            try:
+                self.client.create_registered_model(name)
+            except MlflowException as exc:
+                if "already exists" not in str(exc).lower() and "RESOURCE_ALREADY_EXISTS" not in str(exc):
+                    raise
+            version = self.client.create_model_version(name, source=model_uri, run_id=best.run_id)
+            self.client.set_registered_model_alias(name, "champion", version.version)
+            tags = {"experiment": experiment, "run_id": best.run_id, "trial": best.number, **{
+                key: f"{best.metrics[key]:.6f}" for key in ("best_val_accuracy", "best_val_loss", "test_accuracy",
+                                                            "test_loss") if key in best.metrics}}
+            for key, value in tags.items():
+                self.client.set_model_version_tag(name, version.version, key, str(value))
+        except MlflowException as exc:
+            raise TrackingError(f"cannot register {name!r}: {exc.message}") from None
+        return {"name": name, "version": str(version.version), "run_id": best.run_id, "model_uri": model_uri}

@@ -1,0 +1,85 @@
+"""Using a trained model: scoring the test set (per-class numbers, confusion matrix) and predicting images."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from fmnist_hpo.data import CLASSES, IMAGE_SIZE
+from fmnist_hpo.errors import FmnistError
+from fmnist_hpo.train import normalize
+
+
+class ImageError(FmnistError):
+    """An image file cannot be read as a picture."""
+
+
+@dataclass
+class Evaluation:
+    accuracy: float
+    loss: float
+    confusion: np.ndarray  # [true class, predicted class] counts
+    precision: np.ndarray  # per class; nan where the class was never predicted
+    recall: np.ndarray
+
+    def as_metrics(self) -> dict[str, float]:
+        metrics = {"eval_test_accuracy": self.accuracy, "eval_test_loss": self.loss}
+        for i, name in enumerate(CLASSES):
+            slug = name.lower().replace("/", "_").replace(" ", "_").replace("-", "_")
+            metrics[f"eval_precision_{slug}"] = float(self.precision[i])
+            metrics[f"eval_recall_{slug}"] = float(self.recall[i])
+        return metrics
+
+
+@torch.inference_mode()
+def predict_logits(model: nn.Module, images: np.ndarray, batch_size: int = 512) -> torch.Tensor:
+    """Logits for uint8 images of shape (N, 28, 28), computed on the CPU in eval mode."""
+    model.eval()
+    x = torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1)
+    return torch.cat([model(normalize(x[i:i + batch_size])) for i in range(0, len(x), batch_size)])
+
+
+def evaluate_model(model: nn.Module, images: np.ndarray, labels: np.ndarray) -> Evaluation:
+    logits = predict_logits(model, images)
+    y = torch.from_numpy(labels.astype(np.int64))
+    predicted = logits.argmax(1).numpy()
+    confusion = np.zeros((len(CLASSES), len(CLASSES)), dtype=np.int64)
+    np.add.at(confusion, (labels, predicted), 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = np.diag(confusion) / confusion.sum(axis=0)
+        recall = np.diag(confusion) / confusion.sum(axis=1)
+    return Evaluation(
+        accuracy=float((predicted == labels).mean()),
+        loss=float(torch.nn.functional.cross_entropy(logits, y)),
+        confusion=confusion, precision=precision, recall=recall,
+    )
+
+
+def load_image(path: Path) -> np.ndarray:
+    """A PNG/JPEG of any size or colour -> 28x28 uint8, light garment on a dark ground like the data."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as opened:
+            image = ImageOps.exif_transpose(opened).convert("L")
+    except (OSError, UnidentifiedImageError) as exc:
+        raise ImageError(f"{path}: not a readable image ({exc.__class__.__name__})") from None
+    pixels = np.asarray(image)
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    if border.mean() > 127:  # a photo on a light background: Fashion-MNIST is light on black
+        image = ImageOps.invert(image)
+    image.thumbnail((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS)
+    canvas = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
+    canvas.paste(image, ((IMAGE_SIZE - image.width) // 2, (IMAGE_SIZE - image.height) // 2))
+    return np.asarray(canvas, dtype=np.uint8)
+
+
+def top_k(model: nn.Module, images: np.ndarray, k: int = 3) -> list[list[tuple[str, float]]]:
+    probabilities = predict_logits(model, images).softmax(1)
+    values, indices = probabilities.topk(k, dim=1)
+    return [[(CLASSES[i], float(p)) for p, i in zip(row_p.tolist(), row_i.tolist(), strict=True)]
+            for row_p, row_i in zip(values, indices, strict=True)]

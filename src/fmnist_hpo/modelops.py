@@ -1,0 +1,88 @@
+"""What `fmnist evaluate`, `predict` and `register` do: find a trained model, use it, publish it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from torch import nn
+
+from fmnist_hpo.checkpoints import load_model
+from fmnist_hpo.errors import FmnistError
+
+if TYPE_CHECKING:
+    from fmnist_hpo.tracking import Tracker
+
+
+@dataclass
+class ResolvedModel:
+    model: nn.Module  # eval mode, CPU, expects normalised images
+    checkpoint: Path
+    run_id: str | None
+
+
+def resolve_model(target: str | None, tracking_uri: str, experiment: str | None = None) -> ResolvedModel:
+    """A checkpoint path, a run id, or (target None) the best trial of experiment."""
+    if target is not None and Path(target).is_file():
+        return ResolvedModel(load_model(target), Path(target), None)
+    from fmnist_hpo.tracking import ModelStore
+
+    store = ModelStore(tracking_uri)
+    if target is None:
+        if experiment is None:
+            raise FmnistError("name a checkpoint or run id, or pass --experiment NAME --best")
+        target = store.best_trial(experiment).run_id
+    path = store.checkpoint(target)
+    return ResolvedModel(load_model(path), path, target)
+
+
+def test_set(data_root: str | None) -> tuple[np.ndarray, np.ndarray]:
+    from fmnist_hpo import config as config_module
+    from fmnist_hpo.data import load_dataset
+
+    dataset = load_dataset(config_module.validate({"data": {"root": data_root}}).data)
+    return dataset.test_images, dataset.test_labels
+
+
+def evaluate_and_report(resolved: ResolvedModel, data_root: str | None, png: Path, log: bool,
+                        tracking_uri: str) -> tuple[object, Path]:
+    from fmnist_hpo.data import CLASSES
+    from fmnist_hpo.inference import evaluate_model
+    from fmnist_hpo.plots import confusion_matrix_png
+
+    images, labels = test_set(data_root)
+    evaluation = evaluate_model(resolved.model, images, labels)
+    name = resolved.run_id or resolved.checkpoint.stem
+    confusion_matrix_png(evaluation.confusion, CLASSES, png,
+                         f"{name}: test accuracy {evaluation.accuracy:.4f}")
+    if log:
+        if resolved.run_id is None:
+            raise FmnistError("--log needs a run id (a bare checkpoint file belongs to no run)")
+        from fmnist_hpo.tracking import ModelStore
+
+        ModelStore(tracking_uri).attach(resolved.run_id, evaluation.as_metrics(), [png])
+    return evaluation, png
+
+
+def log_trial_model(tracker: Tracker, run_id: str, checkpoint: Path) -> str:
+    """Log a trial's checkpoint as an MLflow model (pt2, pickle-free) linked to its run; tag the run with it.
+
+    The logged model takes float images in [0, 1] of shape (N, 1, 28, 28) and returns logits.
+    """
+    from fmnist_hpo.model import with_normalization
+
+    example = np.zeros((2, 1, 28, 28), dtype=np.float32)  # batch 2 keeps the batch dim dynamic
+    uri = tracker.log_pytorch_model(run_id, with_normalization(load_model(checkpoint)), example)
+    tracker.set_tags(run_id, {"model_uri": uri})
+    return uri
+
+
+def register_best(tracking_uri: str, experiment: str, name: str, run_id: str | None = None) -> dict[str, str]:
+    """Register run_id, or the experiment's best trial, with the alias `champion`."""
+    from fmnist_hpo.tracking import ModelStore, Tracker
+
+    store = ModelStore(tracking_uri)
+    return store.register(experiment, name, lambda trial: log_trial_model(
+        Tracker(tracking_uri, experiment), trial.run_id, store.checkpoint(trial.run_id)), run_id)

@@ -1,0 +1,213 @@
+"""serve-ui, evaluate, predict and register against a small sweep on synthetic data."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import tiny_raw
+from mlflow.tracking import MlflowClient
+from PIL import Image
+from typer.testing import CliRunner
+
+from fmnist_hpo.checkpoints import load_model
+from fmnist_hpo.cli import app
+from fmnist_hpo.data import CLASSES, FILES, read_idx
+from fmnist_hpo.inference import predict_logits
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> dict:
+    """A finished 2-trial sweep (best model logged) in its own folder, as a user would have it."""
+    folder = tmp_path_factory.mktemp("sweep")
+    raw = tiny_raw(data_dir, experiment="served", train={"epochs": 2},
+                   search={"max_evals": 2, "space": {"model.filters": {"choice": [4, 8]}}},
+                   mlflow={"log_model": "best"})
+    spec = folder / "spec.yaml"
+    spec.write_text(yaml.safe_dump(raw))
+    done = subprocess.run([sys.executable, "-m", "fmnist_hpo", "run", str(spec), "--quiet"], cwd=folder,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("served").experiment_id])
+    parent = next(r for r in runs if r.data.tags.get("fmnist.role") == "sweep")
+    return {"folder": folder, "uri": uri, "client": client, "parent": parent, "runs": runs,
+            "best": parent.data.tags["best_run_id"], "data_dir": data_dir}
+
+
+@pytest.fixture
+def in_sweep_folder(sweep: dict, monkeypatch: pytest.MonkeyPatch) -> dict:
+    monkeypatch.chdir(sweep["folder"])
+    return sweep
+
+
+def test_evaluate_matches_a_direct_computation(in_sweep_folder: dict, tmp_path: Path):
+    sweep = in_sweep_folder
+    png = tmp_path / "cm.png"
+    result = runner.invoke(app, ["evaluate", sweep["best"], "--tracking-uri", sweep["uri"], "--png", str(png),
+                                 "--data-root", str(sweep["data_dir"]), "--log"])
+    assert result.exit_code == 0, result.stderr
+    images = read_idx(next(sweep["data_dir"].glob(FILES["test_images"] + "*")))
+    labels = read_idx(next(sweep["data_dir"].glob(FILES["test_labels"] + "*"))).astype(np.int64)
+    model = load_model(Path("models/served") / f"{sweep['best']}.pt")
+    predicted = predict_logits(model, images).argmax(1).numpy()
+    accuracy = float((predicted == labels).mean())
+    assert f"test accuracy {accuracy:.4f}" in result.stdout
+    recall_0 = float((predicted[labels == 0] == 0).mean())
+    assert f"{CLASSES[0]:<12}" in result.stdout and f"{recall_0:>8.4f}" in result.stdout
+    assert Image.open(png).format == "PNG"
+    run = sweep["client"].get_run(sweep["best"])
+    assert run.data.metrics["eval_test_accuracy"] == pytest.approx(accuracy)
+    assert run.data.metrics["test_accuracy"] == pytest.approx(accuracy, abs=0.02)
+    assert [a.path for a in sweep["client"].list_artifacts(sweep["best"], "evaluation")] == ["evaluation/cm.png"]
+
+
+def test_evaluate_best_of_an_experiment_and_a_bad_target(in_sweep_folder: dict, tmp_path: Path):
+    sweep = in_sweep_folder
+    result = runner.invoke(app, ["evaluate", "--experiment", "served", "--best", "--tracking-uri", sweep["uri"],
+                                 "--png", str(tmp_path / "b.png"), "--data-root", str(sweep["data_dir"])])
+    assert result.exit_code == 0 and sweep["best"] in result.stdout
+    bad = runner.invoke(app, ["evaluate", "nonsense-run", "--tracking-uri", sweep["uri"]])
+    assert bad.exit_code == 2 and bad.stderr.count("\n") == 1
+    assert "neither a checkpoint file nor a run" in bad.stderr
+
+
+def test_predict_images_and_idx(in_sweep_folder: dict, tmp_path: Path):
+    sweep = in_sweep_folder
+    images = read_idx(next(sweep["data_dir"].glob(FILES["test_images"] + "*")))
+    checkpoint = Path("models/served") / f"{sweep['best']}.pt"
+    expected = predict_logits(load_model(checkpoint), images[:2]).softmax(1)
+    gray = tmp_path / "gray.png"
+    Image.fromarray(images[0]).save(gray)
+    colour = tmp_path / "colour.jpg"  # a dark-on-light colour photo three times the size
+    Image.fromarray(255 - images[1]).resize((84, 84), Image.Resampling.NEAREST).convert("RGB").save(colour, quality=100)
+    result = runner.invoke(app, ["predict", str(checkpoint), str(gray), str(colour)])
+    assert result.exit_code == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    top = expected.argmax(1).tolist()
+    assert lines[0].startswith(f"{gray}: {CLASSES[top[0]]}")
+    assert f"{CLASSES[top[0]]} {expected[0].max():.3f}" in lines[0]
+    assert lines[1].startswith(f"{colour}: {CLASSES[top[1]]}")
+    idx = runner.invoke(app, ["predict", sweep["best"], "--idx", str(next(sweep["data_dir"].glob(FILES["test_images"] + "*"))),
+                              "--tracking-uri", sweep["uri"]])
+    assert idx.exit_code == 0 and len(idx.stdout.strip().splitlines()) == len(images)
+    not_image = tmp_path / "notes.png"
+    not_image.write_text("hello")
+    bad = runner.invoke(app, ["predict", str(checkpoint), str(not_image)])
+    assert bad.exit_code == 2 and "not a readable image" in bad.stderr
+
+
+def test_register_moves_the_champion_alias(in_sweep_folder: dict):
+    sweep = in_sweep_folder
+    first = runner.invoke(app, ["register", "--experiment", "served", "--name", "tiny-cnn", "--tracking-uri", sweep["uri"]])
+    second = runner.invoke(app, ["register", "--experiment", "served", "--name", "tiny-cnn", "--tracking-uri", sweep["uri"]])
+    assert first.exit_code == 0 and second.exit_code == 0, first.stderr + second.stderr
+    client = sweep["client"]
+    champion = client.get_model_version_by_alias("tiny-cnn", "champion")
+    assert int(champion.version) == 2 and champion.run_id == sweep["best"]
+    best_run = client.get_run(sweep["best"])
+    assert float(champion.tags["test_accuracy"]) == pytest.approx(best_run.data.metrics["test_accuracy"])
+    assert float(champion.tags["best_val_accuracy"]) == pytest.approx(best_run.data.metrics["best_val_accuracy"])
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def get_json(url: str, payload: dict | None = None) -> dict:
+    data = json.dumps(payload).encode() if payload is not None else None
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def start_server(sweep: dict, port: int) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "fmnist_hpo", "serve-ui", "--tracking-uri", sweep["uri"],
+                             "--port", str(port)], cwd=sweep["folder"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_url(process: subprocess.Popen) -> str:
+    line = process.stdout.readline()
+    assert "MLflow UI" in line, line + process.stderr.read()
+    return line.split(" at ")[1].split()[0]
+
+
+@pytest.fixture(scope="module")
+def server(sweep: dict):
+    port = free_port()
+    process = start_server(sweep, port)
+    try:
+        yield {"base": wait_for_url(process), "port": port}
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=60)
+
+
+def test_serve_ui_answers_the_rest_api(sweep: dict, server: dict, tmp_path: Path):
+    api = f"{server['base']}/api/2.0/mlflow"
+    experiment = get_json(f"{api}/experiments/get-by-name?experiment_name=served")["experiment"]
+    runs = get_json(f"{api}/runs/search", {"experiment_ids": [experiment["experiment_id"]]})["runs"]
+    roles = sorted(next(t["value"] for t in r["data"]["tags"] if t["key"] == "fmnist.role") for r in runs)
+    assert roles == ["sweep", "trial", "trial"]
+    history = get_json(f"{api}/metrics/get-history?run_id={sweep['best']}&metric_key=val_loss")["metrics"]
+    assert [m["step"] for m in history] == [0, 1]
+    url = f"{server['base']}/get-artifact?path=checkpoint/{sweep['best']}.pt&run_uuid={sweep['best']}"
+    with urllib.request.urlopen(url, timeout=30) as response:
+        (tmp_path / "downloaded.pt").write_bytes(response.read())
+    payload = torch.load(tmp_path / "downloaded.pt", weights_only=True)
+    assert set(payload["state_dict"]) == set(load_model(tmp_path / "downloaded.pt").state_dict())
+
+
+def test_a_second_server_on_the_same_port_fails_in_one_line(sweep: dict, server: dict):
+    second = subprocess.run([sys.executable, "-m", "fmnist_hpo", "serve-ui", "--tracking-uri", sweep["uri"],
+                             "--port", str(server["port"])], capture_output=True, text=True, timeout=60)
+    assert second.returncode == 2 and second.stderr.count("\n") == 1
+    assert "already in use" in second.stderr
+
+
+def test_the_ui_page_shows_the_runs_in_a_browser(sweep: dict, server: dict, tmp_path: Path):
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("chromium is not installed (apt-get install chromium); .ci/run installs it")
+    experiment_id = sweep["client"].get_experiment_by_name("served").experiment_id
+    page = subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
+         f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=30000", "--dump-dom",
+         f"{server['base']}/#/experiments/{experiment_id}"],
+        capture_output=True, text=True, timeout=180)
+    assert "trial-000" in page.stdout or "sweep-" in page.stdout, page.stderr[-800:]
+
+
+def test_serve_ui_stops_cleanly_on_ctrl_c(sweep: dict):
+    port = free_port()
+    process = start_server(sweep, port)
+    wait_for_url(process)
+    process.send_signal(signal.SIGINT)
+    process.wait(timeout=60)
+    assert process.returncode == 0
+    time.sleep(0.5)
+    with socket.socket() as probe:  # the port is free again: the mlflow server went with it
+        probe.bind(("127.0.0.1", port))
+
+
+def test_serve_ui_without_a_store_is_a_clear_error(tmp_path: Path):
+    result = runner.invoke(app, ["serve-ui", "--tracking-uri", f"sqlite:///{tmp_path}/none.db"])
+    assert result.exit_code == 2 and "no MLflow store here yet" in result.stderr
