@@ -98,3 +98,20 @@ def test_unavailable_device_is_a_clear_error():
     with pytest.raises(DeviceError, match="unknown device 'tpu'"):
         resolve_device("tpu")
     assert resolve_device("cpu") == CPU
+
+
+def test_bf16_autocast_trains_to_the_same_accuracy_as_fp32(data_dir: Path):
+    fp32 = tiny_run(data_dir, train={"epochs": 4, "precision": "fp32"})
+    bf16 = tiny_run(data_dir, train={"epochs": 4, "precision": "bf16"})
+    assert abs(bf16.test_accuracy - fp32.test_accuracy) <= 0.1
+    assert bf16.fit.history[-1].train_loss < bf16.fit.history[0].train_loss
+
+
+def test_fp16_is_refused_on_cpu():
+    from fmnist_hpo.errors import DeviceError
+    from fmnist_hpo.train import resolve_precision
+
+    with pytest.raises(DeviceError, match="fp16 needs cuda or mps"):
+        resolve_precision("fp16", CPU)
+    assert resolve_precision("auto", CPU) is None
+    assert resolve_precision("bf16", CPU) == torch.bfloat16

@@ -137,7 +137,8 @@ class Tracker:
         found = self.client.get_experiment_by_name(name)
         if found is None:
             try:
-                return self.client.create_experiment(name)
+                # the UI then opens on the training runs rather than the GenAI overview
+                return self.client.create_experiment(name, tags={"mlflow.experimentKind": "custom_model_development"})
             except MlflowException:
                 found = self.client.get_experiment_by_name(name)  # created by a concurrent sweep
                 if found is None:
