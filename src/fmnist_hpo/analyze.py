@@ -18,7 +18,7 @@ from fmnist_hpo.stats import compare, summarize
 from fmnist_hpo.tracking import LoggedTrial
 
 ACCURACY_METRICS = ("best_val_accuracy", "test_accuracy")
-MAX_GROUPS = 8  # a parameter with more distinct values is grouped into quartile ranges
+MAX_GROUPS = 8  # more distinct values (more than 4 for a continuous one) are grouped into quartile ranges
 
 
 class AnalysisError(FmnistError):
@@ -94,7 +94,8 @@ def parameter_groups(trials: list[LoggedTrial], key: str) -> list[tuple[str, lis
     with_key = [t for t in finished(trials) if key in t.values]
     distinct = sorted({_hashable(t.values[key]) for t in with_key}, key=_sort_key)
     numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in distinct)
-    if len(distinct) <= MAX_GROUPS or not numeric:
+    continuous = numeric and any(isinstance(v, float) and not v.is_integer() for v in distinct)
+    if not numeric or len(distinct) <= (4 if continuous else MAX_GROUPS):
         return [(_label(v), [t for t in with_key if _hashable(t.values[key]) == v]) for v in distinct]
     edges = [float(x) for x in _quantiles([float(v) for v in distinct])]
     groups = []
