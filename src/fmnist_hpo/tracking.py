@@ -364,19 +364,24 @@ class ModelStore(RunReader):
         """
         best = self.best_trial(experiment) if run_id is None else logged_trial(self.client.get_run(run_id), experiment)
         model_uri = best.tags.get("model_uri") or model_uri_of(best)
+        tags = {"experiment": experiment, "run_id": best.run_id, "trial": best.number, **{
+            key: f"{best.metrics[key]:.6f}" for key in ("best_val_accuracy", "best_val_loss", "test_accuracy",
+                                                        "test_loss") if key in best.metrics}}
         try:
-            try:
-                self.client.create_registered_model(name)
-            except MlflowException as exc:
-                if "already exists" not in str(exc).lower() and "RESOURCE_ALREADY_EXISTS" not in str(exc):
-                    raise
-            version = self.client.create_model_version(name, source=model_uri, run_id=best.run_id)
-            self.client.set_registered_model_alias(name, "champion", version.version)
-            tags = {"experiment": experiment, "run_id": best.run_id, "trial": best.number, **{
-                key: f"{best.metrics[key]:.6f}" for key in ("best_val_accuracy", "best_val_loss", "test_accuracy",
-                                                            "test_loss") if key in best.metrics}}
-            for key, value in tags.items():
-                self.client.set_model_version_tag(name, version.version, key, str(value))
+            with _fluent_tracking_uri(self.client.tracking_uri):  # models:/ URIs resolve through the fluent URI
+                version = self._new_version(name, model_uri, best.run_id, tags)
         except MlflowException as exc:
             raise TrackingError(f"cannot register {name!r}: {exc.message}") from None
         return {"name": name, "version": str(version.version), "run_id": best.run_id, "model_uri": model_uri}
+
+    def _new_version(self, name: str, model_uri: str, run_id: str, tags: dict[str, Any]) -> Any:
+        try:
+            self.client.create_registered_model(name)
+        except MlflowException as exc:
+            if "already exists" not in str(exc).lower() and "RESOURCE_ALREADY_EXISTS" not in str(exc):
+                raise
+        version = self.client.create_model_version(name, source=model_uri, run_id=run_id)
+        self.client.set_registered_model_alias(name, "champion", version.version)
+        for key, value in tags.items():
+            self.client.set_model_version_tag(name, version.version, key, str(value))
+        return version
