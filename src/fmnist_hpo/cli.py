@@ -63,6 +63,8 @@ def run(
     config: ConfigArg,
     overrides: SetOption = None,
     max_evals: Annotated[int | None, typer.Option(help="number of trials (search.max_evals)")] = None,
+    parallel: Annotated[int | None, typer.Option(help="trials at once; above 1 runs on Ray Tune (search.parallel)")] = None,
+    ray_address: Annotated[str | None, typer.Option(help="an existing Ray cluster (search.ray_address)")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cuda, mps or cpu (train.device)")] = None,
     experiment: Annotated[str | None, typer.Option(help="MLflow experiment name (experiment)")] = None,
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI (mlflow.tracking_uri)")] = None,
@@ -82,7 +84,8 @@ def run(
         raise fail("--resume and --fresh contradict each other; pass one")
     from fmnist_hpo import config as config_module
 
-    all_overrides = collect_overrides(overrides, **{"search.max_evals": max_evals, "train.device": device,
+    all_overrides = collect_overrides(overrides, **{"search.max_evals": max_evals, "search.parallel": parallel,
+                                                    "search.ray_address": ray_address, "train.device": device,
                                                     "experiment": experiment, "mlflow.tracking_uri": tracking_uri})
     try:
         cfg = config_module.load(config, all_overrides)

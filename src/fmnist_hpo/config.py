@@ -91,6 +91,12 @@ class SearchConfig:
     repeats: int = setting(1, "runs of each configuration, with seeds train.seed, train.seed+1, ...", ge=1, le=1000)
     metric: Literal["val_loss", "val_accuracy"] = setting("val_accuracy", "objective: val_loss minimised, val_accuracy maximised")
     seed: int = setting(0, "seed of the search algorithm; same seed, same sampled points")
+    parallel: int = setting(1, "trials at once; above 1 the sweep runs on Ray Tune (the [ray] extra)", ge=1, le=1024)
+    gpus_per_trial: float | None = setting(None, "GPU share of each parallel trial; null: spread the GPUs over the trials", gt=0)
+    ray_address: str | None = setting(None, "an existing Ray cluster to run on; null: $RAY_ADDRESS, else a local instance")
+    pruner: Literal["none", "median", "asha"] = setting(
+        "none", "stop bad trials early: median (worse than the median of earlier trials), asha (Ray engine only)")
+    grace_epochs: int = setting(3, "epochs every trial gets before it may be pruned", ge=1)
     space: dict[str, dict[str, Any]] = setting({}, "dotted config key -> {primitive: arguments}; empty: one run")
 
 
@@ -331,6 +337,7 @@ def _cross_checks(cfg: Config) -> list[str]:
             f"model.conv_dropout: has {len(cfg.model.conv_dropout)} rates for "
             f"{cfg.model.num_blocks} blocks (give one rate, or one per block)"
         )
+    problems += _engine_checks(cfg.search)
     if cfg.model.dropout_placement == "middle" and cfg.model.num_blocks < 3:
         problems.append("model.dropout_placement: middle needs num_blocks >= 3 (the blocks between first and last)")
     if not EXPERIMENT_NAME.fullmatch(cfg.experiment):
@@ -339,6 +346,19 @@ def _cross_checks(cfg: Config) -> list[str]:
             "(it names a folder under models/)"
         )
     problems += check_space(cfg)
+    return problems
+
+
+def _engine_checks(search: SearchConfig) -> list[str]:
+    """What only the sequential engine, or only the Ray engine, can do."""
+    problems = []
+    if search.pruner == "asha" and search.parallel == 1:
+        problems.append("search.pruner: asha is Ray Tune's scheduler and needs search.parallel > 1 (or use median)")
+    if search.parallel > 1:
+        if search.algo in ("grid", "anneal"):
+            problems.append(f"search.algo: {search.algo} runs on the sequential engine only (search.parallel: 1)")
+        if search.repeats > 1:
+            problems.append("search.repeats: repeats run on the sequential engine only (search.parallel: 1)")
     return problems
 
 

@@ -70,9 +70,10 @@ class SweepProgress:
 
     def trial_done(self, record: TrialRecord) -> None:
         if record.status == "ok":
+            pruned = f", pruned after epoch {record.pruned_at}" if record.pruned_at is not None else ""
             logger.info(f"trial {record.number} done: val_acc={record.best_val_accuracy:.4f} "
                         f"test_acc={record.test_accuracy:.4f} epochs={record.epochs_run} "
-                        f"({record.train_seconds:.1f}s)")
+                        f"({record.train_seconds:.1f}s{pruned})")
         else:
             logger.warning(f"trial {record.number} failed: {record.reason}")
         if self.progress:
@@ -100,17 +101,17 @@ def results_table(result: SweepResult) -> Table:
     for name in ("val acc", "test acc", "epochs", "time (s)", "status"):
         table.add_column(name, justify="right")
     best_id = result.best.run_id if result.best else None
-    for t in result.trials:
+    for t in sorted(result.trials, key=lambda t: t.number):  # parallel trials finish out of order
         mark = "*" if t.run_id == best_id else ""
         ok = t.status == "ok"
         table.add_row(
             f"{t.number}{mark}",
             *(_fmt(t.values.get(k, "")) for k in keys),
             f"{t.best_val_accuracy:.4f}" if ok else "-",
-            f"{t.test_accuracy:.4f}" if ok else "-",
+            f"{t.test_accuracy:.4f}" if ok and t.test_accuracy == t.test_accuracy else "-",
             str(t.epochs_run) if ok else "-",
             f"{t.train_seconds:.1f}" if ok else "-",
-            "ok" if ok else f"failed: {t.reason}"[:60],
+            (f"pruned@{t.pruned_at}" if t.pruned_at is not None else "ok") if ok else f"failed: {t.reason}"[:60],
             style="bold green" if mark else None,
         )
     return table

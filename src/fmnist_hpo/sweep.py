@@ -12,6 +12,7 @@ import contextlib
 import itertools
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,12 +23,19 @@ import torch
 import yaml
 
 from fmnist_hpo import config as config_module
-from fmnist_hpo.checkpoints import read_training_state, save_checkpoint, save_training_state
+from fmnist_hpo.checkpoints import (
+    CheckpointError,
+    atomic_write,
+    read_training_state,
+    save_checkpoint,
+    save_training_state,
+)
 from fmnist_hpo.config import Config
 from fmnist_hpo.data import SplitCache, load_dataset
 from fmnist_hpo.errors import FmnistError
 from fmnist_hpo.modelops import log_trial_model
 from fmnist_hpo.progress import SweepProgress
+from fmnist_hpo.pruning import MedianPruner, best_so_far
 from fmnist_hpo.space import grid_points, plain_values, planned_points, to_hyperopt, to_hyperopt_vals
 from fmnist_hpo.tracking import LoggedTrial, Tracker
 from fmnist_hpo.train import EpochMetrics, train_and_test
@@ -66,6 +74,7 @@ class TrialRecord:
     epochs_run: int = 0
     train_seconds: float = 0.0
     total_parameters: int = 0
+    pruned_at: int | None = None
     checkpoint: Path | None = None
 
     def objective(self, metric: str) -> float:
@@ -92,6 +101,7 @@ class TrialRecord:
             test_accuracy=m.get("test_accuracy", math.nan), test_loss=m.get("test_loss", math.nan),
             epochs_run=int(m.get("epochs_run", 0)), train_seconds=m.get("train_seconds", 0.0),
             total_parameters=int(m.get("total_parameters", 0)), checkpoint=models_dir / f"{trial.run_id}.pt",
+            pruned_at=int(trial.tags["pruned_at_epoch"]) if "pruned_at_epoch" in trial.tags else None,
         )
 
 
@@ -112,7 +122,7 @@ class SweepResult:
 
     @property
     def best(self) -> TrialRecord | None:
-        candidates = [t for t in self.finished if math.isfinite(t.objective(self.metric))]
+        candidates = [t for t in self.finished if math.isfinite(t.objective(self.metric)) and math.isfinite(t.test_accuracy)]
         return min(candidates, key=lambda t: t.objective(self.metric), default=None)
 
     def runs_of(self, point: int) -> dict[int, TrialRecord]:
@@ -140,6 +150,9 @@ class Sweep:
         self.models_dir = Path(cfg.models_dir) / cfg.experiment
         self._active_run: str | None = None
         self._interrupted: dict[tuple[int, int], LoggedTrial] = {}
+        self.pruner = MedianPruner(cfg.search.grace_epochs) if cfg.search.pruner == "median" else None
+        self._open: dict[str, TrialRecord] = {}  # Ray trials running now, by MLflow run id
+        self.abandoned: list[LoggedTrial] = []  # Ray trials cut off by an interruption (numbers stay taken)
 
     # --- the sweep ----------------------------------------------------------------------------
 
@@ -156,8 +169,8 @@ class Sweep:
                 self._search(result, progress)
             self._finish(result)
         except BaseException:
-            if self._active_run:
-                self.tracker.end_run(self._active_run, "KILLED")
+            for run_id in [self._active_run, *self._open] if self._active_run else list(self._open):
+                self.tracker.end_run(run_id, "KILLED")
             self.tracker.end_run(parent, "KILLED")
             raise
         return result
@@ -177,8 +190,12 @@ class Sweep:
         """Take back the finished trials of an interrupted sweep and note the ones to continue."""
         self.tracker.reopen(result.parent_run_id, process_tags())
         for trial in self.tracker.trials_of(result.parent_run_id):
+            if trial.tags.get("interrupted") == "true":
+                continue  # a Ray trial cut off by an interruption: rerun, not counted
             if trial.status == "FINISHED" or (trial.status == "FAILED" and "failure_reason" in trial.tags):
                 result.trials.append(TrialRecord.from_logged(trial, self.models_dir))
+                if self.pruner is not None and trial.status == "FINISHED":
+                    self.pruner.record(best_so_far(self._objectives(self.tracker.history(trial.run_id))))
             else:  # RUNNING after a crash, KILLED after Ctrl-C, or FAILED by an abandoned resume
                 self._interrupted[(trial.point, trial.repeat)] = trial
 
@@ -187,6 +204,11 @@ class Sweep:
         if not search.space or search.algo == "grid":
             for point, values in enumerate(grid_points(search.space) if search.space else [{}]):
                 self.evaluate_point(point, values, result, progress)
+            return
+        if search.parallel > 1:
+            from fmnist_hpo.ray_engine import run_on_ray
+
+            run_on_ray(self, result, progress, self.data.dataset)
             return
         from hyperopt import STATUS_FAIL, STATUS_OK, anneal, fmin, rand, tpe
         from hyperopt.exceptions import AllTrialsFailed
@@ -208,7 +230,7 @@ class Sweep:
 
     def _history(self, result: SweepResult, progress: SweepProgress) -> Any:
         """Hyperopt Trials holding the points evaluated before an interruption, completed first."""
-        from hyperopt import JOB_STATE_DONE, STATUS_FAIL, STATUS_OK, Trials
+        from hyperopt import Trials
 
         trials = Trials()
         points = sorted({t.point for t in result.trials} | {p for p, _ in self._interrupted})
@@ -217,14 +239,7 @@ class Sweep:
             if values is None:
                 values = self._interrupted[next(k for k in self._interrupted if k[0] == point)].values
             loss = self.evaluate_point(point, values, result, progress)
-            (tid,) = trials.new_trial_ids(1)
-            misc = {"tid": tid, "cmd": ("domain_attachment", "FMinIter_Domain"), "workdir": None,
-                    "idxs": {key: [tid] for key in self.cfg.search.space},
-                    "vals": to_hyperopt_vals(self.cfg.search.space, values)}
-            outcome = {"status": STATUS_FAIL} if loss is None else {"status": STATUS_OK, "loss": loss}
-            doc = trials.new_trial_docs([tid], [None], [outcome], [misc])[0]
-            doc["state"] = JOB_STATE_DONE
-            trials.insert_trial_docs([doc])
+            add_to_history(trials, self.cfg.search.space, values, loss)
         trials.refresh()
         return trials
 
@@ -265,11 +280,9 @@ class Sweep:
                 self.tracker.set_tags(run_id, {"config_hash": config_module.config_hash(trial_cfg)})
                 self.tracker.log_text(run_id, config_module.dump_yaml(trial_cfg), "config.yaml")
             self._train(trial_cfg, record, progress)
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except FmnistError:
+        except (KeyboardInterrupt, SystemExit, CheckpointError):
             raise  # a corrupt state file is the user's to look at, not a trial failure
-        except Exception as exc:  # a trial's failure is data for the sweep, not the end of it
+        except Exception as exc:  # a trial's failure (an invalid sampled point too) is data for the sweep
             record.status, record.reason = "failed", _reason(exc)
             self.tracker.set_tags(run_id, {"failure_reason": record.reason})
             self.tracker.end_run(run_id, "FAILED")
@@ -281,18 +294,35 @@ class Sweep:
         progress.trial_done(record)
         return record
 
+    def _objectives(self, history: list[EpochMetrics]) -> list[float]:
+        """Per-epoch values of the search objective (lower is better)."""
+        if self.cfg.search.metric == "val_loss":
+            return [m.val_loss for m in history]
+        return [-m.val_accuracy for m in history]
+
     def _train(self, cfg: Config, record: TrialRecord, progress: SweepProgress) -> None:
         splits = self.data.get(cfg.data)
         state_path = self.models_dir / f"{record.run_id}.state.pt"
         resume = read_training_state(state_path) if state_path.exists() else None
+        seen: list[EpochMetrics] = [EpochMetrics(**m) for m in resume["history"]] if resume else []
 
         def on_epoch(m: EpochMetrics) -> None:
+            seen.append(m)
             self.tracker.log_metrics(record.run_id, m.as_dict(), step=m.epoch)
             progress.epoch_done(record.number, m)
 
+        def should_prune(_: EpochMetrics) -> bool:
+            return self.pruner is not None and self.pruner.should_prune(best_so_far(self._objectives(seen)))
+
         start = time.perf_counter()
         outcome = train_and_test(cfg, splits, self.device, on_epoch, resume,
-                                 save_state=lambda state: save_training_state(state_path, state))
+                                 save_state=lambda state: save_training_state(state_path, state),
+                                 should_prune=should_prune)
+        if self.pruner is not None:
+            self.pruner.record(best_so_far(self._objectives(seen)))
+        record.pruned_at = outcome.fit.pruned_at
+        if record.pruned_at is not None:
+            self.tracker.set_tags(record.run_id, {"pruned": "true", "pruned_at_epoch": record.pruned_at})
         best = outcome.fit.best
         record.best_train_accuracy = best.train_accuracy
         record.best_val_accuracy, record.best_val_loss = best.val_accuracy, best.val_loss
@@ -309,6 +339,60 @@ class Sweep:
                                               "wall_seconds": f"{time.perf_counter() - start:.1f}"})
         if self.cfg.mlflow.log_model == "all":
             self.log_model(record)
+
+    # --- runs fed by the Ray engine (trials train elsewhere; only this process writes MLflow) ---
+
+    def open_trial_run(self, values: dict[str, Any], result: SweepResult, progress: SweepProgress,
+                       tags: dict[str, str]) -> TrialRecord:
+        number = 1 + max((t.number for t in [*result.trials, *self._open.values(), *self.abandoned]), default=-1)
+        raw = config_module.apply_overrides(config_module.to_dict(self.cfg), values)
+        run_id = self.tracker.start_run(
+            f"trial-{number:03d}", params=config_module.flatten(raw),
+            tags={"fmnist.role": "trial", "trial": str(number), "point": str(number), "repeat": "0",
+                  "device": str(self.device), "sampled": yaml.safe_dump(values, sort_keys=False).strip(), **tags},
+            parent_id=result.parent_run_id,
+        )
+        self.tracker.log_text(run_id, yaml.safe_dump(raw, sort_keys=False), "config.yaml")
+        record = self._open[run_id] = TrialRecord(number, run_id, values, number, 0)
+        progress.trial_started(number, values)
+        return record
+
+    def close_trial_run(self, record: TrialRecord, final: dict[str, Any], model_file: Path,
+                        result: SweepResult, progress: SweepProgress) -> None:
+        for key in ("best_train_accuracy", "best_val_accuracy", "best_val_loss", "test_accuracy", "test_loss",
+                    "train_seconds"):
+            setattr(record, key, float(final[key]))
+        record.epochs_run, record.total_parameters = int(final["epochs_run"]), int(final["total_parameters"])
+        path = self.models_dir / f"{record.run_id}.pt"
+        atomic_write(path, lambda tmp: shutil.copyfile(model_file, tmp))
+        record.checkpoint = path
+        self.tracker.log_file(record.run_id, path, "checkpoint")
+        self.tracker.set_tags(record.run_id, {"best_epoch": int(final["best_epoch"])})
+        self._close(record, "FINISHED", result, progress)
+
+    def close_pruned_run(self, record: TrialRecord, history: list[EpochMetrics], result: SweepResult,
+                         progress: SweepProgress) -> None:
+        """A trial the scheduler stopped: finished, tagged pruned, with its validation numbers so far."""
+        record.pruned_at = history[-1].epoch if history else 0
+        record.epochs_run = len(history)
+        record.best_val_accuracy = max((m.val_accuracy for m in history), default=math.nan)
+        record.best_val_loss = min((m.val_loss for m in history), default=math.nan)
+        record.train_seconds = sum(m.epoch_seconds for m in history)
+        self.tracker.set_tags(record.run_id, {"pruned": "true", "pruned_at_epoch": record.pruned_at})
+        self._close(record, "FINISHED", result, progress)
+
+    def fail_trial_run(self, record: TrialRecord, reason: str, result: SweepResult, progress: SweepProgress) -> None:
+        record.status, record.reason = "failed", reason
+        self.tracker.set_tags(record.run_id, {"failure_reason": reason})
+        self._close(record, "FAILED", result, progress)
+
+    def _close(self, record: TrialRecord, status: str, result: SweepResult, progress: SweepProgress) -> None:
+        if status == "FINISHED":
+            self.tracker.log_metrics(record.run_id, {k: v for k, v in record.final_metrics().items() if v == v})
+        self.tracker.end_run(record.run_id, status)
+        self._open.pop(record.run_id, None)
+        result.trials.append(record)
+        progress.trial_done(record)
 
     def log_model(self, record: TrialRecord) -> str:
         return log_trial_model(self.tracker, record.run_id, record.checkpoint)
@@ -327,6 +411,19 @@ class Sweep:
         self.tracker.log_metrics(parent, {f"best_{k}" if not k.startswith("best_") else k: v
                                           for k, v in best.final_metrics().items()})
         self.tracker.end_run(parent, "FINISHED")
+
+
+def add_to_history(trials: Any, space: dict[str, dict[str, Any]], values: dict[str, Any], loss: float | None) -> None:
+    """Record an evaluated point in Hyperopt Trials (loss None: a failed point), as fmin would have."""
+    from hyperopt import JOB_STATE_DONE, STATUS_FAIL, STATUS_OK
+
+    (tid,) = trials.new_trial_ids(1)
+    misc = {"tid": tid, "cmd": ("domain_attachment", "FMinIter_Domain"), "workdir": None,
+            "idxs": {key: [tid] for key in space}, "vals": to_hyperopt_vals(space, values)}
+    outcome = {"status": STATUS_FAIL} if loss is None else {"status": STATUS_OK, "loss": loss}
+    doc = trials.new_trial_docs([tid], [None], [outcome], [misc])[0]
+    doc["state"] = JOB_STATE_DONE
+    trials.insert_trial_docs([doc])
 
 
 def process_tags() -> dict[str, str]:

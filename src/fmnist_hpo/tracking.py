@@ -209,6 +209,17 @@ class Tracker:
                            f"tags.`{PARENT_TAG}` = '{parent_id}'", max_results=50_000)
         return sorted((logged_trial(r, "") for r in runs), key=lambda t: t.number)
 
+    def history(self, run_id: str) -> list[Any]:
+        """The per-epoch metrics of a trial run, as train.EpochMetrics."""
+        from fmnist_hpo.train import EpochMetrics
+
+        keys = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds")
+        by_step: dict[int, dict[str, float]] = {}
+        for key in keys:
+            for m in self._retry(self.client.get_metric_history, run_id, key):
+                by_step.setdefault(m.step, {})[key] = m.value
+        return [EpochMetrics(epoch=step, **values) for step, values in sorted(by_step.items()) if len(values) == len(keys)]
+
     def unfinished_sweeps(self, sweep_id: str) -> list[LoggedTrial]:
         """Parent runs of this sweep left RUNNING (a crash) or KILLED (an interrupt), newest first."""
         runs = self._retry(self.client.search_runs, [self.experiment_id],

@@ -144,6 +144,7 @@ class FitResult:
     best_state: dict[str, torch.Tensor]
     train_seconds: float
     stopped_early: bool
+    pruned_at: int | None = None  # the epoch after which a pruner stopped the trial
 
     @property
     def best(self) -> EpochMetrics:
@@ -246,11 +247,13 @@ def make_schedulers(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_pe
 def fit(model: nn.Module, splits: Splits, cfg: Config, engine: Engine,
         on_epoch: Callable[[EpochMetrics], None] | None = None,
         resume: dict[str, Any] | None = None,
-        save_state: Callable[[dict[str, Any]], None] | None = None) -> FitResult:
+        save_state: Callable[[dict[str, Any]], None] | None = None,
+        should_prune: Callable[[EpochMetrics], bool] | None = None) -> FitResult:
     """Train with early stopping on the validation split and return the best epoch's weights.
 
     save_state receives, after every epoch, everything needed to continue (see training_state);
     passing that dict back as resume continues from the next epoch with the same result.
+    should_prune(metrics) -> True ends training after that epoch, like early stopping does.
     """
     train_cfg = cfg.train
     optimizer = torch.optim.Adam(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
@@ -262,6 +265,7 @@ def fit(model: nn.Module, splits: Splits, cfg: Config, engine: Engine,
     if resume is not None:
         restore_training_state(resume, loop, model, optimizer, schedulers, engine)
     stopper = loop.stopper
+    pruned_at = None
     for epoch in range(loop.next_epoch, train_cfg.epochs):
         if stopper.should_stop:
             break
@@ -286,9 +290,12 @@ def fit(model: nn.Module, splits: Splits, cfg: Config, engine: Engine,
             on_epoch(metrics)
         if save_state is not None:
             save_state(training_state(loop, model, optimizer, schedulers, engine))
+        if should_prune is not None and should_prune(metrics):
+            pruned_at = epoch
+            break
     model.load_state_dict(loop.best_state)
     return FitResult(loop.history, stopper.best_epoch, loop.best_state, loop.train_seconds,
-                     stopped_early=len(loop.history) < train_cfg.epochs)
+                     stopped_early=len(loop.history) < train_cfg.epochs, pruned_at=pruned_at)
 
 
 @dataclass
@@ -355,7 +362,8 @@ class TrialOutcome:
 def train_and_test(cfg: Config, splits: Splits, device: torch.device,
                    on_epoch: Callable[[EpochMetrics], None] | None = None,
                    resume: dict[str, Any] | None = None,
-                   save_state: Callable[[dict[str, Any]], None] | None = None) -> TrialOutcome:
+                   save_state: Callable[[dict[str, Any]], None] | None = None,
+                   should_prune: Callable[[EpochMetrics], bool] | None = None) -> TrialOutcome:
     """Build the model, fit it on train/val, then score the best checkpoint once on the test set."""
     from fmnist_hpo.model import build_model, count_parameters
 
@@ -366,7 +374,7 @@ def train_and_test(cfg: Config, splits: Splits, device: torch.device,
         model = model.to(memory_format=torch.channels_last)
     if cfg.train.compile:
         model.compile()
-    result = fit(model, splits, cfg, engine, on_epoch, resume, save_state)
+    result = fit(model, splits, cfg, engine, on_epoch, resume, save_state, should_prune)
     test_loss, test_acc = evaluate(model, splits.test, engine, cfg.train.eval_batch_size)
     return TrialOutcome(model, result, test_loss, test_acc, count_parameters(model))
 
