@@ -21,8 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from fmnist_hpo import config
 from fmnist_hpo.data import load_dataset, make_splits
-from fmnist_hpo.model import build_model
-from fmnist_hpo.train import EpochMetrics, evaluate, fit, make_engine, resolve_device
+from fmnist_hpo.train import EpochMetrics, evaluate, fit, prepare_trial, resolve_device
 
 THRESHOLDS = (0.930, 0.935, 0.940)
 
@@ -38,13 +37,7 @@ def main() -> None:
     cfg = config.load(args.config, ["search.space={}", *args.overrides])
     device = resolve_device(args.device)
     splits = make_splits(load_dataset(cfg.data), cfg.data, device)
-    torch.manual_seed(cfg.train.seed)
-    engine = make_engine(cfg.train, device, cfg.train.seed)
-    model = build_model(cfg.model).to(device)
-    if engine.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if cfg.train.compile:
-        model.compile()
+    model, engine = prepare_trial(cfg, device)
 
     curve: list[dict[str, float]] = []
     elapsed = 0.0

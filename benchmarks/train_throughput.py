@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from fmnist_hpo import config
 from fmnist_hpo.data import Split, load_dataset, make_splits
 from fmnist_hpo.model import build_model
-from fmnist_hpo.train import make_engine, normalize, resolve_device, train_epoch
+from fmnist_hpo.train import normalize, prepare_trial, resolve_device, train_epoch
 
 
 def reference_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
@@ -106,25 +106,22 @@ def main() -> None:
 
 
 def make_runner(mode: str, cfg: config.Config, cpu_train: Split, train: Split, device: torch.device, args):
-    torch.manual_seed(0)
-    model = build_model(cfg.model).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
     if mode == "reference":
+        torch.manual_seed(0)
+        model = build_model(cfg.model).to(device)
+        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
         dataset = TensorDataset(normalize(cpu_train.images), cpu_train.labels)
         loader = DataLoader(dataset, batch_size=64, shuffle=True)
         return lambda: reference_epoch(model, loader, optimizer, device)
     if mode == "engine64":
-        train_cfg = replace(cfg.train, batch_size=64, precision="fp32", channels_last=False, compile=False)
+        train_cfg = replace(cfg.train, batch_size=64, precision="fp32", channels_last=False, compile=False, seed=0)
     elif mode == "enginefast":
         train_cfg = replace(cfg.train, batch_size=args.fast_batch, precision="auto", channels_last=True,
-                            compile=args.compile)
+                            compile=args.compile, seed=0)
     else:
         raise SystemExit(f"unknown mode {mode!r}")
-    engine = make_engine(train_cfg, device, seed=0)
-    if engine.channels_last:
-        model.to(memory_format=torch.channels_last)
-    if train_cfg.compile:
-        model.compile()
+    model, engine = prepare_trial(replace(cfg, train=train_cfg), device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
     return lambda: train_epoch(model, train, optimizer, engine, train_cfg, cfg.data)
 
 

@@ -105,6 +105,12 @@ def start(spec: Path, cwd: Path, *args: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def resume(spec: Path, cwd: Path) -> None:
+    resumed = subprocess.run([sys.executable, "-m", "fmnist_hpo", "run", str(spec), "--resume", "--quiet"],
+                             cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+
+
 def wait_for_mid_trial(cwd: Path, experiment: str, process: subprocess.Popen, timeout: float = 180) -> None:
     """Until one trial has finished and the next has saved an epoch."""
     folder = cwd / "models" / experiment
@@ -136,9 +142,7 @@ def test_kill_9_then_resume_completes_exactly_max_evals(tmp_path: Path, data_dir
     process.kill()
     process.wait()
 
-    resumed = subprocess.run([sys.executable, "-m", "fmnist_hpo", "run", str(spec), "--resume", "--quiet"],
-                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
+    resume(spec, tmp_path)
     parents, children = trials_in(tmp_path, "crash")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert sorted(r.info.status for r in children) == ["FINISHED"] * 3
@@ -160,9 +164,7 @@ def test_sigint_exits_130_and_leaves_a_resumable_sweep(tmp_path: Path, data_dir:
     assert parents[0].info.status == "KILLED"
     assert "RUNNING" not in {r.info.status for r in children}
 
-    resumed = subprocess.run([sys.executable, "-m", "fmnist_hpo", "run", str(spec), "--resume", "--quiet"],
-                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
+    resume(spec, tmp_path)
     parents, children = trials_in(tmp_path, "sigint")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert sorted(r.info.status for r in children) == ["FINISHED"] * 3

@@ -359,13 +359,9 @@ class TrialOutcome:
     total_parameters: int
 
 
-def train_and_test(cfg: Config, splits: Splits, device: torch.device,
-                   on_epoch: Callable[[EpochMetrics], None] | None = None,
-                   resume: dict[str, Any] | None = None,
-                   save_state: Callable[[dict[str, Any]], None] | None = None,
-                   should_prune: Callable[[EpochMetrics], bool] | None = None) -> TrialOutcome:
-    """Build the model, fit it on train/val, then score the best checkpoint once on the test set."""
-    from fmnist_hpo.model import build_model, count_parameters
+def prepare_trial(cfg: Config, device: torch.device) -> tuple[nn.Module, Engine]:
+    """The seeded model on the device (channels_last, compiled as configured) and its engine."""
+    from fmnist_hpo.model import build_model
 
     torch.manual_seed(cfg.train.seed)
     engine = make_engine(cfg.train, device, cfg.train.seed)
@@ -374,6 +370,18 @@ def train_and_test(cfg: Config, splits: Splits, device: torch.device,
         model = model.to(memory_format=torch.channels_last)
     if cfg.train.compile:
         model.compile()
+    return model, engine
+
+
+def train_and_test(cfg: Config, splits: Splits, device: torch.device,
+                   on_epoch: Callable[[EpochMetrics], None] | None = None,
+                   resume: dict[str, Any] | None = None,
+                   save_state: Callable[[dict[str, Any]], None] | None = None,
+                   should_prune: Callable[[EpochMetrics], bool] | None = None) -> TrialOutcome:
+    """Build the model, fit it on train/val, then score the best checkpoint once on the test set."""
+    from fmnist_hpo.model import count_parameters
+
+    model, engine = prepare_trial(cfg, device)
     result = fit(model, splits, cfg, engine, on_epoch, resume, save_state, should_prune)
     test_loss, test_acc = evaluate(model, splits.test, engine, cfg.train.eval_batch_size)
     return TrialOutcome(model, result, test_loss, test_acc, count_parameters(model))
