@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from fmnist_hpo.errors import FmnistError
+from fmnist_hpo.errors import FmnistError, Terminated
 
 app = typer.Typer(
     help="Reproducible hyperparameter sweeps of BatchNorm CNNs on Fashion-MNIST, tracked in MLflow.",
@@ -34,10 +34,6 @@ SetOption = Annotated[
 def fail(message: str, code: int = 2) -> typer.Exit:
     typer.echo(f"error: {message}", err=True)
     return typer.Exit(code)
-
-
-class Terminated(BaseException):
-    """SIGTERM, raised where the sweep is, so it unwinds like Ctrl-C."""
 
 
 @contextlib.contextmanager

@@ -20,3 +20,7 @@ class DataError(FmnistError):
 
 class DeviceError(FmnistError):
     """The requested compute device is unknown or not available."""
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the sweep is, so it unwinds like Ctrl-C (KeyboardInterrupt)."""

@@ -7,17 +7,20 @@ file never has two writers, and `fmnist analyze` cannot tell this engine from th
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
+import signal
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from fmnist_hpo import config as config_module
-from fmnist_hpo.errors import FmnistError
+from fmnist_hpo.errors import FmnistError, Terminated
 
 if TYPE_CHECKING:
     from fmnist_hpo.data import Dataset
@@ -105,7 +108,7 @@ def start_ray(address: str | None) -> None:
 
 def run_on_ray(sweep: Sweep, result: SweepResult, progress: SweepProgress, dataset: Dataset) -> None:
     """Run the remaining trials of sweep's search on Ray Tune, logging each through sweep's tracker."""
-    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # Ctrl-C must reach the sweep, which marks runs KILLED
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # our handler below, not Tune's, decides what Ctrl-C means
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")  # experiment state saved often: resumable after kill -9
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     cfg = sweep.cfg
@@ -123,12 +126,62 @@ def run_on_ray(sweep: Sweep, result: SweepResult, progress: SweepProgress, datas
         tune.with_parameters(ray_trial, base=config_module.to_dict(cfg), dataset=dataset),
         trial_resources(search.parallel, search.gpus_per_trial),
     )
-    callback = mlflow_feed(sweep, result, progress)
+    interrupt = Interrupt()
+    callback = mlflow_feed(sweep, result, progress, interrupt)
     tuner = tune.Tuner(trainable, tune_config=tune_config(cfg, result, remaining),
                        run_config=tune.RunConfig(name=name, storage_path=str(storage), callbacks=[callback],
-                                                 verbose=0, checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
-    tuner.fit()
+                                                 stop=interrupt.stopper(), verbose=0,
+                                                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+    with interrupt.catching():
+        tuner.fit()
+    interrupt.raise_if_set()
     shutil.rmtree(storage / name, ignore_errors=True)  # finished: the MLflow runs and models/ hold everything
+
+
+class Interrupt:
+    """Ctrl-C or SIGTERM during a Ray sweep: stop Tune cleanly, then unwind like the sequential engine.
+
+    Raising inside Tune's loop can be swallowed there, so the signal only sets a flag; a Tune stopper
+    ends every trial, the callback leaves the cut-off trials open (the sweep marks them KILLED), and
+    the exception is raised once Tune has returned. A second Ctrl-C raises at once.
+    """
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    def handle(self, signum: int, frame: object) -> None:
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    @contextlib.contextmanager
+    def catching(self) -> Iterator[None]:
+        previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def stopper(self) -> Any:
+        from ray.tune.stopper import Stopper
+
+        interrupt = self
+
+        class StopOnInterrupt(Stopper):
+            def __call__(self, trial_id: str, result: dict) -> bool:
+                return interrupt.signal is not None
+
+            def stop_all(self) -> bool:
+                return interrupt.signal is not None
+
+        return StopOnInterrupt()
+
+    def raise_if_set(self) -> None:
+        if self.signal == signal.SIGTERM:
+            raise Terminated()
+        if self.signal is not None:
+            raise KeyboardInterrupt
 
 
 def close_interrupted(sweep: Sweep) -> None:
@@ -170,18 +223,19 @@ def tune_config(cfg: config_module.Config, result: SweepResult, num_samples: int
                            scheduler=scheduler, num_samples=num_samples)
 
 
-def mlflow_feed(sweep: Sweep, result: SweepResult, progress: SweepProgress) -> Any:
+def mlflow_feed(sweep: Sweep, result: SweepResult, progress: SweepProgress, interrupt: Interrupt) -> Any:
     """The driver's Tune callback; its class is made here so that importing this module needs no Ray."""
     from ray import tune
 
     class MlflowFeed(_Feed, tune.Callback):
         pass
 
-    return MlflowFeed(sweep, result, progress)
+    return MlflowFeed(sweep, result, progress, interrupt)
 
 
 class _Feed:
-    def __init__(self, sweep: Sweep, result: SweepResult, progress: SweepProgress) -> None:
+    def __init__(self, sweep: Sweep, result: SweepResult, progress: SweepProgress, interrupt: Interrupt) -> None:
+        self.interrupt = interrupt
         self.sweep = sweep
         self.result = result
         self.progress = progress
@@ -213,6 +267,8 @@ class _Feed:
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         record = self.records[trial.trial_id]
         final = self.finals.get(trial.trial_id)
+        if final is None and self.interrupt.signal is not None:
+            return  # cut off by Ctrl-C/SIGTERM: the run stays open and the sweep marks it KILLED
         if final is None:  # stopped by the scheduler (ASHA, median) before it finished
             self.sweep.close_pruned_run(record, self.histories[trial.trial_id], self.result, self.progress)
             return
