@@ -165,3 +165,20 @@ def test_grid_with_repeats_trains_each_configuration_with_new_seeds(tmp_path: Pa
     seen = sorted((c.data.params["model.dropout_placement"], c.data.params["train.seed"], c.data.tags["repeat"])
                   for c in children)
     assert seen == [("early", "42", "0"), ("early", "43", "1"), ("none", "42", "0"), ("none", "43", "1")]
+
+
+def test_engine_and_benchmarks_import_without_mlflow_hyperopt_loguru_or_ray():
+    """The GPU machines have torch, numpy and pyyaml but none of these: the engine must not need them."""
+    root = Path(__file__).parents[1]
+    code = (
+        "import sys, runpy\n"
+        "for name in ('mlflow', 'hyperopt', 'loguru', 'ray'): sys.modules[name] = None\n"
+        "import fmnist_hpo.train, fmnist_hpo.data, fmnist_hpo.model, fmnist_hpo.checkpoints, fmnist_hpo.config\n"
+        "import fmnist_hpo.space, fmnist_hpo.pruning, fmnist_hpo.inference\n"
+        "fmnist_hpo.config.validate({'search': {'space': {'train.lr': {'loguniform': [1e-4, 1e-2]}}}})\n"
+        f"for script in ('train_throughput', 'time_to_accuracy', 'sweep_throughput'):\n"
+        f"    runpy.run_path('{root}/benchmarks/' + script + '.py', run_name='imported')\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "ok", out.stderr
