@@ -186,12 +186,12 @@ class Interrupt:
 
 def close_interrupted(sweep: Sweep) -> None:
     """Ray trials cut off by an interruption are closed as FAILED and run again from the start."""
-    for trial in sweep._interrupted.values():
+    for trial in sweep.interrupted.values():
         sweep.tracker.set_tags(trial.run_id, {"interrupted": "true",
                                               "failure_reason": "interrupted; its configuration is run again"})
         sweep.tracker.end_run(trial.run_id, "FAILED")
         sweep.abandoned.append(trial)
-    sweep._interrupted.clear()
+    sweep.interrupted.clear()
 
 
 def tune_config(cfg: config_module.Config, result: SweepResult, num_samples: int) -> Any:

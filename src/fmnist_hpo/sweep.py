@@ -149,7 +149,7 @@ class Sweep:
         self.show_bars = show_bars
         self.models_dir = Path(cfg.models_dir) / cfg.experiment
         self._active_run: str | None = None
-        self._interrupted: dict[tuple[int, int], LoggedTrial] = {}
+        self.interrupted: dict[tuple[int, int], LoggedTrial] = {}  # (point, repeat) -> run to continue
         self.pruner = MedianPruner(cfg.search.grace_epochs) if cfg.search.pruner == "median" else None
         self._open: dict[str, TrialRecord] = {}  # Ray trials running now, by MLflow run id
         self.abandoned: list[LoggedTrial] = []  # Ray trials cut off by an interruption (numbers stay taken)
@@ -169,7 +169,7 @@ class Sweep:
                 self._search(result, progress)
             self._finish(result)
         except BaseException:
-            for run_id in [self._active_run, *self._open] if self._active_run else list(self._open):
+            for run_id in filter(None, [self._active_run, *self._open]):
                 self.tracker.end_run(run_id, "KILLED")
             self.tracker.end_run(parent, "KILLED")
             raise
@@ -197,7 +197,7 @@ class Sweep:
                 if self.pruner is not None and trial.status == "FINISHED":
                     self.pruner.record(best_so_far(self._objectives(self.tracker.history(trial.run_id))))
             else:  # RUNNING after a crash, KILLED after Ctrl-C, or FAILED by an abandoned resume
-                self._interrupted[(trial.point, trial.repeat)] = trial
+                self.interrupted[(trial.point, trial.repeat)] = trial
 
     def _search(self, result: SweepResult, progress: SweepProgress) -> None:
         search = self.cfg.search
@@ -233,11 +233,11 @@ class Sweep:
         from hyperopt import Trials
 
         trials = Trials()
-        points = sorted({t.point for t in result.trials} | {p for p, _ in self._interrupted})
+        points = sorted({t.point for t in result.trials} | {p for p, _ in self.interrupted})
         for point in points[: self.cfg.search.max_evals]:
             values = next((t.values for t in result.trials if t.point == point), None)
             if values is None:
-                values = self._interrupted[next(k for k in self._interrupted if k[0] == point)].values
+                values = self.interrupted[next(k for k in self.interrupted if k[0] == point)].values
             loss = self.evaluate_point(point, values, result, progress)
             add_to_history(trials, self.cfg.search.space, values, loss)
         trials.refresh()
@@ -258,13 +258,13 @@ class Sweep:
                   progress: SweepProgress) -> TrialRecord:
         overrides = {**values, "train.seed": self.cfg.train.seed + repeat} if repeat else values
         raw = config_module.apply_overrides(config_module.to_dict(self.cfg), overrides)
-        interrupted = self._interrupted.pop((point, repeat), None)
+        interrupted = self.interrupted.pop((point, repeat), None)
         if interrupted is not None:
             number, run_id = interrupted.number, interrupted.run_id
             self.tracker.reopen(run_id, {"resumed": "after an interruption"})
         else:
             number = 1 + max((t.number for t in result.trials), default=-1)
-            number = max(number, 1 + max((t.number for t in self._interrupted.values()), default=-1))
+            number = max(number, 1 + max((t.number for t in self.interrupted.values()), default=-1))
             run_id = self.tracker.start_run(
                 f"trial-{number:03d}", params=config_module.flatten(raw),
                 tags={"fmnist.role": "trial", "trial": str(number), "point": str(point), "repeat": str(repeat),
