@@ -487,11 +487,12 @@ def choose_parent(tracker: Tracker, cfg: Config, mode: str, ask: Any = None) -> 
                           "wait for it, or start another with --fresh")
     if mode == "ask" and ask is not None:
         mode = "resume" if ask(f"An interrupted sweep of this config exists (run {parent.run_id}). Continue it?") else "fresh"
-    if mode == "resume":
-        return parent.run_id
-    for stale in candidates:
-        tracker.abandon(stale.run_id, "abandoned: a fresh sweep of the same config was started")
-    return None
+    keep = parent.run_id if mode == "resume" else None
+    for stale in candidates:  # older interrupted copies (and, for --fresh, this one) are closed
+        if stale.run_id != keep:
+            tracker.abandon(stale.run_id, "abandoned: a fresh sweep of the same config was started"
+                            if keep is None else f"abandoned: superseded by the resumed sweep {keep}")
+    return keep
 
 
 def run_from_config(cfg: Config, show_bars: bool | None = None, resume: str = "ask", ask: Any = None) -> SweepResult:
