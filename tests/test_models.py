@@ -204,8 +204,10 @@ def test_serve_ui_stops_cleanly_on_ctrl_c(sweep: dict):
     process.wait(timeout=60)
     assert process.returncode == 0
     time.sleep(0.5)
-    with socket.socket() as probe:  # the port is free again: the mlflow server went with it
+    with socket.socket() as probe:  # no one listens on the port any more: the mlflow server went with it
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         probe.bind(("127.0.0.1", port))
+        probe.listen()
 
 
 def test_serve_ui_without_a_store_is_a_clear_error(tmp_path: Path):
