@@ -15,7 +15,7 @@ from typing import Any
 
 from fmnist_hpo.errors import FmnistError
 from fmnist_hpo.stats import compare, summarize
-from fmnist_hpo.tracking import LoggedTrial
+from fmnist_hpo.tracking import LoggedTrial, best_of
 
 ACCURACY_METRICS = ("best_val_accuracy", "test_accuracy")
 MAX_GROUPS = 8  # more distinct values (more than 4 for a continuous one) are grouped into quartile ranges
@@ -41,8 +41,8 @@ def metric_values(trials: list[LoggedTrial], key: str) -> list[float]:
 
 
 def selected_trial(trials: list[LoggedTrial]) -> LoggedTrial | None:
-    """The trial the validation split picks: highest best_val_accuracy (never the test set)."""
-    return max(finished(trials), key=lambda t: t.metrics.get("best_val_accuracy", -math.inf), default=None)
+    """The trial the validation split picks, by the sweep's own search metric (never the test set)."""
+    return best_of(trials)
 
 
 def summary_row(experiment: str, trials: list[LoggedTrial]) -> dict[str, Any]:

@@ -263,14 +263,8 @@ class Sweep:
             number, run_id = interrupted.number, interrupted.run_id
             self.tracker.reopen(run_id, {"resumed": "after an interruption"})
         else:
-            number = 1 + max((t.number for t in result.trials), default=-1)
-            number = max(number, 1 + max((t.number for t in self.interrupted.values()), default=-1))
-            run_id = self.tracker.start_run(
-                f"trial-{number:03d}", params=config_module.flatten(raw),
-                tags={"fmnist.role": "trial", "trial": str(number), "point": str(point), "repeat": str(repeat),
-                      "device": str(self.device), "sampled": yaml.safe_dump(values, sort_keys=False).strip()},
-                parent_id=result.parent_run_id,
-            )
+            number = self._next_number(result)
+            run_id = self._start_child_run(number, point, repeat, values, raw, result.parent_run_id)
         self._active_run = run_id
         record = TrialRecord(number, run_id, values, point, repeat)
         progress.trial_started(number, values)
@@ -293,6 +287,21 @@ class Sweep:
         self._active_run = None
         progress.trial_done(record)
         return record
+
+    def _next_number(self, result: SweepResult) -> int:
+        """The next free trial number: after every run of this sweep, finished, running or cut off."""
+        taken = [*result.trials, *self._open.values(), *self.interrupted.values(), *self.abandoned]
+        return 1 + max((t.number for t in taken), default=-1)
+
+    def _start_child_run(self, number: int, point: int, repeat: int, values: dict[str, Any], raw: dict[str, Any],
+                         parent_id: str, tags: dict[str, str] | None = None) -> str:
+        return self.tracker.start_run(
+            f"trial-{number:03d}", params=config_module.flatten(raw),
+            tags={"fmnist.role": "trial", "trial": str(number), "point": str(point), "repeat": str(repeat),
+                  "device": str(self.device), "sampled": yaml.safe_dump(values, sort_keys=False).strip(),
+                  **(tags or {})},
+            parent_id=parent_id,
+        )
 
     def _objectives(self, history: list[EpochMetrics]) -> list[float]:
         """Per-epoch values of the search objective (lower is better)."""
@@ -344,14 +353,9 @@ class Sweep:
 
     def open_trial_run(self, values: dict[str, Any], result: SweepResult, progress: SweepProgress,
                        tags: dict[str, str]) -> TrialRecord:
-        number = 1 + max((t.number for t in [*result.trials, *self._open.values(), *self.abandoned]), default=-1)
+        number = self._next_number(result)
         raw = config_module.apply_overrides(config_module.to_dict(self.cfg), values)
-        run_id = self.tracker.start_run(
-            f"trial-{number:03d}", params=config_module.flatten(raw),
-            tags={"fmnist.role": "trial", "trial": str(number), "point": str(number), "repeat": "0",
-                  "device": str(self.device), "sampled": yaml.safe_dump(values, sort_keys=False).strip(), **tags},
-            parent_id=result.parent_run_id,
-        )
+        run_id = self._start_child_run(number, number, 0, values, raw, result.parent_run_id, tags)
         self.tracker.log_text(run_id, yaml.safe_dump(raw, sort_keys=False), "config.yaml")
         record = self._open[run_id] = TrialRecord(number, run_id, values, number, 0)
         progress.trial_started(number, values)

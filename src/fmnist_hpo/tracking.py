@@ -320,8 +320,11 @@ class RunReader:
 
 
 def best_of(trials: list[LoggedTrial]) -> LoggedTrial | None:
-    """The finished trial the sweep's own search metric ranks first (validation, never test)."""
-    finished = [t for t in trials if t.status == "FINISHED" and "best_val_accuracy" in t.metrics]
+    """The finished trial the sweep's own search metric ranks first (validation, never test).
+
+    Only trials that were tested (and so have a checkpoint) qualify: a trial pruned by Ray's scheduler has neither.
+    """
+    finished = [t for t in trials if t.status == "FINISHED" and {"best_val_accuracy", "test_accuracy"} <= set(t.metrics)]
     if not finished:
         return None
     if finished[0].params.get("search.metric") == "val_loss":
