@@ -102,7 +102,7 @@ def pruning(raw: dict[str, Any], points: list[dict[str, Any]], device_name: str,
             result = train_and_test(cfg, make_splits(dataset, cfg.data, device), device, should_prune=should_prune)
             if pruner is not None:
                 pruner.record(best_so_far(seen))
-            trials.append((result.fit.best.val_accuracy, result.test_accuracy, result.fit.pruned_at is not None))
+            trials.append((result.fit.kept.val_accuracy, result.test_accuracy, result.fit.pruned_at is not None))
         best = max(trials)
         outcome[label] = {"wall_seconds": time.perf_counter() - start, "best_val_accuracy": best[0],
                           "best_test_accuracy": best[1], "pruned": sum(t[2] for t in trials)}

@@ -54,14 +54,14 @@ def main() -> None:
     reached = {f"{t:.3f}": next((c["train_seconds"] for c in curve if c["test_accuracy"] >= t), None) for t in THRESHOLDS}
     for threshold, seconds in reached.items():
         print(f"test >= {float(threshold):.1%}: " + (f"{seconds:.1f} s of training" if seconds is not None else "not reached"))
-    print(f"validation-selected checkpoint (epoch {result.best_epoch}): test {selected_test:.4f} "
+    print(f"validation-selected checkpoint (epoch {result.kept_epoch}): test {selected_test:.4f} "
           f"after {result.train_seconds:.1f} s of training")
     if args.out:
         args.out.write_text(json.dumps({
             "config": args.config, "device": str(device),
             "machine": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "date": time.strftime("%Y-%m-%d"), "reached_seconds": reached, "curve": curve,
-            "selected_epoch": result.best_epoch, "selected_test_accuracy": selected_test,
+            "selected_epoch": result.kept_epoch, "selected_test_accuracy": selected_test,
             "train_seconds": result.train_seconds,
         }, indent=2))
 

@@ -29,9 +29,9 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from fmnist_hpo import config
-from fmnist_hpo.data import Split, load_dataset, make_splits
+from fmnist_hpo.data import Split, load_dataset, make_splits, normalize
 from fmnist_hpo.model import build_model
-from fmnist_hpo.train import normalize, prepare_trial, resolve_device, train_epoch
+from fmnist_hpo.train import prepare_trial, resolve_device, train_epoch
 
 
 def reference_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,

@@ -52,7 +52,7 @@ def test_a_resumed_trial_ends_with_the_same_metrics(data_dir: Path, tmp_path: Pa
     resumed = train_and_test(cfg, splits, CPU, resume=read_training_state(state_file))
     assert [m.val_loss for m in resumed.fit.history] == [m.val_loss for m in straight.fit.history]
     assert resumed.test_accuracy == straight.test_accuracy
-    assert resumed.fit.best_epoch == straight.fit.best_epoch
+    assert resumed.fit.kept_epoch == straight.fit.kept_epoch
 
 
 def test_a_crash_mid_write_keeps_the_previous_file(tmp_path: Path):

@@ -6,7 +6,9 @@ from conftest import tiny_raw
 
 from fmnist_hpo import config
 from fmnist_hpo.data import load_dataset, make_splits
-from fmnist_hpo.train import EarlyStopping, TrialDiverged, augment, normalize, resolve_device, train_and_test
+from fmnist_hpo.data import augment, normalize
+from fmnist_hpo.selection import kept_epoch
+from fmnist_hpo.train import EarlyStopping, TrialDiverged, evaluate, make_engine, resolve_device, train_and_test
 
 CPU = torch.device("cpu")
 
@@ -39,15 +41,40 @@ def test_smoke_run_learns_and_restores_the_best_epoch(data_dir: Path):
     losses = [m.train_loss for m in outcome.fit.history]
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0]
-    best = min(outcome.fit.history, key=lambda m: m.val_loss)
-    assert outcome.fit.best_epoch == best.epoch
+    best = max(outcome.fit.history, key=lambda m: (m.val_accuracy, -m.epoch))  # search.metric: val_accuracy
+    assert outcome.fit.kept_epoch == best.epoch
     assert 0.0 <= outcome.test_accuracy <= 1.0
+
+
+@pytest.mark.parametrize("metric", ["val_accuracy", "val_loss"])
+def test_kept_epoch_follows_the_search_metric_not_the_early_stopping_monitor(data_dir: Path, metric: str):
+    monitor = "val_loss" if metric == "val_accuracy" else "val_accuracy"
+    cfg = config.validate(tiny_raw(data_dir, train={"epochs": 5, "lr": 2e-2, "monitor": monitor, "patience": 5},
+                                   search={"metric": metric}))
+    splits = make_splits(load_dataset(cfg.data), cfg.data, CPU)
+    outcome = train_and_test(cfg, splits, CPU)
+    history = outcome.fit.history
+    assert outcome.fit.kept_epoch == kept_epoch(history, metric)
+    # the kept weights are that epoch's: re-scoring the validation split gives its figures exactly
+    engine = make_engine(cfg.train, CPU, 0)
+    val_loss, val_acc = evaluate(outcome.model, splits.val, engine, cfg.train.eval_batch_size)
+    assert (val_loss, val_acc) == (history[outcome.fit.kept_epoch].val_loss, history[outcome.fit.kept_epoch].val_accuracy)
+
+
+def test_kept_epoch_is_the_first_best_by_the_metric():
+    from fmnist_hpo.train import EpochMetrics
+
+    history = [EpochMetrics(i, 1.0, 0.5, loss, acc, 1e-3, 1.0)
+               for i, (loss, acc) in enumerate([(0.5, 0.80), (0.3, 0.85), (0.4, 0.90), (0.6, 0.90)])]
+    assert kept_epoch(history, "val_accuracy") == 2
+    assert kept_epoch(history, "val_loss") == 1
+    assert kept_epoch([], "val_loss") == -1
 
 
 def test_patience_stops_training_early(data_dir: Path):
     # lr so small that val loss barely moves: min_delta makes every epoch a non-improvement
     outcome = tiny_run(data_dir, train={"epochs": 6, "lr": 1e-7, "patience": 2, "min_delta": 1.0})
-    assert len(outcome.fit.history) == 3 and outcome.fit.stopped_early and outcome.fit.best_epoch == 0
+    assert len(outcome.fit.history) == 3 and outcome.fit.stopped_early and outcome.fit.kept_epoch == 0
 
 
 def test_same_seed_same_metrics(data_dir: Path):
@@ -87,6 +114,23 @@ def test_augmentation_keeps_shape_and_changes_pixels(data_dir: Path):
     out = augment(x, cfg, torch.Generator().manual_seed(0))
     assert out.shape == x.shape and not torch.equal(out, x)
     assert (out == 0).any()  # erased patches are set to the (normalised) mean
+
+
+def test_translation_brings_in_black_background_not_grey():
+    cfg = config.validate({"data": {"augment_translate": 3}}).data
+    x = normalize(torch.full((64, 1, 28, 28), 200, dtype=torch.uint8))
+    out = augment(x, cfg, torch.Generator().manual_seed(0))
+    black = normalize(torch.zeros(1, dtype=torch.uint8)).item()
+    shifted = out != x
+    assert shifted.any() and torch.allclose(out[shifted], torch.tensor(black))
+
+
+def test_onecycle_counts_only_the_batches_that_run():
+    from fmnist_hpo.data import batches, steps_per_epoch
+
+    for n, size in [(401, 50), (400, 50), (1, 64), (65, 64), (66, 64)]:
+        ran = sum(1 for _ in batches(n, size, torch.Generator().manual_seed(0), CPU))
+        assert steps_per_epoch(n, size) == max(1, ran)
 
 
 def test_unavailable_device_is_a_clear_error():

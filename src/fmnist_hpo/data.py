@@ -1,7 +1,7 @@
-"""Fashion-MNIST: IDX files -> uint8 arrays -> stratified splits -> tensors on the device.
+"""Fashion-MNIST: IDX files -> uint8 arrays -> stratified splits -> batches on the device.
 
 The whole dataset is 55 MB as uint8, so it is read once, moved to the training device once and
-batched there by slicing; normalisation happens per batch on the device (see train.py).
+batched there by slicing; each batch is normalised and augmented on the device.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import numpy as np
 from fmnist_hpo.errors import DataError
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     import torch
 
     from fmnist_hpo.config import DataConfig
@@ -212,3 +214,65 @@ class SplitCache:
             self._splits = make_splits(self.dataset, cfg, self.device)
             self._key = cfg
         return self._splits
+
+
+# --- batches on the device -----------------------------------------------------------------------
+
+BLACK = -FMNIST_MEAN / FMNIST_STD  # a pixel of 0 after normalisation: Fashion-MNIST's background
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> standardised float32, on whatever device the batch is."""
+    return images.float().mul_(1.0 / (255.0 * FMNIST_STD)).sub_(FMNIST_MEAN / FMNIST_STD)
+
+
+def augment(x: torch.Tensor, cfg: DataConfig, generator: torch.Generator) -> torch.Tensor:
+    """Flip, translate and erase a normalised batch, each image independently, on its device.
+
+    Translation brings in black background; erased patches take the mean pixel (0 once normalised),
+    as torchvision's RandomErasing does.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    n, _, h, w = x.shape
+    dev = x.device
+    if cfg.augment_flip:
+        flip = torch.rand(n, device=dev, generator=generator) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    if cfg.augment_translate:
+        t = cfg.augment_translate
+        padded = F.pad(x, (t, t, t, t), value=BLACK)
+        dy, dx = (torch.randint(0, 2 * t + 1, (2, n), device=dev, generator=generator))
+        rows = (torch.arange(h, device=dev)[None, :] + dy[:, None])[:, None, :, None].expand(n, 1, h, w + 2 * t)
+        cols = (torch.arange(w, device=dev)[None, :] + dx[:, None])[:, None, None, :].expand(n, 1, h, w)
+        x = padded.gather(2, rows).gather(3, cols)
+    if cfg.augment_erase:
+        erase = torch.rand(n, device=dev, generator=generator) < cfg.augment_erase
+        size = torch.randint(4, h // 2 + 1, (2, n), device=dev, generator=generator)
+        top = (torch.rand(n, device=dev, generator=generator) * (h - size[0])).long()
+        left = (torch.rand(n, device=dev, generator=generator) * (w - size[1])).long()
+        r = torch.arange(h, device=dev)[None, :]
+        c = torch.arange(w, device=dev)[None, :]
+        in_rows = (r >= top[:, None]) & (r < (top + size[0])[:, None])
+        in_cols = (c >= left[:, None]) & (c < (left + size[1])[:, None])
+        mask = (in_rows[:, :, None] & in_cols[:, None, :] & erase[:, None, None])[:, None]
+        x = x.masked_fill(mask, 0.0)
+    return x
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """How many batches `batches` yields for n images: a last batch of one image is dropped."""
+    full, rest = divmod(n, batch_size)
+    return max(1, full + (rest > 1))
+
+
+def batches(n: int, batch_size: int, generator: torch.Generator, device: torch.device) -> Iterator[torch.Tensor]:
+    """Index tensors of a shuffled epoch; a last batch of one image is dropped (BatchNorm needs two)."""
+    import torch
+
+    order = torch.randperm(n, device=device, generator=generator)
+    for start in range(0, n, batch_size):
+        idx = order[start:start + batch_size]
+        if idx.numel() > 1:
+            yield idx

@@ -11,7 +11,7 @@ from torch import nn
 
 from fmnist_hpo.data import CLASSES, IMAGE_SIZE
 from fmnist_hpo.errors import FmnistError
-from fmnist_hpo.train import normalize
+from fmnist_hpo.data import normalize
 
 
 class ImageError(FmnistError):

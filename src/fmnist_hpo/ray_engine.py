@@ -71,15 +71,15 @@ def ray_trial(params: dict[str, Any], base: dict[str, Any], dataset: Dataset) ->
             tune.report(dict(pending), checkpoint=tune.Checkpoint.from_directory(folder))
 
     outcome = train_and_test(cfg, splits, device, on_epoch, resume, save_state)
-    chosen = outcome.fit.best
+    chosen = outcome.fit.kept
     with tempfile.TemporaryDirectory() as folder:
         save_checkpoint(Path(folder) / MODEL_FILE, outcome.model, config_module.to_dict(cfg)["model"],
-                        best_epoch=outcome.fit.best_epoch)
+                        best_epoch=outcome.fit.kept_epoch)
         tune.report({"final": 1, "objective": best, "best_train_accuracy": chosen.train_accuracy,
                      "best_val_accuracy": chosen.val_accuracy, "best_val_loss": chosen.val_loss,
                      "test_accuracy": outcome.test_accuracy, "test_loss": outcome.test_loss,
                      "total_parameters": outcome.total_parameters, "train_seconds": outcome.fit.train_seconds,
-                     "epochs_run": len(outcome.fit.history), "best_epoch": outcome.fit.best_epoch},
+                     "epochs_run": len(outcome.fit.history), "best_epoch": outcome.fit.kept_epoch},
                     checkpoint=tune.Checkpoint.from_directory(folder))
 
 

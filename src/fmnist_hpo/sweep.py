@@ -332,7 +332,7 @@ class Sweep:
         record.pruned_at = outcome.fit.pruned_at
         if record.pruned_at is not None:
             self.tracker.set_tags(record.run_id, {"pruned": "true", "pruned_at_epoch": record.pruned_at})
-        best = outcome.fit.best
+        best = outcome.fit.kept
         record.best_train_accuracy = best.train_accuracy
         record.best_val_accuracy, record.best_val_loss = best.val_accuracy, best.val_loss
         record.test_accuracy, record.test_loss = outcome.test_accuracy, outcome.test_loss
@@ -341,10 +341,10 @@ class Sweep:
         record.total_parameters = outcome.total_parameters
         path = self.models_dir / f"{record.run_id}.pt"
         record.checkpoint = save_checkpoint(path, outcome.model, config_module.to_dict(cfg)["model"],
-                                            run_id=record.run_id, best_epoch=outcome.fit.best_epoch)
+                                            run_id=record.run_id, best_epoch=outcome.fit.kept_epoch)
         self.tracker.log_file(record.run_id, path, "checkpoint")
         state_path.unlink(missing_ok=True)
-        self.tracker.set_tags(record.run_id, {"best_epoch": outcome.fit.best_epoch,
+        self.tracker.set_tags(record.run_id, {"best_epoch": outcome.fit.kept_epoch,
                                               "wall_seconds": f"{time.perf_counter() - start:.1f}"})
         if self.cfg.mlflow.log_model == "all":
             self.log_model(record)

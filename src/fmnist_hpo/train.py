@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fmnist_hpo.data import FMNIST_MEAN, FMNIST_STD, Split, Splits
+from fmnist_hpo.data import Split, Splits, augment, batches, normalize, steps_per_epoch
 from fmnist_hpo.errors import DeviceError
+from fmnist_hpo.selection import maximizes
 
 if TYPE_CHECKING:
     from fmnist_hpo.config import Config, DataConfig, TrainConfig
@@ -54,48 +55,6 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
     if name == "fp16" and device.type == "cpu":
         raise DeviceError("train.precision: fp16 needs cuda or mps; use bf16 or fp32 on cpu")
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
-
-
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels -> standardised float32, on whatever device the batch is."""
-    return images.float().mul_(1.0 / (255.0 * FMNIST_STD)).sub_(FMNIST_MEAN / FMNIST_STD)
-
-
-def augment(x: torch.Tensor, cfg: DataConfig, generator: torch.Generator) -> torch.Tensor:
-    """Flip, translate and erase a normalised batch, each image independently, on its device."""
-    n, _, h, w = x.shape
-    dev = x.device
-    if cfg.augment_flip:
-        flip = torch.rand(n, device=dev, generator=generator) < 0.5
-        x = torch.where(flip[:, None, None, None], x.flip(3), x)
-    if cfg.augment_translate:
-        t = cfg.augment_translate
-        padded = F.pad(x, (t, t, t, t))
-        dy, dx = (torch.randint(0, 2 * t + 1, (2, n), device=dev, generator=generator))
-        rows = (torch.arange(h, device=dev)[None, :] + dy[:, None])[:, None, :, None].expand(n, 1, h, w + 2 * t)
-        cols = (torch.arange(w, device=dev)[None, :] + dx[:, None])[:, None, None, :].expand(n, 1, h, w)
-        x = padded.gather(2, rows).gather(3, cols)
-    if cfg.augment_erase:
-        erase = torch.rand(n, device=dev, generator=generator) < cfg.augment_erase
-        size = torch.randint(4, h // 2 + 1, (2, n), device=dev, generator=generator)
-        top = (torch.rand(n, device=dev, generator=generator) * (h - size[0])).long()
-        left = (torch.rand(n, device=dev, generator=generator) * (w - size[1])).long()
-        r = torch.arange(h, device=dev)[None, :]
-        c = torch.arange(w, device=dev)[None, :]
-        in_rows = (r >= top[:, None]) & (r < (top + size[0])[:, None])
-        in_cols = (c >= left[:, None]) & (c < (left + size[1])[:, None])
-        mask = (in_rows[:, :, None] & in_cols[:, None, :] & erase[:, None, None])[:, None]
-        x = x.masked_fill(mask, 0.0)
-    return x
-
-
-def batches(n: int, batch_size: int, generator: torch.Generator, device: torch.device) -> Iterator[torch.Tensor]:
-    """Index tensors of a shuffled epoch; a last batch of one image is dropped (BatchNorm needs two)."""
-    order = torch.randperm(n, device=device, generator=generator)
-    for start in range(0, n, batch_size):
-        idx = order[start:start + batch_size]
-        if idx.numel() > 1:
-            yield idx
 
 
 @dataclass
@@ -140,15 +99,15 @@ class EpochMetrics:
 @dataclass
 class FitResult:
     history: list[EpochMetrics]
-    best_epoch: int
+    kept_epoch: int  # the best epoch by the sweep's metric
     best_state: dict[str, torch.Tensor]
     train_seconds: float
     stopped_early: bool
     pruned_at: int | None = None  # the epoch after which a pruner stopped the trial
 
     @property
-    def best(self) -> EpochMetrics:
-        return self.history[self.best_epoch]
+    def kept(self) -> EpochMetrics:
+        return self.history[self.kept_epoch]
 
 
 @dataclass
@@ -249,18 +208,21 @@ def fit(model: nn.Module, splits: Splits, cfg: Config, engine: Engine,
         resume: dict[str, Any] | None = None,
         save_state: Callable[[dict[str, Any]], None] | None = None,
         should_prune: Callable[[EpochMetrics], bool] | None = None) -> FitResult:
-    """Train with early stopping on the validation split and return the best epoch's weights.
+    """Train with early stopping on the validation split and return the kept epoch's weights.
 
+    The kept epoch is the best by the sweep's metric (cfg.search.metric, see selection.py); early
+    stopping watches cfg.train.monitor with its own patience and only decides when to stop.
     save_state receives, after every epoch, everything needed to continue (see training_state);
     passing that dict back as resume continues from the next epoch with the same result.
     should_prune(metrics) -> True ends training after that epoch, like early stopping does.
     """
     train_cfg = cfg.train
     optimizer = torch.optim.Adam(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
-    steps = max(1, sum(1 for _ in range(0, len(splits.train), train_cfg.batch_size)))
+    steps = steps_per_epoch(len(splits.train), train_cfg.batch_size)
     schedulers = make_schedulers(optimizer, train_cfg, steps)
     epoch_scheduler, step_scheduler = schedulers
-    loop = LoopState(EarlyStopping(train_cfg.patience, train_cfg.min_delta, maximize=train_cfg.monitor == "val_accuracy"),
+    loop = LoopState(EarlyStopping(train_cfg.patience, train_cfg.min_delta, maximize=maximizes(train_cfg.monitor)),
+                     keeper=EarlyStopping(None, 0.0, maximize=maximizes(cfg.search.metric)),
                      best_state=_snapshot(model))
     if resume is not None:
         restore_training_state(resume, loop, model, optimizer, schedulers, engine)
@@ -283,7 +245,8 @@ def fit(model: nn.Module, splits: Splits, cfg: Config, engine: Engine,
         loop.train_seconds += seconds
         metrics = EpochMetrics(epoch, train_loss, train_acc, val_loss, val_acc, lr, seconds)
         loop.history.append(metrics)
-        if stopper.update(val_acc if stopper.maximize else val_loss, epoch):
+        stopper.update(val_acc if stopper.maximize else val_loss, epoch)
+        if loop.keeper.update(val_acc if loop.keeper.maximize else val_loss, epoch):
             loop.best_state = _snapshot(model)
         loop.next_epoch = epoch + 1
         if on_epoch is not None:
@@ -294,7 +257,7 @@ def fit(model: nn.Module, splits: Splits, cfg: Config, engine: Engine,
             pruned_at = epoch
             break
     model.load_state_dict(loop.best_state)
-    return FitResult(loop.history, stopper.best_epoch, loop.best_state, loop.train_seconds,
+    return FitResult(loop.history, loop.keeper.best_epoch, loop.best_state, loop.train_seconds,
                      stopped_early=len(loop.history) < train_cfg.epochs, pruned_at=pruned_at)
 
 
@@ -302,8 +265,9 @@ def fit(model: nn.Module, splits: Splits, cfg: Config, engine: Engine,
 class LoopState:
     """What fit() carries from one epoch to the next."""
 
-    stopper: EarlyStopping
-    best_state: dict[str, torch.Tensor]
+    stopper: EarlyStopping  # watches train.monitor: when to stop
+    keeper: EarlyStopping  # watches search.metric: which epoch to keep
+    best_state: dict[str, torch.Tensor]  # the kept epoch's weights
     history: list[EpochMetrics] = field(default_factory=list)
     train_seconds: float = 0.0
     next_epoch: int = 0
@@ -318,7 +282,8 @@ def training_state(loop: LoopState, model: nn.Module, optimizer: torch.optim.Opt
         "optimizer": optimizer.state_dict(),
         "schedulers": [s.state_dict() if s is not None else None for s in schedulers],
         "scaler": engine.scaler.state_dict() if engine.scaler is not None else None,
-        "stopper": {"best": loop.stopper.best, "best_epoch": loop.stopper.best_epoch, "stale": loop.stopper.stale},
+        "stopper": _tracker_state(loop.stopper),
+        "keeper": _tracker_state(loop.keeper),
         "best_state": loop.best_state,
         "history": [dataclasses.asdict(m) for m in loop.history],
         "train_seconds": loop.train_seconds,
@@ -342,8 +307,8 @@ def restore_training_state(state: dict[str, Any], loop: LoopState, model: nn.Mod
     if state["cuda_rng"]:
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     engine.generator.set_state(state["engine_rng"])
-    loop.stopper.best, loop.stopper.best_epoch, loop.stopper.stale = (
-        state["stopper"]["best"], state["stopper"]["best_epoch"], state["stopper"]["stale"])
+    _restore_tracker(loop.stopper, state["stopper"])
+    _restore_tracker(loop.keeper, state["keeper"])
     loop.best_state = state["best_state"]
     loop.history = [EpochMetrics(**m) for m in state["history"]]
     loop.train_seconds = state["train_seconds"]
@@ -385,6 +350,14 @@ def train_and_test(cfg: Config, splits: Splits, device: torch.device,
     result = fit(model, splits, cfg, engine, on_epoch, resume, save_state, should_prune)
     test_loss, test_acc = evaluate(model, splits.test, engine, cfg.train.eval_batch_size)
     return TrialOutcome(model, result, test_loss, test_acc, count_parameters(model))
+
+
+def _tracker_state(tracker: EarlyStopping) -> dict[str, float]:
+    return {"best": tracker.best, "best_epoch": tracker.best_epoch, "stale": tracker.stale}
+
+
+def _restore_tracker(tracker: EarlyStopping, saved: dict[str, float]) -> None:
+    tracker.best, tracker.best_epoch, tracker.stale = saved["best"], int(saved["best_epoch"]), int(saved["stale"])
 
 
 def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:

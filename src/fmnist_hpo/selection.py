@@ -1,0 +1,84 @@
+"""The one definition of honest selection: what a trial keeps and what a sweep picks.
+
+A trial keeps the epoch with the best value of the sweep's metric on the validation split; its
+checkpoint, its objective and its test score all come from that epoch. A sweep picks the
+configuration whose finished, unpruned runs have the best mean objective; with repeats, its figures
+are means over those runs. Nothing here ever looks at a test metric to choose.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+METRICS = ("val_accuracy", "val_loss")
+
+
+def maximizes(metric: str) -> bool:
+    return metric == "val_accuracy"
+
+
+def objective(metric: str, val_loss: float, val_accuracy: float) -> float:
+    """What the search minimises: val_loss, or minus val_accuracy."""
+    return val_loss if metric == "val_loss" else -val_accuracy
+
+
+class Epoch(Protocol):
+    val_loss: float
+    val_accuracy: float
+
+
+def kept_epoch(history: Sequence[Epoch], metric: str) -> int:
+    """Index of the first epoch with the best value of metric (-1 for no epochs)."""
+    values = [objective(metric, m.val_loss, m.val_accuracy) for m in history]
+    finite = [i for i, v in enumerate(values) if math.isfinite(v)]
+    return min(finite, key=lambda i: (values[i], i), default=-1)
+
+
+class Run(Protocol):
+    """A trial as selection sees it; both the live TrialRecord and the stored LoggedTrial are one."""
+
+    run_id: str
+    repeat: int
+
+    @property
+    def config_key(self) -> Hashable: ...
+
+    def eligible(self) -> bool: ...
+
+    def objective(self, metric: str) -> float: ...
+
+
+@dataclass
+class Selection:
+    """The selected configuration: its runs (repeats), and the run whose model stands for it."""
+
+    runs: list  # of Run, the configuration's eligible repeats
+    representative: Run  # the repeat with the best validation objective: its model is evaluated and registered
+    mean_objective: float
+
+    def mean(self, value_of) -> float:  # type: ignore[no-untyped-def]
+        values = [v for v in (value_of(r) for r in self.runs) if v is not None and math.isfinite(v)]
+        return statistics.fmean(values) if values else math.nan
+
+    def std(self, value_of) -> float:  # type: ignore[no-untyped-def]
+        values = [v for v in (value_of(r) for r in self.runs) if v is not None and math.isfinite(v)]
+        return statistics.stdev(values) if len(values) > 1 else math.nan
+
+
+def select(runs: Sequence[Run], metric: str) -> Selection | None:
+    """The configuration with the best mean validation objective over its eligible runs, or None."""
+    groups: dict[Hashable, list[Run]] = {}
+    for run in runs:
+        if run.eligible() and math.isfinite(run.objective(metric)):
+            groups.setdefault(run.config_key, []).append(run)
+    if not groups:
+        return None
+    means = {key: statistics.fmean(r.objective(metric) for r in members) for key, members in groups.items()}
+    best_key = min(means, key=lambda key: (means[key], min(r.repeat for r in groups[key])))
+    members = sorted(groups[best_key], key=lambda r: r.repeat)
+    representative = min(members, key=lambda r: r.objective(metric))
+    return Selection(members, representative, means[best_key])
