@@ -5,8 +5,7 @@ import torch
 from conftest import tiny_raw
 
 from fmnist_hpo import config
-from fmnist_hpo.data import load_dataset, make_splits
-from fmnist_hpo.data import augment, normalize
+from fmnist_hpo.data import augment, load_dataset, make_splits, normalize
 from fmnist_hpo.selection import kept_epoch
 from fmnist_hpo.train import EarlyStopping, TrialDiverged, evaluate, make_engine, resolve_device, train_and_test
 

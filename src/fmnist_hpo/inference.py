@@ -9,9 +9,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from fmnist_hpo.data import CLASSES, IMAGE_SIZE
+from fmnist_hpo.data import CLASSES, IMAGE_SIZE, normalize
 from fmnist_hpo.errors import FmnistError
-from fmnist_hpo.data import normalize
 
 
 class ImageError(FmnistError):
