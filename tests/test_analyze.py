@@ -17,21 +17,28 @@ from fmnist_hpo.stats import compare, summarize
 from fmnist_hpo.tracking import Tracker
 
 runner = CliRunner()
-ALPHA_TEST = [0.90, 0.91, 0.92]
-BETA_TEST = [0.85, 0.86, 0.88, 0.87]
+# alpha and delta: one configuration run with several seeds (repeats); beta: a TPE sweep over filters.
+# Validation and test rankings disagree on purpose: whatever ranks on test instead of validation fails.
+ALPHA_TEST, ALPHA_VAL = [0.90, 0.91, 0.92], [0.93, 0.925, 0.915]
+BETA_TEST, BETA_VAL = [0.85, 0.86, 0.88, 0.87], [0.90, 0.86, 0.87, 0.88]
+DELTA_TEST = [0.85, 0.86, 0.88, 0.87]
 
 
-def log_trial(tracker: Tracker, parent: str, number: int, values: dict, test: float, val: float, status="FINISHED"):
+def log_trial(tracker: Tracker, parent: str, number: int, values: dict, test: float, val: float, status="FINISHED",
+              point: int | None = None, repeat: int = 0, algo: str = "tpe"):
     import yaml
 
-    run = tracker.start_run(f"trial-{number:03d}", params={"train.epochs": 3},
-                            tags={"fmnist.role": "trial", "trial": str(number), "sampled": yaml.safe_dump(values)},
+    point = number if point is None else point
+    run = tracker.start_run(f"trial-{number:03d}", params={"train.epochs": 3, "search.algo": algo},
+                            tags={"fmnist.role": "trial", "trial": str(number), "point": str(point),
+                                  "repeat": str(repeat), "sampled": yaml.safe_dump(values)},
                             parent_id=parent)
     if status == "FINISHED":
         for epoch in range(3):
             tracker.log_metrics(run, {"val_loss": 1.0 / (epoch + 1) + number, "val_accuracy": val - 0.01 * (2 - epoch)},
                                 step=epoch)
-        tracker.log_metrics(run, {"test_accuracy": test, "best_val_accuracy": val, "best_train_accuracy": test + 0.05,
+        tracker.log_metrics(run, {"test_accuracy": test, "kept_val_accuracy": val, "kept_val_loss": 1.0 - val,
+                                  "kept_train_accuracy": test + 0.05, "kept_epoch": 2,
                                   "total_parameters": 1000 * (number + 1), "train_seconds": 10.0 + number,
                                   "epochs_run": 3})
     tracker.end_run(run, status)
@@ -40,14 +47,22 @@ def log_trial(tracker: Tracker, parent: str, number: int, values: dict, test: fl
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> str:
     uri = f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
-    for name, tests, filters in (("alpha", ALPHA_TEST, [64, 64, 128]), ("beta", BETA_TEST, [32, 32, 64, 64])):
-        tracker = Tracker(uri, name)
-        parent = tracker.start_run("sweep", params={"description": f"{name} sweep"}, tags={"fmnist.role": "sweep"})
-        for i, (test, f) in enumerate(zip(tests, filters, strict=True)):
-            log_trial(tracker, parent, i, {"model.filters": f}, test, test + 0.005)
-        if name == "beta":
-            log_trial(tracker, parent, len(tests), {"model.filters": 64}, 0.0, 0.0, status="FAILED")
-        tracker.end_run(parent)
+    tracker = Tracker(uri, "alpha")
+    parent = tracker.start_run("sweep", params={"description": "alpha sweep"}, tags={"fmnist.role": "sweep"})
+    for i, (test, val) in enumerate(zip(ALPHA_TEST, ALPHA_VAL, strict=True)):
+        log_trial(tracker, parent, i, {}, test, val, point=0, repeat=i)
+    tracker.end_run(parent)
+    tracker = Tracker(uri, "beta")
+    parent = tracker.start_run("sweep", params={"description": "beta sweep"}, tags={"fmnist.role": "sweep"})
+    for i, (test, val, f) in enumerate(zip(BETA_TEST, BETA_VAL, [32, 32, 64, 64], strict=True)):
+        log_trial(tracker, parent, i, {"model.filters": f}, test, val)
+    log_trial(tracker, parent, len(BETA_TEST), {"model.filters": 64}, 0.0, 0.0, status="FAILED")
+    tracker.end_run(parent)
+    tracker = Tracker(uri, "delta")
+    parent = tracker.start_run("sweep", params={"description": "delta sweep"}, tags={"fmnist.role": "sweep"})
+    for i, test in enumerate(DELTA_TEST):
+        log_trial(tracker, parent, i, {}, test, test + 0.005, point=0, repeat=i)
+    tracker.end_run(parent)
     Tracker(uri, "empty").start_run("sweep", params={}, tags={"fmnist.role": "trial"})
     return uri
 
@@ -72,10 +87,24 @@ def test_summary_numbers_match_hand_computation(store: str):
     assert alpha["test_mean"] == pytest.approx(mean, abs=1e-6)
     assert alpha["test_std"] == pytest.approx(std, abs=1e-6)
     assert alpha["test_ci95"] == pytest.approx([mean - half, mean + half], abs=1e-6)
-    assert alpha["selected_test_accuracy"] == pytest.approx(0.92)  # the trial with the best validation accuracy
+    # one configuration: the selection is all three repeats, and its figures are their means
+    assert alpha["selected_runs"] == 3
+    assert alpha["selected_test_accuracy"] == pytest.approx(mean) and alpha["selected_test_std"] == pytest.approx(std)
+    assert alpha["selected_val_accuracy"] == pytest.approx(sum(ALPHA_VAL) / 3)
     assert alpha["mean_gap"] == pytest.approx(0.05, abs=1e-6)
     assert alpha["median_parameters"] == 2000
     assert beta["finished"] == 4 and beta["failed"] == 1
+    # beta's best validation trial (0) has the worst test accuracy: selection must not look at test
+    assert beta["selected_runs"] == 1 and beta["selected_test_accuracy"] == pytest.approx(0.85)
+    assert beta["selected_val_accuracy"] == pytest.approx(0.90)
+
+
+def test_top_trials_are_ranked_on_validation_not_test(store: str):
+    section = sections_of(analyze(store, "-e", "beta", "--format", "json"))["beta: top trials by validation (val_accuracy)"]
+    assert [r["trial"] for r in section["rows"]] == [0, 3, 2, 1]
+    assert "repeat" not in section["columns"]
+    alpha = sections_of(analyze(store, "-e", "alpha", "--format", "json"))["alpha: top trials by validation (val_accuracy)"]
+    assert [r["repeat"] for r in alpha["rows"]] == [0, 1, 2]
 
 
 def test_per_parameter_groups(store: str):
@@ -87,9 +116,9 @@ def test_per_parameter_groups(store: str):
 
 
 def test_compare_is_welch_t_test(store: str):
-    result = sections_of(analyze(store, "--compare", "alpha", "beta", "--format", "json"))
-    row = result["alpha vs beta (test_accuracy)"]["rows"][0]
-    a, b = np.array(ALPHA_TEST), np.array(BETA_TEST)
+    result = sections_of(analyze(store, "--compare", "alpha", "delta", "--format", "json"))
+    row = result["alpha vs delta (test_accuracy)"]["rows"][0]
+    a, b = np.array(ALPHA_TEST), np.array(DELTA_TEST)
     va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
     t = (a.mean() - b.mean()) / math.sqrt(va + vb)
     df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
@@ -98,7 +127,21 @@ def test_compare_is_welch_t_test(store: str):
     assert row["difference"] == pytest.approx(a.mean() - b.mean(), abs=1e-6)
     assert row["p_value"] == pytest.approx(p, abs=1e-6)
     assert row["difference_ci95"] == pytest.approx([a.mean() - b.mean() - half, a.mean() - b.mean() + half], abs=1e-6)
-    assert "alpha beats beta" in row["verdict"] and "preliminary" in row["verdict"]
+    assert "alpha beats delta" in row["verdict"] and "preliminary" in row["verdict"] and "n = 3 vs 4" in row["verdict"]
+
+
+def test_groups_a_search_sampled_are_exploratory(store: str):
+    result = sections_of(analyze(store, "--compare", "alpha", "beta", "--format", "json"))
+    row = result["alpha vs beta (test_accuracy)"]["rows"][0]
+    assert row["p_value"] < 0.05  # the numbers are still shown ...
+    assert row["verdict"].startswith("exploratory (n = 3 vs 4)") and "beats" not in row["verdict"]  # ... no claim
+
+
+def test_a_missing_value_is_left_out_of_the_test_too():
+    with_nan = compare([0.90, math.nan, 0.91, 0.92], [0.85, 0.86, 0.88, 0.87])
+    clean = compare([0.90, 0.91, 0.92], [0.85, 0.86, 0.88, 0.87])
+    assert with_nan.p_value == pytest.approx(clean.p_value) and math.isfinite(with_nan.p_value)
+    assert with_nan.ci_low > 0 and "beats" in with_nan.verdict
 
 
 def test_compare_groups_within_one_experiment(store: str):
@@ -106,6 +149,7 @@ def test_compare_groups_within_one_experiment(store: str):
     row = result["beta:model.filters=64 vs beta:model.filters=32 (test_accuracy)"]["rows"][0]
     assert (row["n_a"], row["n_b"]) == (2, 2)
     assert row["mean_a"] == pytest.approx(0.875) and row["mean_b"] == pytest.approx(0.855)
+    assert row["verdict"].startswith("exploratory")  # TPE's samples differ in more than this key
 
 
 def test_verdicts_do_not_overclaim():
@@ -144,15 +188,18 @@ def test_report_is_written(store: str, tmp_path: Path):
     result = analyze(store, "--all", "--report", str(tmp_path / "findings.md"), "--format", "json")
     assert result.exit_code == 0, result.stderr
     text = (tmp_path / "findings.md").read_text()
-    assert "## Round 1: alpha" in text and "## Round 2: beta" in text and "## Conclusions" in text
+    assert "## alpha" in text and "## beta" in text and "## Conclusions" in text
     assert "alpha sweep" in text
-    assert "1. alpha: 92.00% test accuracy" in text
+    # ranked on validation: alpha (92.33%), beta (90.00%, though its selected test is the lowest), delta
+    assert "1. alpha: validation 92.33%, test 91.00% (selected configuration, 3 runs)" in text
+    assert "2. beta: validation 90.00%, test 85.00%" in text and "3. delta:" in text
+    assert "alpha against beta (the top two on validation)" in text and "exploratory" in text
 
 
 def test_unknown_experiment_lists_the_known_ones(store: str):
     result = analyze(store, "-e", "gamma")
     assert result.exit_code == 2 and result.stderr.count("\n") == 1
-    assert "unknown experiment 'gamma'; known experiments: alpha, beta, empty" in result.stderr
+    assert "unknown experiment 'gamma'; known experiments: alpha, beta, delta, empty" in result.stderr
 
 
 def test_no_finished_runs_says_so(store: str):

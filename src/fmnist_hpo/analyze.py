@@ -1,7 +1,8 @@
-"""Logged trials -> sections of numbers (summary, top trials, per-parameter, comparisons) and a report.
+"""Logged trials -> sections of numbers (summary, top trials, per-parameter, comparisons).
 
-Every section is plain data (`Section`: a title, column names and rows of raw values); render.py
-turns the same sections into a table, markdown, CSV or JSON, so every format shows the same numbers.
+Every section is plain data (render.Section); render.py turns the same sections into a table,
+markdown, CSV or JSON. Selection and every ranking use the validation split (selection.py); test
+accuracy is only ever reported. Significance verdicts are given only where the design supports them.
 """
 
 from __future__ import annotations
@@ -9,27 +10,20 @@ from __future__ import annotations
 import itertools
 import math
 import statistics
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from fmnist_hpo.errors import FmnistError
-from fmnist_hpo.stats import compare, summarize
-from fmnist_hpo.tracking import LoggedTrial, best_of
+from fmnist_hpo.records import LoggedTrial
+from fmnist_hpo.render import Section
+from fmnist_hpo.selection import Selection, select
+from fmnist_hpo.stats import Comparison, compare, summarize
 
-ACCURACY_METRICS = ("best_val_accuracy", "test_accuracy")
+ACCURACY_METRICS = ("kept_val_accuracy", "test_accuracy")
 MAX_GROUPS = 8  # more distinct values (more than 4 for a continuous one) are grouped into quartile ranges
 
 
 class AnalysisError(FmnistError):
     """An analysis request that the logged runs cannot answer."""
-
-
-@dataclass
-class Section:
-    title: str
-    columns: list[str]
-    rows: list[dict[str, Any]] = field(default_factory=list)
 
 
 def finished(trials: list[LoggedTrial]) -> list[LoggedTrial]:
@@ -40,22 +34,32 @@ def metric_values(trials: list[LoggedTrial], key: str) -> list[float]:
     return [t.metrics[key] for t in trials if key in t.metrics]
 
 
-def selected_trial(trials: list[LoggedTrial]) -> LoggedTrial | None:
-    """The trial the validation split picks, by the sweep's own search metric (never the test set)."""
-    return best_of(trials)
+def search_metric(trials: list[LoggedTrial]) -> str:
+    return trials[0].search_metric if trials else "val_accuracy"
+
+
+def selection_of(trials: list[LoggedTrial]) -> Selection | None:
+    """The configuration the validation split selects, by the sweep's own metric (never the test set)."""
+    return select(trials, search_metric(trials))
+
+
+def has_repeats(trials: list[LoggedTrial]) -> bool:
+    return any(t.repeat for t in trials)
 
 
 def summary_row(experiment: str, trials: list[LoggedTrial]) -> dict[str, Any]:
     done = finished(trials)
-    best = selected_trial(trials)
-    val, test = summarize(metric_values(done, "best_val_accuracy")), summarize(metric_values(done, "test_accuracy"))
-    gaps = [t.metrics["best_train_accuracy"] - t.metrics["test_accuracy"] for t in done if "best_train_accuracy" in t.metrics]
+    chosen = selection_of(trials)
+    val, test = summarize(metric_values(done, "kept_val_accuracy")), summarize(metric_values(done, "test_accuracy"))
+    gaps = [t.metrics["kept_train_accuracy"] - t.metrics["test_accuracy"] for t in done if "kept_train_accuracy" in t.metrics]
     return {
         "experiment": experiment,
         "finished": len(done),
         "failed": sum(t.status == "FAILED" for t in trials),
-        "best_val_accuracy": best.metrics["best_val_accuracy"] if best else math.nan,
-        "selected_test_accuracy": best.metrics["test_accuracy"] if best else math.nan,
+        "selected_runs": len(chosen.runs) if chosen else 0,
+        "selected_val_accuracy": chosen.mean(lambda t: t.metrics["kept_val_accuracy"]) if chosen else math.nan,
+        "selected_test_accuracy": chosen.mean(lambda t: t.metrics["test_accuracy"]) if chosen else math.nan,
+        "selected_test_std": chosen.std(lambda t: t.metrics["test_accuracy"]) if chosen else math.nan,
         "val_mean": val.mean, "val_std": val.std, "val_ci95": [val.ci_low, val.ci_high],
         "test_mean": test.mean, "test_std": test.std, "test_ci95": [test.ci_low, test.ci_high],
         "median_parameters": _median(metric_values(done, "total_parameters")),
@@ -72,14 +76,24 @@ def _median(values: list[float]) -> float:
 SUMMARY_COLUMNS = list(summary_row("", []).keys())
 
 
+def ranked_by_validation(trials: list[LoggedTrial]) -> list[LoggedTrial]:
+    """Finished trials, best first by the sweep's metric on validation; ties in trial order."""
+    metric = search_metric(trials)
+    return sorted(finished(trials), key=lambda t: (_nan_last(t.objective(metric)), t.number))
+
+
+def _nan_last(value: float) -> float:
+    return value if math.isfinite(value) else math.inf
+
+
 def top_trials(experiment: str, trials: list[LoggedTrial], limit: int = 5) -> Section:
     keys = searched_keys(trials)
-    ranked = sorted(finished(trials), key=lambda t: -t.metrics.get("best_val_accuracy", -math.inf))[:limit]
-    section = Section(f"{experiment}: top trials by validation accuracy",
-                      ["trial", "repeat", *keys, "best_val_accuracy", "test_accuracy", "epochs_run", "total_parameters"])
-    for t in ranked:
+    repeat = ["repeat"] if has_repeats(trials) else []
+    section = Section(f"{experiment}: top trials by validation ({search_metric(trials)})",
+                      ["trial", *repeat, *keys, "kept_val_accuracy", "test_accuracy", "epochs_run", "total_parameters"])
+    for t in ranked_by_validation(trials)[:limit]:
         section.rows.append({"trial": t.number, "repeat": t.repeat, **{k: t.values.get(k) for k in keys},
-                             "best_val_accuracy": t.metrics.get("best_val_accuracy"),
+                             "kept_val_accuracy": t.metrics.get("kept_val_accuracy"),
                              "test_accuracy": t.metrics.get("test_accuracy"),
                              "epochs_run": t.metrics.get("epochs_run"), "total_parameters": t.metrics.get("total_parameters")})
     return section
@@ -129,10 +143,47 @@ def by_parameter(experiment: str, trials: list[LoggedTrial]) -> Section:
                       ["parameter", "value", "n", "val_mean", "val_std", "test_mean", "test_std"])
     for key in searched_keys(trials):
         for label, members in parameter_groups(trials, key):
-            val = summarize(metric_values(members, "best_val_accuracy"))
+            val = summarize(metric_values(members, "kept_val_accuracy"))
             test = summarize(metric_values(members, "test_accuracy"))
             section.rows.append({"parameter": key, "value": label, "n": val.n, "val_mean": val.mean,
                                  "val_std": val.std, "test_mean": test.mean, "test_std": test.std})
+    return section
+
+
+# --- comparisons: a test only where the design supports one -----------------------------------------
+
+
+def design_of(group: list[LoggedTrial]) -> str | None:
+    """Why a group's runs differ only by chance: 'repeats' (one configuration, several seeds) or 'grid'
+    (a value of a grid search, crossed evenly with every other value); None for runs a TPE, random or
+    anneal search happened to sample, which differ in other keys too (exploratory only)."""
+    if not group:
+        return None
+    if len({t.config_key for t in group}) == 1:
+        return "repeats"
+    if all(t.params.get("search.algo") == "grid" for t in group) and len({t.config_key[0] for t in group}) == 1:
+        return "grid"
+    return None
+
+
+def tested_comparison(a: list[LoggedTrial], b: list[LoggedTrial], metric: str, a_name: str, b_name: str) -> Comparison:
+    """Welch's comparison of two groups; its verdict is labelled exploratory when the design cannot support one."""
+    result = compare(metric_values(a, metric), metric_values(b, metric), a_name, b_name)
+    if design_of(a) and design_of(b):
+        return result
+    return result.exploratory(f"exploratory (n = {result.a.n} vs {result.b.n}): these runs were sampled by a search "
+                              "and differ in other keys too, so no significance is claimed")
+
+
+def comparison_section(a_spec: str, a_trials: list[LoggedTrial], b_spec: str, b_trials: list[LoggedTrial],
+                       metric: str = "test_accuracy") -> Section:
+    result = tested_comparison(a_trials, b_trials, metric, a_spec, b_spec)
+    section = Section(f"{a_spec} vs {b_spec} ({metric})",
+                      ["a", "b", "n_a", "n_b", "mean_a", "mean_b", "difference", "difference_ci95", "p_value", "verdict"])
+    section.rows.append({"a": a_spec, "b": b_spec, "n_a": result.a.n, "n_b": result.b.n, "mean_a": result.a.mean,
+                         "mean_b": result.b.mean, "difference": result.difference,
+                         "difference_ci95": [result.ci_low, result.ci_high], "p_value": result.p_value,
+                         "verdict": result.verdict})
     return section
 
 
@@ -153,18 +204,6 @@ def select_group(trials: list[LoggedTrial], key: str | None, value: str | None) 
     return [t for t in finished(trials) if key in t.values and _label(_hashable(t.values[key])) == value]
 
 
-def comparison_section(a_spec: str, a_trials: list[LoggedTrial], b_spec: str, b_trials: list[LoggedTrial],
-                       metric: str = "test_accuracy") -> Section:
-    result = compare(metric_values(a_trials, metric), metric_values(b_trials, metric), a_spec, b_spec)
-    section = Section(f"{a_spec} vs {b_spec} ({metric})",
-                      ["a", "b", "n_a", "n_b", "mean_a", "mean_b", "difference", "difference_ci95", "p_value", "verdict"])
-    section.rows.append({"a": a_spec, "b": b_spec, "n_a": result.a.n, "n_b": result.b.n, "mean_a": result.a.mean,
-                         "mean_b": result.b.mean, "difference": result.difference,
-                         "difference_ci95": [result.ci_low, result.ci_high], "p_value": result.p_value,
-                         "verdict": result.verdict})
-    return section
-
-
 def analysis_sections(trials_by_experiment: dict[str, list[LoggedTrial]]) -> list[Section]:
     summary = Section("Summary", SUMMARY_COLUMNS,
                       [summary_row(name, trials) for name, trials in trials_by_experiment.items()])
@@ -176,66 +215,3 @@ def analysis_sections(trials_by_experiment: dict[str, list[LoggedTrial]]) -> lis
         if searched_keys(trials):
             sections.append(by_parameter(name, trials))
     return sections
-
-
-@dataclass
-class AnalysisRequest:
-    tracking_uri: str
-    experiments: list[str]
-    all_experiments: bool = False
-    compare: list[str] | None = None
-    metric: str = "test_accuracy"
-    plots_dir: str | None = None
-    report_path: str | None = None
-
-
-@dataclass
-class AnalysisResult:
-    sections: list[Section]
-    plots: list[str] = field(default_factory=list)
-    report: str | None = None
-
-
-def run_analysis(request: AnalysisRequest) -> AnalysisResult:
-    """Everything `fmnist analyze` does: read the runs, compute the sections, write plots and report."""
-    from fmnist_hpo.tracking import RunReader
-
-    reader = RunReader(request.tracking_uri)
-    names = reader.experiments() if request.all_experiments else list(dict.fromkeys(request.experiments))
-    if request.compare:
-        names += [parse_group(spec)[0] for spec in request.compare if parse_group(spec)[0] not in names]
-    if not names:
-        raise AnalysisError("no experiments to analyse: name one with --experiment, or use --all")
-    trials = {name: reader.trials(name) for name in names}
-    if not any(finished(t) for t in trials.values()):
-        raise AnalysisError(f"{', '.join(names)}: no finished runs yet")
-    sections = analysis_sections(trials)
-    if request.compare:
-        sections.append(_comparison(request, trials))
-    result = AnalysisResult(sections)
-    if request.plots_dir:
-        from fmnist_hpo.plots import write_plots
-
-        result.plots = [str(p) for p in write_plots(reader, trials, Path(request.plots_dir))]
-    if request.report_path:
-        from fmnist_hpo.checkpoints import atomic_write
-        from fmnist_hpo.report import build_report
-
-        text = build_report(trials, {n: reader.sweep_description(n) for n in names}, request.tracking_uri)
-        atomic_write(Path(request.report_path), lambda tmp: tmp.write_text(text))
-        result.report = request.report_path
-    return result
-
-
-def _comparison(request: AnalysisRequest, trials: dict[str, list[LoggedTrial]]) -> Section:
-    if len(request.compare) != 2:
-        raise AnalysisError("--compare takes exactly two groups: --compare A B")
-    (a_spec, b_spec) = request.compare
-    groups = []
-    for spec in (a_spec, b_spec):
-        name, key, value = parse_group(spec)
-        members = select_group(trials[name], key, value)
-        if not members:
-            raise AnalysisError(f"--compare {spec!r}: no finished runs match")
-        groups.append(members)
-    return comparison_section(a_spec, groups[0], b_spec, groups[1], request.metric)

@@ -144,7 +144,7 @@ def analyze(
     all_experiments: Annotated[bool, typer.Option("--all", help="every experiment with fmnist runs")] = False,
     compare: Annotated[tuple[str, str] | None, typer.Option(
         help="two groups to test: EXPERIMENT or EXPERIMENT:KEY=VALUE (e.g. exp13:model.dropout_placement=late)")] = None,
-    metric: Annotated[str, typer.Option(help="metric for --compare: test_accuracy or best_val_accuracy")] = "test_accuracy",
+    metric: Annotated[str, typer.Option(help="metric for --compare: test_accuracy or kept_val_accuracy")] = "test_accuracy",
     fmt: Annotated[str, typer.Option("--format", help="table, markdown, csv or json")] = "table",
     plots: Annotated[Path | None, typer.Option(help="write PNG plots into this folder")] = None,
     report: Annotated[Path | None, typer.Option(help="write a markdown findings report to this file")] = None,
@@ -155,9 +155,10 @@ def analyze(
 
     if fmt not in FORMATS:
         raise fail(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
-    if metric not in ("test_accuracy", "best_val_accuracy"):
-        raise fail(f"--metric {metric!r}: use test_accuracy or best_val_accuracy")
-    from fmnist_hpo.analyze import AnalysisRequest, run_analysis
+    from fmnist_hpo.analyze_command import COMPARE_METRICS, AnalysisRequest, run_analysis
+
+    if metric not in COMPARE_METRICS:
+        raise fail(f"--metric {metric!r}: use {' or '.join(COMPARE_METRICS)}")
     from fmnist_hpo.render import render
     from fmnist_hpo.tracking import resolve_tracking_uri
 
@@ -308,9 +309,9 @@ def print_resolved(cfg: object) -> None:
 
     typer.echo(config_module.dump_yaml(cfg).rstrip())
     search = cfg.search
-    runs = planned_points(search) * search.repeats
+    runs = planned_points(search.space, search.algo, search.max_evals) * search.repeats
     lines = describe(search.space)
     typer.echo(f"\n# search space: {search.algo if lines else 'empty'}, "
-               f"{planned_points(search)} configuration(s) x {search.repeats} repeat(s) = {runs} run(s)")
+               f"{planned_points(search.space, search.algo, search.max_evals)} configuration(s) x {search.repeats} repeat(s) = {runs} run(s)")
     for line in lines:
         typer.echo(f"#   {line}")

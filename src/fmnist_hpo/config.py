@@ -22,6 +22,7 @@ from typing import Any, Literal
 import yaml
 
 from fmnist_hpo.errors import ConfigError
+from fmnist_hpo.space import FIXED_KEYS, FIXED_SECTIONS, parse_entry, probe_values
 
 
 def setting(default: Any, doc: str, **bounds: float) -> Any:
@@ -72,10 +73,12 @@ class TrainConfig:
     label_smoothing: float = setting(0.0, "cross-entropy label smoothing", ge=0, lt=1)
     patience: int | None = setting(15, "stop after this many epochs without improvement; null: never stop early", ge=1)
     min_delta: float = setting(0.0, "smallest change of the monitored metric that counts as improvement", ge=0)
-    monitor: Literal["val_loss", "val_accuracy"] = setting("val_loss", "metric that picks the best epoch and stops early")
+    monitor: Literal["val_loss", "val_accuracy"] = setting(
+        "val_loss", "metric early stopping watches; the kept epoch is always the best by search.metric")
     seed: int = setting(42, "seed of weights, batch order and dropout; same seed, same CPU result")
     device: Literal["auto", "cuda", "mps", "cpu"] = setting("auto", "auto picks cuda, then mps, then cpu")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = setting("auto", "auto: bf16 autocast on CUDA where supported, else fp32")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = setting(
+        "auto", "auto: bf16 autocast on CUDA (fp16 with loss scaling where bf16 is unsupported), fp32 elsewhere")
     channels_last: bool = setting(True, "NHWC memory format: faster convolutions on CUDA and CPU (ignored on MPS)")
     compile: bool = setting(False, "torch.compile the model (pays off on CUDA for long runs)")
     eval_batch_size: int = setting(256, "images per evaluation step (256 is fastest on CPU)", ge=1)
@@ -89,7 +92,8 @@ class SearchConfig:
     algo: SearchAlgo = setting("tpe", "tpe, random or anneal (Hyperopt), or grid: every combination of choices")
     max_evals: int = setting(1, "number of sampled configurations (grid: ignored)", ge=1, le=100_000)
     repeats: int = setting(1, "runs of each configuration, with seeds train.seed, train.seed+1, ...", ge=1, le=1000)
-    metric: Literal["val_loss", "val_accuracy"] = setting("val_accuracy", "objective: val_loss minimised, val_accuracy maximised")
+    metric: Literal["val_loss", "val_accuracy"] = setting(
+        "val_accuracy", "picks each trial's kept epoch and is the search objective: val_loss minimised, val_accuracy maximised")
     seed: int = setting(0, "seed of the search algorithm; same seed, same sampled points")
     parallel: int = setting(1, "trials at once; above 1 the sweep runs on Ray Tune (the [ray] extra)", ge=1, le=1024)
     gpus_per_trial: float | None = setting(None, "GPU share of each parallel trial; null: spread the GPUs over the trials", gt=0)
@@ -329,8 +333,6 @@ def _check_bounds(value: Any, meta: typing.Mapping[str, Any]) -> None:
 
 
 def _cross_checks(cfg: Config) -> list[str]:
-    from fmnist_hpo.space import check_space  # the space validator applies points through this module
-
     problems = []
     if isinstance(cfg.model.conv_dropout, list) and len(cfg.model.conv_dropout) != cfg.model.num_blocks:
         problems.append(
@@ -347,6 +349,44 @@ def _cross_checks(cfg: Config) -> list[str]:
         )
     problems += check_space(cfg)
     return problems
+
+
+def check_space(cfg: Config) -> list[str]:
+    """Every problem with cfg.search.space: shape, arguments, and values the target key rejects."""
+    problems = []
+    if cfg.search.algo == "grid":
+        problems += [f"search.space.{key}: grid search takes only choice entries"
+                     for key, spec in cfg.search.space.items() if not (isinstance(spec, dict) and "choice" in spec)]
+    base = to_dict(cfg)
+    base["search"]["space"] = {}
+    known = field_docs()
+    for key, spec in cfg.search.space.items():
+        where = f"search.space.{key}"
+        if key not in known:
+            problems.append(f"{where}: names no config key{_suggest(key, known)}")
+            continue
+        if key in FIXED_KEYS or key.startswith(FIXED_SECTIONS):
+            problems.append(f"{where}: a search cannot vary {key}")
+            continue
+        try:
+            kind, args = parse_entry(key, spec)
+        except ValueError as exc:
+            problems.append(f"{where}: {exc}")
+            continue
+        for value in probe_values(kind, args):
+            raw = apply_overrides(base, {key: value})
+            try:
+                validate(raw)
+            except ConfigError as exc:
+                detail = exc.problems[0].split(": ", 1)[-1]
+                problems.append(f"{where}: value {value!r} is invalid for {key}: {detail}")
+                break
+    return problems
+
+
+def _suggest(key: str, known: dict[str, str]) -> str:
+    hint = difflib.get_close_matches(key, known, n=1)
+    return f" (did you mean '{hint[0]}'?)" if hint else ""
 
 
 def _engine_checks(search: SearchConfig) -> list[str]:

@@ -14,7 +14,8 @@ matplotlib.use("Agg")  # files only: no display is needed or wanted
 import matplotlib.pyplot as plt
 
 from fmnist_hpo.analyze import finished, parameter_groups, searched_keys
-from fmnist_hpo.tracking import LoggedTrial, RunReader
+from fmnist_hpo.records import LoggedTrial
+from fmnist_hpo.tracking import RunReader
 
 
 def _slug(text: str) -> str:
@@ -46,7 +47,7 @@ def parameters_vs_accuracy(experiment: str, trials: list[LoggedTrial], folder: P
     done = finished(trials)
     fig, ax = plt.subplots(figsize=(6, 4.2))
     ax.scatter([t.metrics["total_parameters"] for t in done], [t.metrics["test_accuracy"] for t in done],
-               c=[t.metrics.get("best_val_accuracy", math.nan) for t in done], cmap="viridis", edgecolors="black")
+               c=[t.metrics.get("kept_val_accuracy", math.nan) for t in done], cmap="viridis", edgecolors="black")
     ax.set_xscale("log")
     ax.set(title=f"{experiment}: model size vs test accuracy", xlabel="parameters", ylabel="test accuracy")
     return _save(fig, folder / f"{_slug(experiment)}_parameters_vs_accuracy.png")
@@ -55,7 +56,7 @@ def parameters_vs_accuracy(experiment: str, trials: list[LoggedTrial], folder: P
 def optimisation_history(experiment: str, trials: list[LoggedTrial], folder: Path) -> Path:
     done = sorted(finished(trials), key=lambda t: t.number)
     xs = [t.number for t in done]
-    ys = [t.metrics["best_val_accuracy"] for t in done]
+    ys = [t.metrics["kept_val_accuracy"] for t in done]
     best_so_far = [max(ys[: i + 1]) for i in range(len(ys))]
     fig, ax = plt.subplots(figsize=(6, 4.2))
     ax.scatter(xs, ys, color="tab:blue", label="trial")
@@ -68,7 +69,7 @@ def optimisation_history(experiment: str, trials: list[LoggedTrial], folder: Pat
 def accuracy_by_value(experiment: str, trials: list[LoggedTrial], key: str, folder: Path) -> Path:
     groups = parameter_groups(trials, key)
     fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(groups) + 2), 4.2))
-    data = [[t.metrics["best_val_accuracy"] for t in members] for _, members in groups]
+    data = [[t.metrics["kept_val_accuracy"] for t in members] for _, members in groups]
     ax.boxplot(data, showmeans=True)
     ax.set_xticks(range(1, len(groups) + 1), [label for label, _ in groups], rotation=20)
     for i, values in enumerate(data, start=1):

@@ -7,11 +7,19 @@ import io
 import json
 import math
 import sys
+from dataclasses import dataclass, field
 from typing import Any
 
-from fmnist_hpo.analyze import Section
-
 FORMATS = ("table", "markdown", "csv", "json")
+
+
+@dataclass
+class Section:
+    """A titled table of raw values: what analyze computes and every format shows."""
+
+    title: str
+    columns: list[str]
+    rows: list[dict[str, Any]] = field(default_factory=list)
 
 
 def format_value(column: str, value: Any) -> str:

@@ -1,52 +1,74 @@
-"""A findings report in markdown, written from the logged runs: one round per experiment, then conclusions."""
+"""A findings report in markdown, written from the logged runs: one section per experiment, then conclusions.
+
+Everything is chosen and ranked on validation; test accuracy is reported beside it. A difference
+gets a significance verdict only where the design supports one (repeats of one configuration, or a
+grid); other comparisons are labelled exploratory.
+"""
 
 from __future__ import annotations
 
 import time
 
 from fmnist_hpo.analyze import (
-    Section,
     by_parameter,
+    design_of,
     finished,
     metric_values,
     parameter_groups,
     searched_keys,
-    selected_trial,
+    selection_of,
     summary_row,
+    tested_comparison,
     top_trials,
 )
-from fmnist_hpo.render import format_value, to_markdown
-from fmnist_hpo.stats import compare, summarize
-from fmnist_hpo.tracking import LoggedTrial
+from fmnist_hpo.records import LoggedTrial
+from fmnist_hpo.render import Section, format_value, to_markdown
+from fmnist_hpo.stats import summarize
 
-OVERVIEW_COLUMNS = ["experiment", "finished", "failed", "best_val_accuracy", "selected_test_accuracy",
-                    "test_mean", "test_std", "test_ci95", "median_parameters", "median_epochs"]
+OVERVIEW_COLUMNS = ["experiment", "finished", "failed", "selected_runs", "selected_val_accuracy", "selected_test_accuracy",
+                    "selected_test_std", "test_mean", "test_std", "test_ci95", "median_parameters", "median_epochs"]
 
 
 def _pct(value: float) -> str:
     return f"{value * 100:.2f}%"
 
 
-def experiment_round(index: int, name: str, description: str, trials: list[LoggedTrial]) -> str:
-    lines = [f"## Round {index}: {name}", ""]
+def _points(value: float) -> str:
+    return f"{value * 100:+.2f} points"
+
+
+def selection_line(trials: list[LoggedTrial]) -> str:
+    chosen = selection_of(trials)
+    if chosen is None:
+        return "No finished, unpruned trial to select."
+    rep = chosen.representative
+    values = ", ".join(f"{k}={format_value(k, v)}" for k, v in rep.values.items()) or "the base config"
+    val = chosen.mean(lambda t: t.metrics["kept_val_accuracy"])
+    test = chosen.mean(lambda t: t.metrics["test_accuracy"])
+    if len(chosen.runs) == 1:
+        return f"The validation split selects trial {rep.number} ({values}): validation {_pct(val)}, test {_pct(test)}."
+    spread = chosen.std(lambda t: t.metrics["test_accuracy"]) * 100
+    return (f"The validation split selects {values} (mean over its {len(chosen.runs)} repeats): validation {_pct(val)}, "
+            f"test {_pct(test)} ± {spread:.2f} points (std).")
+
+
+def experiment_section(name: str, description: str, trials: list[LoggedTrial]) -> str:
+    lines = [f"## {name}", ""]
     if description:
         lines += [f"_{description}_", ""]
     done = finished(trials)
     if not done:
         return "\n".join([*lines, "No finished runs.", ""])
     row = summary_row(name, trials)
-    best = selected_trial(trials)
-    values = ", ".join(f"{k}={format_value(k, v)}" for k, v in best.values.items()) or "the base config"
     test = summarize(metric_values(done, "test_accuracy"))
     lines += [
         f"- {row['finished']} runs finished, {row['failed']} failed.",
-        f"- The validation split picks trial {best.number} ({values}): validation {_pct(best.metrics['best_val_accuracy'])}, "
-        f"test {_pct(best.metrics['test_accuracy'])}.",
+        f"- {selection_line(trials)}",
         f"- Test accuracy over all runs: {_pct(test.mean)}"
-        + (f" ± {test.std * 100:.2f} (95% CI {_pct(test.ci_low)} to {_pct(test.ci_high)})" if test.n > 1 else ""),
+        + (f" ± {test.std * 100:.2f} points (95% CI {_pct(test.ci_low)} to {_pct(test.ci_high)})" if test.n > 1 else ""),
         f"- Median model size {format_value('p', row['median_parameters'])} parameters, "
         f"{format_value('e', row['median_epochs'])} epochs, {format_value('s', row['median_train_seconds'])} s of training; "
-        f"mean generalisation gap (train at best epoch minus test) {format_value('g', row['mean_gap'])}.",
+        f"mean generalisation gap (train accuracy at the kept epoch minus test accuracy) {_points(row['mean_gap'])}.",
     ]
     lines += [f"- {finding}" for finding in parameter_findings(trials)]
     lines += ["", to_markdown([top_trials(name, trials)])]
@@ -56,33 +78,36 @@ def experiment_round(index: int, name: str, description: str, trials: list[Logge
 
 
 def parameter_findings(trials: list[LoggedTrial]) -> list[str]:
-    """Per searched key: the best value by mean validation accuracy, tested against the runner-up."""
+    """Per searched key: the value with the best mean validation accuracy, against the runner-up."""
     findings = []
     for key in searched_keys(trials):
         groups = [(label, members) for label, members in parameter_groups(trials, key) if members]
         if len(groups) < 2:
             continue
-        ranked = sorted(groups, key=lambda g: -summarize(metric_values(g[1], "best_val_accuracy")).mean)
+        ranked = sorted(groups, key=lambda g: -summarize(metric_values(g[1], "kept_val_accuracy")).mean)
         (best_label, best), (next_label, runner_up) = ranked[0], ranked[1]
-        result = compare(metric_values(best, "best_val_accuracy"), metric_values(runner_up, "best_val_accuracy"),
-                         f"{key}={best_label}", f"{key}={next_label}")
+        result = tested_comparison(best, runner_up, "kept_val_accuracy", f"{key}={best_label}", f"{key}={next_label}")
         findings.append(f"{key}: {best_label} has the best mean validation accuracy; against {next_label}: {result.verdict}.")
     return findings
 
 
 def conclusions(trials_by_experiment: dict[str, list[LoggedTrial]]) -> list[str]:
-    ranked = sorted(((name, selected_trial(trials)) for name, trials in trials_by_experiment.items()),
-                    key=lambda item: -(item[1].metrics["test_accuracy"] if item[1] else -1))
-    ranked = [(name, best) for name, best in ranked if best is not None]
+    """Experiments ranked by their selected configuration's mean validation accuracy, test beside it."""
+    chosen = {name: selection_of(trials) for name, trials in trials_by_experiment.items()}
+    ranked = sorted((name for name in chosen if chosen[name] is not None),
+                    key=lambda name: -chosen[name].mean(lambda t: t.metrics["kept_val_accuracy"]))
     if not ranked:
         return ["No experiment has finished runs yet."]
-    lines = [f"{i}. {name}: {_pct(best.metrics['test_accuracy'])} test accuracy for the validation-selected trial"
-             for i, (name, best) in enumerate(ranked, start=1)]
+    lines = [f"{i}. {name}: validation {_pct(chosen[name].mean(lambda t: t.metrics['kept_val_accuracy']))}, "
+             f"test {_pct(chosen[name].mean(lambda t: t.metrics['test_accuracy']))} "
+             f"(selected configuration, {len(chosen[name].runs)} run{'s' if len(chosen[name].runs) > 1 else ''})"
+             for i, name in enumerate(ranked, start=1)]
     if len(ranked) > 1:
-        (a, _), (b, _) = ranked[0], ranked[1]
-        result = compare(metric_values(finished(trials_by_experiment[a]), "test_accuracy"),
-                         metric_values(finished(trials_by_experiment[b]), "test_accuracy"), a, b)
-        lines.append(f"\n{a} against {b}, over all their runs: {result.verdict}.")
+        a, b = ranked[0], ranked[1]
+        runs_a, runs_b = chosen[a].runs, chosen[b].runs
+        result = tested_comparison(runs_a, runs_b, "test_accuracy", a, b)
+        basis = "their selected configurations' repeats" if design_of(runs_a) and design_of(runs_b) else "their selected runs"
+        lines.append(f"\n{a} against {b} (the top two on validation), test accuracy over {basis}: {result.verdict}.")
     return lines
 
 
@@ -95,12 +120,13 @@ def build_report(trials_by_experiment: dict[str, list[LoggedTrial]], description
         f"# Findings: {', '.join(trials_by_experiment)}",
         "",
         f"Generated by `fmnist analyze` on {time.strftime('%Y-%m-%d')} from {total} runs in `{tracking_uri}`. "
-        "Each trial's best epoch was chosen on a validation split; the test set was scored once per trial, "
-        "so the test accuracies below are honest estimates.",
+        "Each trial kept the epoch its sweep's metric chose on a validation split, and each sweep selected the "
+        "configuration with the best mean validation result; the test set was scored once per trial and never "
+        "used to choose or rank anything. Accuracies are percentages; differences are percentage points.",
         "",
         to_markdown([overview]),
     ]
-    for i, (name, trials) in enumerate(trials_by_experiment.items(), start=1):
-        parts.append(experiment_round(i, name, descriptions.get(name, ""), trials))
+    for name, trials in trials_by_experiment.items():
+        parts.append(experiment_section(name, descriptions.get(name, ""), trials))
     parts += ["## Conclusions", "", *conclusions(trials_by_experiment), ""]
     return "\n".join(parts)

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 METRICS = ("val_accuracy", "val_loss")
 
@@ -42,6 +42,7 @@ class Run(Protocol):
     """A trial as selection sees it; both the live TrialRecord and the stored LoggedTrial are one."""
 
     run_id: str
+    number: int
     repeat: int
 
     @property
@@ -56,16 +57,19 @@ class Run(Protocol):
 class Selection:
     """The selected configuration: its runs (repeats), and the run whose model stands for it."""
 
-    runs: list  # of Run, the configuration's eligible repeats
-    representative: Run  # the repeat with the best validation objective: its model is evaluated and registered
+    runs: list[Any]  # the configuration's eligible runs (Run), one per repeat
+    representative: Any  # the Run with the best validation objective: its model is evaluated and registered
     mean_objective: float
 
-    def mean(self, value_of) -> float:  # type: ignore[no-untyped-def]
-        values = [v for v in (value_of(r) for r in self.runs) if v is not None and math.isfinite(v)]
+    def values(self, value_of: Callable[[Any], float]) -> list[float]:
+        return [v for v in (value_of(r) for r in self.runs) if v is not None and math.isfinite(v)]
+
+    def mean(self, value_of: Callable[[Any], float]) -> float:
+        values = self.values(value_of)
         return statistics.fmean(values) if values else math.nan
 
-    def std(self, value_of) -> float:  # type: ignore[no-untyped-def]
-        values = [v for v in (value_of(r) for r in self.runs) if v is not None and math.isfinite(v)]
+    def std(self, value_of: Callable[[Any], float]) -> float:
+        values = self.values(value_of)
         return statistics.stdev(values) if len(values) > 1 else math.nan
 
 
@@ -78,7 +82,7 @@ def select(runs: Sequence[Run], metric: str) -> Selection | None:
     if not groups:
         return None
     means = {key: statistics.fmean(r.objective(metric) for r in members) for key, members in groups.items()}
-    best_key = min(means, key=lambda key: (means[key], min(r.repeat for r in groups[key])))
+    best_key = min(means, key=lambda key: (means[key], min(r.number for r in groups[key])))
     members = sorted(groups[best_key], key=lambda r: r.repeat)
-    representative = min(members, key=lambda r: r.objective(metric))
+    representative = min(members, key=lambda r: (r.objective(metric), r.number))
     return Selection(members, representative, means[best_key])

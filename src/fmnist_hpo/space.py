@@ -15,10 +15,7 @@ Hyperopt itself is imported only where an expression is built, so validation sta
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from fmnist_hpo.config import Config, SearchConfig
+from typing import Any
 
 # primitive -> argument names, in the order the YAML list gives them
 PRIMITIVES: dict[str, tuple[str, ...]] = {
@@ -90,48 +87,6 @@ def probe_values(kind: str, args: list[Any]) -> list[Any]:
     return [args[0], args[1]]
 
 
-def check_space(cfg: Config) -> list[str]:
-    """Every problem with cfg.search.space: shape, arguments, and values the target key rejects."""
-    from fmnist_hpo import config as config_module
-
-    problems = []
-    if cfg.search.algo == "grid":
-        problems += [f"search.space.{key}: grid search takes only choice entries"
-                     for key, spec in cfg.search.space.items() if not (isinstance(spec, dict) and "choice" in spec)]
-    base = config_module.to_dict(cfg)
-    base["search"]["space"] = {}
-    known = config_module.field_docs()
-    for key, spec in cfg.search.space.items():
-        where = f"search.space.{key}"
-        if key not in known:
-            problems.append(f"{where}: names no config key{_suggest(key, known)}")
-            continue
-        if key in FIXED_KEYS or key.startswith(FIXED_SECTIONS):
-            problems.append(f"{where}: a search cannot vary {key}")
-            continue
-        try:
-            kind, args = parse_entry(key, spec)
-        except ValueError as exc:
-            problems.append(f"{where}: {exc}")
-            continue
-        for value in probe_values(kind, args):
-            raw = config_module.apply_overrides(base, {key: value})
-            try:
-                config_module.validate(raw)
-            except config_module.ConfigError as exc:
-                detail = exc.problems[0].split(": ", 1)[-1]
-                problems.append(f"{where}: value {value!r} is invalid for {key}: {detail}")
-                break
-    return problems
-
-
-def _suggest(key: str, known: dict[str, str]) -> str:
-    import difflib
-
-    hint = difflib.get_close_matches(key, known, n=1)
-    return f" (did you mean '{hint[0]}'?)" if hint else ""
-
-
 def to_hyperopt(space: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The validated YAML space as a dict of Hyperopt expressions, labelled by dotted key."""
     from hyperopt import hp
@@ -161,11 +116,35 @@ def grid_points(space: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*options)]
 
 
-def planned_points(search: SearchConfig) -> int:
-    """How many configurations a search tries (each is trained `repeats` times)."""
-    if not search.space:
+def space_size(space: dict[str, dict[str, Any]]) -> int | None:
+    """How many distinct configurations the space holds; None when a key is continuous."""
+    size = 1
+    for key, spec in space.items():
+        kind, args = parse_entry(key, spec)
+        if kind == "choice":
+            size *= len({repr(option) for option in args})
+        elif kind == "randint":
+            size *= int(args[1]) - int(args[0])
+        elif kind in ("quniform", "qloguniform"):
+            size *= round(args[1] / args[2]) - round(args[0] / args[2]) + 1
+        else:
+            return None
+    return size
+
+
+def planned_points(space: dict[str, dict[str, Any]], algo: str, max_evals: int) -> int:
+    """How many distinct configurations a search trains (each `repeats` times)."""
+    if not space:
         return 1
-    return len(grid_points(search.space)) if search.algo == "grid" else search.max_evals
+    if algo == "grid":
+        return len(grid_points(space))
+    size = space_size(space)
+    return max_evals if size is None else min(size, max_evals)
+
+
+def config_key(values: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    """A sampled point as a hashable key: equal keys are the same configuration."""
+    return tuple(sorted((key, repr(_plain(value))) for key, value in values.items()))
 
 
 def to_hyperopt_vals(space: dict[str, dict[str, Any]], values: dict[str, Any]) -> dict[str, list[Any]]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import stats as scipy_stats
@@ -22,8 +22,13 @@ class Summary:
     ci_high: float
 
 
+def finite(values: Sequence[float]) -> np.ndarray:
+    """The values that are numbers: None, NaN and inf (a run without that metric) are left out."""
+    return np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=float)
+
+
 def summarize(values: Sequence[float]) -> Summary:
-    x = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=float)
+    x = finite(values)
     n = len(x)
     if n == 0:
         return Summary(0, math.nan, math.nan, math.nan, math.nan)
@@ -45,6 +50,10 @@ class Comparison:
     p_value: float  # two-sided Welch's t-test
     verdict: str
 
+    def exploratory(self, why: str) -> Comparison:
+        """The same numbers with a verdict that claims nothing."""
+        return replace(self, verdict=why)
+
 
 def compare(a_values: Sequence[float], b_values: Sequence[float], a_name: str = "A", b_name: str = "B",
             unit: float = 100.0, unit_name: str = "points") -> Comparison:
@@ -60,26 +69,28 @@ def compare(a_values: Sequence[float], b_values: Sequence[float], a_name: str = 
     if se == 0:
         p = 1.0 if diff == 0 else 0.0
         low = high = diff
-    else:
+    else:  # the p-value and the interval come from the same t and degrees of freedom
         df = (var_a + var_b) ** 2 / (var_a**2 / (a.n - 1) + var_b**2 / (b.n - 1))
-        p = float(scipy_stats.ttest_ind(a_values, b_values, equal_var=False).pvalue)
+        p = float(2 * scipy_stats.t.sf(abs(diff) / se, df))
         half = float(scipy_stats.t.ppf(1 - ALPHA / 2, df)) * se
         low, high = diff - half, diff + half
-    return Comparison(a, b, diff, low, high, p, _verdict(a_name, b_name, diff, low, high, p, min(a.n, b.n),
+    return Comparison(a, b, diff, low, high, p, _verdict(a_name, b_name, diff, low, high, p, (a.n, b.n),
                                                          unit, unit_name))
 
 
-def _verdict(a_name: str, b_name: str, diff: float, low: float, high: float, p: float, n_min: int,
+def _verdict(a_name: str, b_name: str, diff: float, low: float, high: float, p: float, sizes: tuple[int, int],
              unit: float, unit_name: str) -> str:
+    n_min = min(sizes)
     span = f"95% CI {low * unit:+.2f} to {high * unit:+.2f} {unit_name}"
+    runs = f"n = {sizes[0]} vs {sizes[1]}"
     if p < ALPHA:
         better, worse = (a_name, b_name) if diff > 0 else (b_name, a_name)
-        text = (f"{better} beats {worse} by {abs(diff) * unit:.2f} {unit_name} ({span}, p={p:.3g}): "
+        text = (f"{better} beats {worse} by {abs(diff) * unit:.2f} {unit_name} ({span}, p={p:.3g}, {runs}): "
                 f"a real difference at the 5% level")
         if n_min < FEW_RUNS:
             text += f", but with only {n_min} runs in a group treat it as preliminary"
         return text
-    text = f"no significant difference (p={p:.3g}); the {span} includes zero"
+    text = f"no significant difference (p={p:.3g}, {runs}); the {span} includes zero"
     if n_min < FEW_RUNS:
         text += f", and with only {n_min} runs in a group a real difference of this size could be missed"
     return text

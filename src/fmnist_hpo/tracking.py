@@ -10,7 +10,6 @@ import platform
 import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from fmnist_hpo.errors import FmnistError
+from fmnist_hpo.records import EPOCH_METRICS, EpochMetrics, LoggedTrial
+from fmnist_hpo.selection import select
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 PARENT_TAG = "mlflow.parentRunId"
@@ -209,11 +210,9 @@ class Tracker:
                            f"tags.`{PARENT_TAG}` = '{parent_id}'", max_results=50_000)
         return sorted((logged_trial(r, "") for r in runs), key=lambda t: t.number)
 
-    def history(self, run_id: str) -> list[Any]:
-        """The per-epoch metrics of a trial run, as train.EpochMetrics."""
-        from fmnist_hpo.train import EpochMetrics
-
-        keys = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds")
+    def history(self, run_id: str) -> list[EpochMetrics]:
+        """The per-epoch metrics of a trial run."""
+        keys = EPOCH_METRICS
         by_step: dict[int, dict[str, float]] = {}
         for key in keys:
             for m in self._retry(self.client.get_metric_history, run_id, key):
@@ -250,22 +249,6 @@ class Tracker:
 
 
 # --- reading runs back (for `fmnist analyze`) ---------------------------------------------------
-
-
-@dataclass
-class LoggedTrial:
-    """One trial run as analyze sees it: plain values, no MLflow types."""
-
-    run_id: str
-    experiment: str
-    number: int
-    point: int
-    repeat: int
-    status: str  # FINISHED, FAILED, KILLED, RUNNING
-    values: dict[str, Any]  # the sampled values of this trial
-    metrics: dict[str, float]
-    params: dict[str, str]
-    tags: dict[str, str]
 
 
 def logged_trial(run: Any, experiment: str) -> LoggedTrial:
@@ -320,16 +303,11 @@ class RunReader:
 
 
 def best_of(trials: list[LoggedTrial]) -> LoggedTrial | None:
-    """The finished trial the sweep's own search metric ranks first (validation, never test).
-
-    Only trials that were tested (and so have a checkpoint) qualify: a trial pruned by Ray's scheduler has neither.
-    """
-    finished = [t for t in trials if t.status == "FINISHED" and {"best_val_accuracy", "test_accuracy"} <= set(t.metrics)]
-    if not finished:
+    """The run standing for the configuration the sweep's own metric selects on validation (never test)."""
+    if not trials:
         return None
-    if finished[0].params.get("search.metric") == "val_loss":
-        return min(finished, key=lambda t: t.metrics.get("best_val_loss", float("inf")))
-    return max(finished, key=lambda t: t.metrics["best_val_accuracy"])
+    chosen = select(trials, trials[0].search_metric)
+    return chosen.representative if chosen else None
 
 
 class ModelStore(RunReader):
@@ -379,7 +357,7 @@ class ModelStore(RunReader):
         best = self.best_trial(experiment) if run_id is None else logged_trial(self.client.get_run(run_id), experiment)
         model_uri = best.tags.get("model_uri") or model_uri_of(best)
         tags = {"experiment": experiment, "run_id": best.run_id, "trial": best.number, **{
-            key: f"{best.metrics[key]:.6f}" for key in ("best_val_accuracy", "best_val_loss", "test_accuracy",
+            key: f"{best.metrics[key]:.6f}" for key in ("kept_val_accuracy", "kept_val_loss", "test_accuracy",
                                                         "test_loss") if key in best.metrics}}
         try:
             with _fluent_tracking_uri(self.client.tracking_uri):  # models:/ URIs resolve through the fluent URI

@@ -21,6 +21,7 @@ from torch import nn
 
 from fmnist_hpo.data import Split, Splits, augment, batches, normalize, steps_per_epoch
 from fmnist_hpo.errors import DeviceError
+from fmnist_hpo.records import EpochMetrics
 from fmnist_hpo.selection import maximizes
 
 if TYPE_CHECKING:
@@ -80,20 +81,6 @@ class EarlyStopping:
     @property
     def should_stop(self) -> bool:
         return self.patience is not None and self.stale >= self.patience
-
-
-@dataclass
-class EpochMetrics:
-    epoch: int
-    train_loss: float
-    train_accuracy: float
-    val_loss: float
-    val_accuracy: float
-    lr: float
-    epoch_seconds: float
-
-    def as_dict(self) -> dict[str, float]:
-        return {k: v for k, v in self.__dict__.items() if k != "epoch"}
 
 
 @dataclass

@@ -1,0 +1,170 @@
+"""Plain records of a sweep: per-epoch metrics, a trial as the sweep runs it, a trial as it is stored.
+
+These are the names every part of the tool uses. A trial's figures are those of its kept epoch
+(selection.py): `kept_val_accuracy`, `kept_val_loss`, `kept_train_accuracy` and `kept_epoch`; its test
+figures (`test_accuracy`, `test_loss`) were scored once, on that epoch's weights.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fmnist_hpo.selection import Selection, objective, select
+
+EPOCH_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds")
+# metric names of stores written before the kept epoch had one definition
+_LEGACY_NAMES = {"best_val_accuracy": "kept_val_accuracy", "best_val_loss": "kept_val_loss",
+                 "best_train_accuracy": "kept_train_accuracy"}
+
+
+@dataclass
+class EpochMetrics:
+    epoch: int
+    train_loss: float
+    train_accuracy: float
+    val_loss: float
+    val_accuracy: float
+    lr: float
+    epoch_seconds: float
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: v for k, v in self.__dict__.items() if k != "epoch"}
+
+
+@dataclass
+class TrialRecord:
+    """A trial of the running sweep; `point` numbers its configuration, `repeat` its seed."""
+
+    number: int
+    run_id: str
+    values: dict[str, Any]
+    point: int = 0
+    repeat: int = 0
+    status: str = "ok"  # ok | failed
+    reason: str | None = None
+    kept_epoch: int = -1
+    kept_train_accuracy: float = math.nan
+    kept_val_accuracy: float = math.nan
+    kept_val_loss: float = math.nan
+    test_accuracy: float = math.nan
+    test_loss: float = math.nan
+    epochs_run: int = 0
+    train_seconds: float = 0.0
+    total_parameters: int = 0
+    pruned_at: int | None = None
+    checkpoint: Path | None = None
+
+    @property
+    def config_key(self) -> int:
+        return self.point
+
+    def eligible(self) -> bool:
+        """Whether selection may pick it: finished, not pruned, tested (so it has a checkpoint)."""
+        return self.status == "ok" and self.pruned_at is None and math.isfinite(self.test_accuracy)
+
+    def objective(self, metric: str) -> float:
+        return objective(metric, self.kept_val_loss, self.kept_val_accuracy)
+
+    def keep(self, kept: EpochMetrics, history: list[EpochMetrics]) -> None:
+        """Take the figures of the kept epoch out of the trial's history."""
+        self.kept_epoch = kept.epoch
+        self.kept_train_accuracy, self.kept_val_accuracy, self.kept_val_loss = (
+            kept.train_accuracy, kept.val_accuracy, kept.val_loss)
+        self.epochs_run = len(history)
+        self.train_seconds = sum(m.epoch_seconds for m in history)
+
+    def final_metrics(self) -> dict[str, float]:
+        """What the trial's run logs at its end (NaN, for figures it does not have, left out)."""
+        values = {
+            "kept_epoch": self.kept_epoch, "kept_train_accuracy": self.kept_train_accuracy,
+            "kept_val_accuracy": self.kept_val_accuracy, "kept_val_loss": self.kept_val_loss,
+            "test_accuracy": self.test_accuracy, "test_loss": self.test_loss,
+            "total_parameters": self.total_parameters, "train_seconds": self.train_seconds,
+            "epochs_run": self.epochs_run,
+        }
+        return {k: v for k, v in values.items() if math.isfinite(v) and not (k == "kept_epoch" and v < 0)}
+
+    @classmethod
+    def from_logged(cls, trial: LoggedTrial, models_dir: Path) -> TrialRecord:
+        m = trial.metrics
+        return cls(
+            number=trial.number, run_id=trial.run_id, values=trial.values, point=trial.point, repeat=trial.repeat,
+            status="ok" if trial.status == "FINISHED" else "failed", reason=trial.tags.get("failure_reason"),
+            kept_epoch=int(m.get("kept_epoch", -1)), kept_train_accuracy=m.get("kept_train_accuracy", math.nan),
+            kept_val_accuracy=m.get("kept_val_accuracy", math.nan), kept_val_loss=m.get("kept_val_loss", math.nan),
+            test_accuracy=m.get("test_accuracy", math.nan), test_loss=m.get("test_loss", math.nan),
+            epochs_run=int(m.get("epochs_run", 0)), train_seconds=m.get("train_seconds", 0.0),
+            total_parameters=int(m.get("total_parameters", 0)), checkpoint=models_dir / f"{trial.run_id}.pt",
+            pruned_at=int(trial.tags["pruned_at_epoch"]) if "pruned_at_epoch" in trial.tags else None,
+        )
+
+
+@dataclass
+class SweepResult:
+    experiment: str
+    parent_run_id: str
+    metric: str
+    trials: list[TrialRecord] = field(default_factory=list)
+    note: str | None = None  # why the search ended early (every point of a small space done, say)
+
+    @property
+    def finished(self) -> list[TrialRecord]:
+        return [t for t in self.trials if t.status == "ok"]
+
+    @property
+    def failed(self) -> list[TrialRecord]:
+        return [t for t in self.trials if t.status != "ok"]
+
+    @property
+    def selection(self) -> Selection | None:
+        return select(self.trials, self.metric)
+
+    @property
+    def best(self) -> TrialRecord | None:
+        """The run that stands for the selected configuration (its best repeat on validation)."""
+        chosen = self.selection
+        return chosen.representative if chosen else None
+
+    def runs_of(self, point: int) -> dict[int, TrialRecord]:
+        return {t.repeat: t for t in self.trials if t.point == point}
+
+
+@dataclass
+class LoggedTrial:
+    """One trial run as read back from MLflow: plain values, no MLflow types."""
+
+    run_id: str
+    experiment: str
+    number: int
+    point: int
+    repeat: int
+    status: str  # FINISHED, FAILED, KILLED, RUNNING
+    values: dict[str, Any]  # the sampled values of this trial
+    metrics: dict[str, float]
+    params: dict[str, str]
+    tags: dict[str, str]
+
+    def __post_init__(self) -> None:
+        for old, new in _LEGACY_NAMES.items():
+            if old in self.metrics and new not in self.metrics:
+                self.metrics[new] = self.metrics.pop(old)
+
+    @property
+    def config_key(self) -> tuple[str, int]:
+        """Runs of one configuration: the same point of the same sweep."""
+        return self.tags.get("mlflow.parentRunId", ""), self.point
+
+    @property
+    def search_metric(self) -> str:
+        return self.params.get("search.metric", "val_accuracy")
+
+    def eligible(self) -> bool:
+        return (self.status == "FINISHED" and self.tags.get("pruned") != "true"
+                and {"kept_val_accuracy", "kept_val_loss", "test_accuracy"} <= set(self.metrics))
+
+    def objective(self, metric: str) -> float:
+        return objective(metric, self.metrics.get("kept_val_loss", math.nan),
+                         self.metrics.get("kept_val_accuracy", math.nan))
