@@ -108,13 +108,15 @@ def test_run_end_to_end_into_sqlite(tmp_path: Path, data_dir: Path, monkeypatch:
         assert child.data.params["train.epochs"] == "1"
         for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds"):
             assert len(client.get_metric_history(child.info.run_id, key)) == 1
-        for key in ("best_val_accuracy", "test_accuracy", "test_loss", "total_parameters", "train_seconds", "epochs_run"):
+        for key in ("kept_val_accuracy", "kept_epoch", "test_accuracy", "test_loss", "total_parameters",
+                    "train_seconds", "epochs_run"):
             assert key in child.data.metrics
         assert {"config.yaml", "checkpoint"} <= {a.path for a in client.list_artifacts(child.info.run_id)}
         assert Path("models/e2e", f"{child.info.run_id}.pt").is_file()
 
-    best = client.get_run(parent.data.tags["best_run_id"])
-    assert parent.data.metrics["best_test_accuracy"] == best.data.metrics["test_accuracy"]
+    best = client.get_run(parent.data.tags["selected_run_id"])
+    assert parent.data.metrics["selected_test_accuracy"] == best.data.metrics["test_accuracy"]
+    assert best.data.metrics["kept_val_accuracy"] == max(c.data.metrics["kept_val_accuracy"] for c in children)
     checkpoint = Path("models/e2e", f"{best.info.run_id}.pt")
     assert read_checkpoint(checkpoint)["model_config"]["filters"] == int(best.data.params["model.filters"])
     model = with_normalization(load_model(checkpoint))
@@ -149,7 +151,7 @@ def test_failed_trials_are_recorded_and_the_sweep_goes_on(tmp_path: Path, data_d
     raw["search"]["space"] = {"model.filters": {"choice": [4]}}
     result = runner.invoke(app, ["run", str(write_config(tmp_path, raw))])
     assert result.exit_code == 1
-    assert "all 4 trials failed" in result.stderr
+    assert "the only trial failed" in result.stderr  # a one-point space is trained once, whatever max_evals
     parents, _ = children_of(MlflowClient(f"sqlite:///{Path.cwd() / 'mlflow.db'}"), "allfail")
     assert parents[0].info.status == "FAILED"
 

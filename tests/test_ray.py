@@ -50,10 +50,14 @@ def test_parallel_sweep_logs_like_the_sequential_engine(tmp_path: Path, data_dir
     for trial in trials:
         assert trial.info.status == "FINISHED"
         assert [m.step for m in client.get_metric_history(trial.info.run_id, "val_loss")] == [0, 1, 2]
-        assert {"test_accuracy", "best_val_accuracy", "epochs_run"} <= set(trial.data.metrics)
+        assert {"test_accuracy", "kept_val_accuracy", "kept_epoch", "epochs_run"} <= set(trial.data.metrics)
+        history = sorted(client.get_metric_history(trial.info.run_id, "val_accuracy"), key=lambda m: m.step)
+        kept = int(trial.data.metrics["kept_epoch"])
+        assert trial.data.metrics["kept_val_accuracy"] == max(m.value for m in history) == history[kept].value
         assert (tmp_path / "models" / "first" / f"{trial.info.run_id}.pt").is_file()
-    best = max(trials, key=lambda t: t.data.metrics["best_val_accuracy"])
-    assert parent.data.metrics["best_test_accuracy"] == best.data.metrics["test_accuracy"]
+    best = max(trials, key=lambda t: (t.data.metrics["kept_val_accuracy"], -int(t.data.tags["trial"])))
+    assert parent.data.tags["selected_run_id"] == best.info.run_id
+    assert parent.data.metrics["selected_test_accuracy"] == best.data.metrics["test_accuracy"]
     _, _, again = runs(tmp_path, "again")  # the same seed samples the same points
     assert sorted(float(t.data.params["train.lr"]) for t in again) == sorted(float(t.data.params["train.lr"]) for t in trials)
 
@@ -72,7 +76,7 @@ def test_median_pruning_stops_an_obviously_bad_trial(tmp_path: Path, data_dir: P
 
 def test_asha_prunes_on_the_ray_engine(tmp_path: Path, data_dir: Path):
     path = spec(tmp_path, data_dir, "asha", epochs=6, max_evals=8, algo="random", seed=1, pruner="asha",
-                grace_epochs=1, space={"train.lr": {"choice": [0.003, 1e-6]}})
+                grace_epochs=1, space={"train.lr": {"choice": [0.003, 0.004, 0.005, 0.006, 1e-6, 2e-6, 3e-6, 4e-6]}})
     done = fmnist(tmp_path, str(path))
     assert done.returncode == 0, done.stderr
     _, parents, trials = runs(tmp_path, "asha")
@@ -80,7 +84,8 @@ def test_asha_prunes_on_the_ray_engine(tmp_path: Path, data_dir: Path):
     pruned = [t for t in trials if t.data.tags.get("pruned") == "true"]
     assert pruned, "ASHA stopped no trial"
     assert all(t.data.metrics["epochs_run"] < 6 and "pruned_at_epoch" in t.data.tags for t in pruned)
-    assert parents[0].data.tags["best_run_id"] not in {t.info.run_id for t in pruned}
+    assert len({t.data.params["train.lr"] for t in trials}) == 8  # no configuration trained twice
+    assert parents[0].data.tags["selected_run_id"] not in {t.info.run_id for t in pruned}
 
 
 def test_an_interrupted_ray_sweep_resumes_to_exactly_max_evals(tmp_path: Path, data_dir: Path):

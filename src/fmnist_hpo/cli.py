@@ -112,8 +112,7 @@ def run(
 
     Console().print(results_table(result))
     best = result.best
-    typer.echo(f"best trial {best.number}: val_accuracy={best.best_val_accuracy:.4f} "
-               f"test_accuracy={best.test_accuracy:.4f} (run {best.run_id})")
+    typer.echo(selected_line(result))
     if register_as:
         from fmnist_hpo.modelops import register_best
         from fmnist_hpo.tracking import resolve_tracking_uri
@@ -301,6 +300,19 @@ def register(
         raise fail(str(exc)) from None
     typer.echo(f"registered {registered['name']} version {registered['version']} (alias champion) "
                f"from run {registered['run_id']}: {registered['model_uri']}")
+
+
+def selected_line(result: object) -> str:
+    """The selected configuration in one line: its run, or the mean over its repeats."""
+    chosen = result.selection
+    best = chosen.representative
+    if len(chosen.runs) == 1:
+        return (f"best trial {best.number}: val_accuracy={best.kept_val_accuracy:.4f} "
+                f"test_accuracy={best.test_accuracy:.4f} (run {best.run_id})")
+    val = chosen.mean(lambda t: t.kept_val_accuracy)
+    test, spread = chosen.mean(lambda t: t.test_accuracy), chosen.std(lambda t: t.test_accuracy)
+    return (f"best configuration (trial {best.number} and its {len(chosen.runs) - 1} repeats): mean val_accuracy="
+            f"{val:.4f} test_accuracy={test:.4f} ± {spread:.4f} (run {best.run_id} stands for it)")
 
 
 def print_resolved(cfg: object) -> None:

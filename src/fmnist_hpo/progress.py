@@ -11,8 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from fmnist_hpo.sweep import SweepResult, TrialRecord
-    from fmnist_hpo.train import EpochMetrics
+    from fmnist_hpo.records import EpochMetrics, SweepResult, TrialRecord
 
 console = Console(stderr=True)
 
@@ -71,7 +70,7 @@ class SweepProgress:
     def trial_done(self, record: TrialRecord) -> None:
         if record.status == "ok":
             pruned = f", pruned after epoch {record.pruned_at}" if record.pruned_at is not None else ""
-            logger.info(f"trial {record.number} done: val_acc={record.best_val_accuracy:.4f} "
+            logger.info(f"trial {record.number} done: val_acc={record.kept_val_accuracy:.4f} "
                         f"test_acc={record.test_accuracy:.4f} epochs={record.epochs_run} "
                         f"({record.train_seconds:.1f}s{pruned})")
         else:
@@ -107,7 +106,7 @@ def results_table(result: SweepResult) -> Table:
         table.add_row(
             f"{t.number}{mark}",
             *(_fmt(t.values.get(k, "")) for k in keys),
-            f"{t.best_val_accuracy:.4f}" if ok else "-",
+            f"{t.kept_val_accuracy:.4f}" if ok and t.kept_val_accuracy == t.kept_val_accuracy else "-",
             f"{t.test_accuracy:.4f}" if ok and t.test_accuracy == t.test_accuracy else "-",
             str(t.epochs_run) if ok else "-",
             f"{t.train_seconds:.1f}" if ok else "-",

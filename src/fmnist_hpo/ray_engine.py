@@ -1,8 +1,10 @@
 """Parallel sweeps on Ray Tune: the same space, metric and seed through Ray's HyperOptSearch.
 
 Workers only train: each epoch they report metrics and a checkpoint of the whole training state
-to Tune. Only the driver writes to MLflow (a Tune callback fed by those reports), so one SQLite
-file never has two writers, and `fmnist analyze` cannot tell this engine from the sequential one.
+to Tune. Only the driver writes to MLflow (a Tune callback feeding trial_runs.SweepRuns, as the
+sequential engine does), so one SQLite file never has two writers, and `fmnist analyze` cannot
+tell this engine from the sequential one. A configuration Hyperopt proposes again is answered
+from its stored result (DistinctSearcher), so num_samples counts distinct configurations.
 """
 
 from __future__ import annotations
@@ -20,12 +22,21 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fmnist_hpo import config as config_module
+from fmnist_hpo.checkpoints import atomic_write
 from fmnist_hpo.errors import FmnistError, Terminated
+from fmnist_hpo.records import EPOCH_METRICS, EpochMetrics, LoggedTrial, SweepResult, TrialRecord
+from fmnist_hpo.selection import kept_epoch, objective
+from fmnist_hpo.space import add_to_history, config_key, plain_values, planned_points, to_hyperopt
 
 if TYPE_CHECKING:
     from fmnist_hpo.data import Dataset
     from fmnist_hpo.progress import SweepProgress
-    from fmnist_hpo.sweep import Sweep, SweepResult
+    from fmnist_hpo.trial_runs import SweepRuns
+
+# a searcher proposing only configurations already trained this many times in a row has nothing new
+MAX_REPEATED_PROPOSALS = 200
+FINAL_FIELDS = ("kept_epoch", "kept_train_accuracy", "kept_val_accuracy", "kept_val_loss", "test_accuracy",
+                "test_loss", "total_parameters", "train_seconds", "epochs_run")
 
 STATE_FILE = "state.pt"
 MODEL_FILE = "model.pt"
@@ -35,18 +46,13 @@ class RayUnavailable(FmnistError):
     """Ray is not installed, or the cluster cannot be reached."""
 
 
-def objective_of(metric: str, val_loss: float, val_accuracy: float) -> float:
-    return val_loss if metric == "val_loss" else -val_accuracy
-
-
 def ray_trial(params: dict[str, Any], base: dict[str, Any], dataset: Dataset) -> None:
     """One trial inside a Ray worker: train, report every epoch, report the final model."""
     from ray import tune
 
     from fmnist_hpo.checkpoints import read_training_state, save_checkpoint, save_training_state
     from fmnist_hpo.data import make_splits
-    from fmnist_hpo.space import plain_values
-    from fmnist_hpo.train import EpochMetrics, resolve_device, train_and_test
+    from fmnist_hpo.train import resolve_device, train_and_test
 
     cfg = config_module.validate(config_module.apply_overrides(base, plain_values(params)))
     device = resolve_device(cfg.train.device)
@@ -56,13 +62,14 @@ def ray_trial(params: dict[str, Any], base: dict[str, Any], dataset: Dataset) ->
     if restored is not None:
         with restored.as_directory() as folder:
             resume = read_training_state(Path(folder) / STATE_FILE)
-    best = min((objective_of(cfg.search.metric, m["val_loss"], m["val_accuracy"]) for m in resume["history"]),
+    metric = cfg.search.metric
+    best = min((objective(metric, m["val_loss"], m["val_accuracy"]) for m in resume["history"]),
                default=math.inf) if resume else math.inf
     pending: dict[str, Any] = {}
 
     def on_epoch(m: EpochMetrics) -> None:
-        nonlocal best
-        best = min(best, objective_of(cfg.search.metric, m.val_loss, m.val_accuracy))
+        nonlocal best  # the objective so far is the kept epoch's: schedulers compare trials on it
+        best = min(best, objective(metric, m.val_loss, m.val_accuracy))
         pending.update({**m.as_dict(), "epoch": m.epoch, "objective": best})
 
     def save_state(state: dict[str, Any]) -> None:  # called right after on_epoch: report both together
@@ -71,15 +78,14 @@ def ray_trial(params: dict[str, Any], base: dict[str, Any], dataset: Dataset) ->
             tune.report(dict(pending), checkpoint=tune.Checkpoint.from_directory(folder))
 
     outcome = train_and_test(cfg, splits, device, on_epoch, resume, save_state)
-    chosen = outcome.fit.kept
+    record = TrialRecord(-1, "", {})
+    record.keep(outcome.fit.kept, outcome.fit.history)
+    record.test_accuracy, record.test_loss = outcome.test_accuracy, outcome.test_loss
+    record.total_parameters = outcome.total_parameters
     with tempfile.TemporaryDirectory() as folder:
         save_checkpoint(Path(folder) / MODEL_FILE, outcome.model, config_module.to_dict(cfg)["model"],
                         best_epoch=outcome.fit.kept_epoch)
-        tune.report({"final": 1, "objective": best, "best_train_accuracy": chosen.train_accuracy,
-                     "best_val_accuracy": chosen.val_accuracy, "best_val_loss": chosen.val_loss,
-                     "test_accuracy": outcome.test_accuracy, "test_loss": outcome.test_loss,
-                     "total_parameters": outcome.total_parameters, "train_seconds": outcome.fit.train_seconds,
-                     "epochs_run": len(outcome.fit.history), "best_epoch": outcome.fit.kept_epoch},
+        tune.report({"final": 1, "objective": best, **{k: getattr(record, k) for k in FINAL_FIELDS}},
                     checkpoint=tune.Checkpoint.from_directory(folder))
 
 
@@ -106,18 +112,20 @@ def start_ray(address: str | None) -> None:
         raise RayUnavailable(f"cannot start or reach Ray at {address or 'a local instance'}: {exc}") from None
 
 
-def run_on_ray(sweep: Sweep, result: SweepResult, progress: SweepProgress, dataset: Dataset) -> None:
-    """Run the remaining trials of sweep's search on Ray Tune, logging each through sweep's tracker."""
+def run_on_ray(runs: SweepRuns, result: SweepResult, progress: SweepProgress, dataset: Dataset,
+               cut_off: list[LoggedTrial]) -> None:
+    """Run the remaining configurations of the sweep on Ray Tune, logging each through runs."""
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # our handler below, not Tune's, decides what Ctrl-C means
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")  # experiment state saved often: resumable after kill -9
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    cfg = sweep.cfg
+    cfg = runs.cfg
     search = cfg.search
     start_ray(search.ray_address)
     from ray import tune
 
-    close_interrupted(sweep)
-    remaining = search.max_evals - len(result.trials)
+    for trial in cut_off:  # Ray trials cut off by an interruption run again from the start
+        runs.close_cut_off(trial)
+    remaining = planned_points(search.space, search.algo, search.max_evals) - len(result.trials)
     if remaining <= 0:
         return
     storage = (Path(cfg.models_dir) / cfg.experiment / "ray").absolute()
@@ -127,14 +135,18 @@ def run_on_ray(sweep: Sweep, result: SweepResult, progress: SweepProgress, datas
         trial_resources(search.parallel, search.gpus_per_trial),
     )
     interrupt = Interrupt()
-    callback = mlflow_feed(sweep, result, progress, interrupt)
-    tuner = tune.Tuner(trainable, tune_config=tune_config(cfg, result, remaining),
+    callback = mlflow_feed(runs, result, progress, interrupt)
+    searcher = distinct_searcher(cfg, result)
+    tuner = tune.Tuner(trainable, tune_config=tune_config(cfg, searcher, remaining),
                        run_config=tune.RunConfig(name=name, storage_path=str(storage), callbacks=[callback],
                                                  stop=interrupt.stopper(), verbose=0,
                                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
     with interrupt.catching():
         tuner.fit()
     interrupt.raise_if_set()
+    if searcher.exhausted:
+        result.note = (f"{search.algo} proposed only configurations already trained, {MAX_REPEATED_PROPOSALS} times "
+                       f"in a row: stopped after {len(result.trials)} distinct configurations of {search.max_evals}")
     shutil.rmtree(storage / name, ignore_errors=True)  # finished: the MLflow runs and models/ hold everything
 
 
@@ -184,34 +196,81 @@ class Interrupt:
             raise KeyboardInterrupt
 
 
-def close_interrupted(sweep: Sweep) -> None:
-    """Ray trials cut off by an interruption are closed as FAILED and run again from the start."""
-    for trial in sweep.interrupted.values():
-        sweep.tracker.set_tags(trial.run_id, {"interrupted": "true",
-                                              "failure_reason": "interrupted; its configuration is run again"})
-        sweep.tracker.end_run(trial.run_id, "FAILED")
-        sweep.abandoned.append(trial)
-    sweep.interrupted.clear()
-
-
-def tune_config(cfg: config_module.Config, result: SweepResult, num_samples: int) -> Any:
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, MedianStoppingRule
-    from ray.tune.search import ConcurrencyLimiter
+def distinct_searcher(cfg: config_module.Config, result: SweepResult) -> Any:
+    """Ray's HyperOptSearch on the sweep's space, seeded, told the results so far, proposing only new configurations."""
     from ray.tune.search.hyperopt import HyperOptSearch
-
-    from fmnist_hpo.space import to_hyperopt
-    from fmnist_hpo.sweep import add_to_history
 
     search = cfg.search
     startup = search.max_evals if search.algo == "random" else 20  # Hyperopt's own TPE start-up length
     done = result.trials  # before an interruption: TPE learns from them; a new seed avoids repeating points
-    searcher = HyperOptSearch(to_hyperopt(search.space), metric="objective", mode="min",
-                              random_state_seed=search.seed + 7919 * len(done), n_initial_points=startup)
+    inner = HyperOptSearch(to_hyperopt(search.space), metric="objective", mode="min",
+                           random_state_seed=search.seed + 7919 * len(done), n_initial_points=startup)
+    known: dict[tuple, float | None] = {}
     for trial in done:  # HyperOptSearch built its Hyperopt Trials when given the space; extend them
         loss = trial.objective(search.metric) if trial.status == "ok" else None
-        add_to_history(searcher._hpopt_trials, search.space, trial.values, loss)
-    searcher._hpopt_trials.refresh()
+        add_to_history(inner._hpopt_trials, search.space, trial.values, loss)
+        known[config_key(trial.values)] = loss
+    inner._hpopt_trials.refresh()
+    return distinct(inner, known)
+
+
+def distinct(inner: Any, known: dict[tuple, float | None]) -> Any:
+    """inner wrapped so that a configuration already trained (or training) is never proposed to Tune."""
+    from ray.tune.search import Searcher
+
+    class DistinctSearcher(Searcher):
+        def __init__(self) -> None:
+            super().__init__(metric="objective", mode="min")
+            self.exhausted = False
+            self.live: dict[str, tuple[str, tuple]] = {}  # Tune trial id -> (inner trial id, config key)
+            self.asked = 0
+
+        def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
+            return inner.set_search_properties(metric, mode, config, **spec)
+
+        def suggest(self, trial_id: str) -> dict | str | None:
+            for _ in range(MAX_REPEATED_PROPOSALS):
+                self.asked += 1
+                inner_id = f"{trial_id}-{self.asked}"
+                proposal = inner.suggest(inner_id)
+                if proposal is None or proposal == Searcher.FINISHED:
+                    return proposal
+                key = config_key(plain_values(proposal))
+                training = {k for _, k in self.live.values()}
+                if key not in known and key not in training:
+                    self.live[trial_id] = (inner_id, key)
+                    return proposal
+                loss = known.get(key)  # answered from the stored result; a twin still training is dropped
+                inner.on_trial_complete(inner_id, {"objective": loss} if loss is not None else None, error=loss is None)
+            self.exhausted = True
+            return Searcher.FINISHED
+
+        def on_trial_result(self, trial_id: str, result: dict) -> None:
+            if trial_id in self.live:
+                inner.on_trial_result(self.live[trial_id][0], result)
+
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+            if trial_id not in self.live:
+                return
+            inner_id, key = self.live.pop(trial_id)
+            known[key] = None if error or not result else result.get("objective")
+            inner.on_trial_complete(inner_id, result, error)
+
+        def save(self, checkpoint_path: str) -> None:
+            inner.save(checkpoint_path)
+
+        def restore(self, checkpoint_path: str) -> None:
+            inner.restore(checkpoint_path)
+
+    return DistinctSearcher()
+
+
+def tune_config(cfg: config_module.Config, searcher: Any, num_samples: int) -> Any:
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, MedianStoppingRule
+    from ray.tune.search import ConcurrencyLimiter
+
+    search = cfg.search
     scheduler = None
     if search.pruner == "asha":
         scheduler = ASHAScheduler(time_attr="training_iteration", metric="objective", mode="min",
@@ -223,45 +282,41 @@ def tune_config(cfg: config_module.Config, result: SweepResult, num_samples: int
                            scheduler=scheduler, num_samples=num_samples)
 
 
-def mlflow_feed(sweep: Sweep, result: SweepResult, progress: SweepProgress, interrupt: Interrupt) -> Any:
+def mlflow_feed(runs: SweepRuns, result: SweepResult, progress: SweepProgress, interrupt: Interrupt) -> Any:
     """The driver's Tune callback; its class is made here so that importing this module needs no Ray."""
     from ray import tune
 
     class MlflowFeed(_Feed, tune.Callback):
         pass
 
-    return MlflowFeed(sweep, result, progress, interrupt)
+    return MlflowFeed(runs, result, progress, interrupt)
 
 
 class _Feed:
-    def __init__(self, sweep: Sweep, result: SweepResult, progress: SweepProgress, interrupt: Interrupt) -> None:
+    def __init__(self, runs: SweepRuns, result: SweepResult, progress: SweepProgress, interrupt: Interrupt) -> None:
         self.interrupt = interrupt
-        self.sweep = sweep
+        self.runs = runs
         self.result = result
         self.progress = progress
-        self.records: dict[str, Any] = {}
+        self.records: dict[str, TrialRecord] = {}
         self.finals: dict[str, dict[str, Any]] = {}
-        self.histories: dict[str, list[Any]] = {}
+        self.histories: dict[str, list[EpochMetrics]] = {}
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        from fmnist_hpo.space import plain_values
-
         if trial.trial_id not in self.records:
-            self.records[trial.trial_id] = self.sweep.open_trial_run(plain_values(trial.config), self.result,
-                                                                     self.progress, {"ray_trial_id": trial.trial_id})
+            values = plain_values(trial.config)
+            self.records[trial.trial_id] = self.runs.open_trial(None, values, tags={"ray_trial_id": trial.trial_id})
             self.histories[trial.trial_id] = []
+            self.progress.trial_started(self.records[trial.trial_id].number, values)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         record = self.records[trial.trial_id]
         if result.get("final"):
             self.finals[trial.trial_id] = result
             return
-        from fmnist_hpo.train import EpochMetrics
-
-        metrics = EpochMetrics(int(result["epoch"]), *(float(result[k]) for k in (
-            "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds")))
+        metrics = EpochMetrics(int(result["epoch"]), **{k: float(result[k]) for k in EPOCH_METRICS})
         self.histories[trial.trial_id].append(metrics)
-        self.sweep.tracker.log_metrics(record.run_id, metrics.as_dict(), step=metrics.epoch)
+        self.runs.log_epoch(record, metrics)
         self.progress.epoch_done(record.number, metrics)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -269,16 +324,30 @@ class _Feed:
         final = self.finals.get(trial.trial_id)
         if final is None and self.interrupt.signal is not None:
             return  # cut off by Ctrl-C/SIGTERM: the run stays open and the sweep marks it KILLED
-        if final is None:  # stopped by the scheduler (ASHA, median) before it finished
-            self.sweep.close_pruned_run(record, self.histories[trial.trial_id], self.result, self.progress)
-            return
-        with trial.checkpoint.as_directory() as folder:
-            self.sweep.close_trial_run(record, final, Path(folder) / MODEL_FILE, self.result, self.progress)
+        if final is None:  # stopped by the scheduler (ASHA, median): its kept epoch so far, untested
+            history = self.histories[trial.trial_id]
+            if history:
+                record.keep(history[kept_epoch(history, self.runs.cfg.search.metric)], history)
+            record.pruned_at = history[-1].epoch if history else 0
+        else:
+            for key in FINAL_FIELDS:
+                setattr(record, key, type(getattr(record, key))(final[key]))
+            with trial.checkpoint.as_directory() as folder:
+                path = self.runs.checkpoint_path(record)
+                atomic_write(path, lambda tmp: shutil.copyfile(Path(folder) / MODEL_FILE, tmp))
+                record.checkpoint = path
+        self.runs.close_finished(record)
+        self._done(record)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         record = self.records.get(trial.trial_id)
         if record is not None:
-            self.sweep.fail_trial_run(record, _error_of(trial), self.result, self.progress)
+            self.runs.close_failed(record, _error_of(trial))
+            self._done(record)
+
+    def _done(self, record: TrialRecord) -> None:
+        self.result.trials.append(record)
+        self.progress.trial_done(record)
 
 
 def _error_of(trial: Any) -> str:

@@ -108,27 +108,34 @@ def to_hyperopt(space: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def grid_points(space: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """Every combination of the choice entries, in the order the YAML lists them."""
+    """Every distinct configuration of a finite space, in the order the YAML lists the values."""
     import itertools
 
     keys = list(space)
-    options = [parse_entry(key, space[key])[1] for key in keys]
+    options = [_finite_values(key, space[key]) for key in keys]
     return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*options)]
+
+
+def _finite_values(key: str, spec: Any) -> list[Any]:
+    kind, args = parse_entry(key, spec)
+    if kind == "choice":
+        return list({repr(option): option for option in args}.values())
+    if kind == "randint":
+        return list(range(int(args[0]), int(args[1])))
+    if kind in ("quniform", "qloguniform"):
+        q = args[2]
+        return [_plain(k * q) for k in range(round(args[0] / q), round(args[1] / q) + 1)]
+    raise ValueError(f"{key}: {kind} has infinitely many values")
 
 
 def space_size(space: dict[str, dict[str, Any]]) -> int | None:
     """How many distinct configurations the space holds; None when a key is continuous."""
     size = 1
     for key, spec in space.items():
-        kind, args = parse_entry(key, spec)
-        if kind == "choice":
-            size *= len({repr(option) for option in args})
-        elif kind == "randint":
-            size *= int(args[1]) - int(args[0])
-        elif kind in ("quniform", "qloguniform"):
-            size *= round(args[1] / args[2]) - round(args[0] / args[2]) + 1
-        else:
+        kind, _ = parse_entry(key, spec)
+        if kind not in ("choice", "randint", "quniform", "qloguniform"):
             return None
+        size *= len(_finite_values(key, spec))
     return size
 
 
@@ -178,3 +185,16 @@ def describe(space: dict[str, dict[str, Any]]) -> list[str]:
         kind, args = parse_entry(key, spec)
         lines.append(f"{key}: {kind}({', '.join(f'{a:g}' if isinstance(a, float) else repr(a) for a in args)})")
     return lines
+
+
+def add_to_history(trials: Any, space: dict[str, dict[str, Any]], values: dict[str, Any], loss: float | None) -> None:
+    """Record an evaluated point in Hyperopt Trials (loss None: a failed point), as fmin would have."""
+    from hyperopt import JOB_STATE_DONE, STATUS_FAIL, STATUS_OK
+
+    (tid,) = trials.new_trial_ids(1)
+    misc = {"tid": tid, "cmd": ("domain_attachment", "FMinIter_Domain"), "workdir": None,
+            "idxs": {key: [tid] for key in space}, "vals": to_hyperopt_vals(space, values)}
+    outcome = {"status": STATUS_FAIL} if loss is None else {"status": STATUS_OK, "loss": loss}
+    doc = trials.new_trial_docs([tid], [None], [outcome], [misc])[0]
+    doc["state"] = JOB_STATE_DONE
+    trials.insert_trial_docs([doc])
