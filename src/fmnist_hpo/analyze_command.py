@@ -53,9 +53,16 @@ def run_analysis(request: AnalysisRequest) -> AnalysisResult:
     if request.report_path:
         from fmnist_hpo.checkpoints import atomic_write
         from fmnist_hpo.report import build_report
+        from fmnist_hpo.study import is_study
+        from fmnist_hpo.study_report import build_study_report
 
-        text = build_report(trials, {n: reader.sweep_description(n) for n in names}, request.tracking_uri)
-        atomic_write(Path(request.report_path), lambda tmp: tmp.write_text(text))
+        descriptions = {n: reader.sweep_description(n) for n in names}
+        report_path = Path(request.report_path)
+        if is_study(names):
+            text = build_study_report(trials, descriptions, request.tracking_uri, report_path, result.plots)
+        else:
+            text = build_report(trials, descriptions, request.tracking_uri)
+        atomic_write(report_path, lambda tmp: tmp.write_text(text))
         result.report = request.report_path
     return result
 
