@@ -86,7 +86,7 @@ def test_summary_numbers_match_hand_computation(store: str):
     assert alpha["finished"] == 3 and alpha["failed"] == 0
     assert alpha["test_mean"] == pytest.approx(mean, abs=1e-6)
     assert alpha["test_std"] == pytest.approx(std, abs=1e-6)
-    assert alpha["test_ci95"] == pytest.approx([mean - half, mean + half], abs=1e-6)
+    assert [alpha["test_ci95_low"], alpha["test_ci95_high"]] == pytest.approx([mean - half, mean + half], abs=1e-6)
     # one configuration: the selection is all three repeats, and its figures are their means
     assert alpha["selected_runs"] == 3
     assert alpha["selected_test_accuracy"] == pytest.approx(mean) and alpha["selected_test_std"] == pytest.approx(std)
@@ -126,7 +126,8 @@ def test_compare_is_welch_t_test(store: str):
     half = scipy_stats.t.ppf(0.975, df) * math.sqrt(va + vb)
     assert row["difference"] == pytest.approx(a.mean() - b.mean(), abs=1e-6)
     assert row["p_value"] == pytest.approx(p, abs=1e-6)
-    assert row["difference_ci95"] == pytest.approx([a.mean() - b.mean() - half, a.mean() - b.mean() + half], abs=1e-6)
+    assert [row["difference_ci95_low"], row["difference_ci95_high"]] == pytest.approx(
+        [a.mean() - b.mean() - half, a.mean() - b.mean() + half], abs=1e-6)
     assert "alpha beats delta" in row["verdict"] and "preliminary" in row["verdict"] and "n = 3 vs 4" in row["verdict"]
 
 
@@ -162,14 +163,39 @@ def test_verdicts_do_not_overclaim():
 def test_formats_have_their_structure(store: str):
     markdown = analyze(store, "-e", "alpha", "--format", "markdown").stdout
     assert "### Summary" in markdown and "| experiment |" in markdown and "|---|" in markdown
-    assert "test mean ± std" in markdown
-    text = analyze(store, "-e", "alpha", "--format", "csv").stdout
-    blocks = [b for b in text.strip().split("\n\n") if b]
-    assert blocks[0].startswith("# Summary")
-    rows = list(csv.DictReader(io.StringIO(blocks[0].split("\n", 1)[1])))
-    assert rows[0]["experiment"] == "alpha" and float(rows[0]["test_mean"]) == pytest.approx(0.91)
+    assert "test acc mean ± std" in markdown and "_" not in markdown.split("\n")[2]  # one header style
     table = analyze(store, "-e", "alpha")
     assert table.exit_code == 0 and "alpha" in table.stdout and "0.9100 ± 0.0100" in table.stdout
+
+
+def test_csv_is_one_tidy_table(store: str):
+    import pandas
+
+    text = analyze(store, "-e", "alpha", "-e", "beta", "--format", "csv").stdout
+    frame = pandas.read_csv(io.StringIO(text))
+    assert frame.columns[0] == "section" and not any(line.startswith("#") for line in text.splitlines())
+    summary = frame[frame["section"] == "Summary"].set_index("experiment")
+    assert summary.loc["alpha", "test_mean"] == pytest.approx(0.91)
+    assert summary.loc["alpha", "test_ci95_low"] < 0.91 < summary.loc["alpha", "test_ci95_high"]
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert {r["finished"] for r in rows if r["section"] == "Summary"} == {"3", "4"}  # counts as integers
+    assert {r["median_parameters"] for r in rows if r["section"] == "Summary"} <= {"2000", "3000", "2500"}
+    assert "repeat" not in [c for c in frame.columns if frame[frame["section"].str.startswith("beta")][c].notna().any()]
+
+
+def test_json_counts_are_integers_and_cis_two_numbers(store: str):
+    sections = sections_of(analyze(store, "-e", "beta", "--format", "json"))
+    top = sections["beta: top trials by validation (val_accuracy)"]
+    assert all(isinstance(r["epochs_run"], int) and isinstance(r["total_parameters"], int) for r in top["rows"])
+    summary = sections["Summary"]
+    assert "test_ci95" not in summary["columns"] and {"test_ci95_low", "test_ci95_high"} <= set(summary["columns"])
+
+
+def test_terminal_tables_fit_100_columns(store: str):
+    result = analyze(store, "--all", "--compare", "alpha", "delta")
+    assert result.exit_code == 0, result.stderr
+    assert max(len(line) for line in result.stdout.splitlines()) <= 100
+    assert "Summary (1 of" in result.stdout and "0.9100 ± 0.0100" in result.stdout
 
 
 def test_plots_are_real_pngs(store: str, tmp_path: Path):
