@@ -45,14 +45,16 @@ def test_every_shipped_config_validates(path: Path):
     assert [line for line in keys if "#" not in line] == [], "every key carries a comment"
 
 
-def test_bad_config_is_one_line_and_exit_2(tmp_path: Path):
+def test_bad_config_is_one_line_per_problem_and_exit_2(tmp_path: Path):
     path = write_config(tmp_path, {"train": {"epochs": 0}, "model": {"filtres": 8}})
     result = runner.invoke(app, ["run", str(path)])
-    assert result.exit_code == 2
-    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
-    assert "train.epochs: must be >= 1, got 0" in result.stderr
-    assert "did you mean 'model.filters'" in result.stderr
+    assert result.exit_code == 2 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines() == [f"error: {path}: 2 problems:",
+                                          "  model.filtres: unknown key (did you mean 'model.filters'?)",
+                                          "  train.epochs: must be >= 1, got 0"]
     assert not (tmp_path / "mlflow.db").exists()
+    result = runner.invoke(app, ["run", str(write_config(tmp_path, {"train": {"epochs": 0}}))])
+    assert result.stderr == f"error: {path}: train.epochs: must be >= 1, got 0\n"
 
 
 def test_dry_run_prints_the_resolved_config(tmp_path: Path, data_dir: Path):
@@ -182,3 +184,55 @@ def test_engine_and_benchmarks_import_without_mlflow_hyperopt_loguru_or_ray():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_flags_show_no_type_in_help():
+    for command in ("run", "evaluate"):
+        result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "160"})
+        flag_lines = [line for line in result.output.splitlines()
+                      if any(f"{flag} " in line for flag in ("--dry-run", "--resume", "--fresh", "--quiet", "--best", "--log"))]
+        assert flag_lines and not [line for line in flag_lines if "<bool>" in line or "--no-" in line]
+
+
+def test_version():
+    from importlib.metadata import version
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output == f"fmnist-hpo {version('fmnist-hpo')}\n"
+
+
+def test_evaluate_with_an_experiment_implies_best(monkeypatch: pytest.MonkeyPatch):
+    from fmnist_hpo import modelops
+    from fmnist_hpo.errors import FmnistError
+
+    asked = []
+
+    def resolve_model(target, tracking_uri, experiment=None):
+        asked.append((target, experiment))
+        raise FmnistError("stop here")
+
+    monkeypatch.setattr(modelops, "resolve_model", resolve_model)
+    result = runner.invoke(app, ["evaluate", "--experiment", "exp12"])
+    assert result.exit_code == 2 and result.stderr == "error: stop here\n" and asked == [(None, "exp12")]
+    result = runner.invoke(app, ["evaluate", "some-run", "--experiment", "exp12"])
+    assert result.exit_code == 2 and "not both" in result.stderr
+
+
+def test_run_opens_with_where_it_works_and_closes_with_where_results_are(tmp_path: Path, data_dir: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)
+    checkpoint = tmp_path / "models" / "tiny" / "abc.pt"
+
+    def finished_sweep(cfg, **kwargs):
+        best = sweep_module.TrialRecord(number=3, run_id="abc", values={}, checkpoint=checkpoint,
+                                        best_val_accuracy=0.9, test_accuracy=0.89)
+        return sweep_module.SweepResult("tiny", "parent", "val_accuracy", [best])
+
+    monkeypatch.setattr(sweep_module, "run_from_config", finished_sweep)
+    result = runner.invoke(app, ["run", str(write_config(tmp_path, tiny_raw(data_dir)))])
+    assert result.exit_code == 0, result.stderr
+    lines = result.output.splitlines()
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert lines[0] == (f"tiny: device: cpu (fp32); data: {data_dir}; store: {store}; "
+                        f"checkpoints: {tmp_path / 'models' / 'tiny'}")
+    assert lines[-1] == f"runs of tiny are in {store}; best checkpoint: {checkpoint}"

@@ -32,8 +32,28 @@ SetOption = Annotated[
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
+    """Print `error: message` on stderr (a message of several problems keeps its one line per problem)."""
     typer.echo(f"error: {message}", err=True)
     return typer.Exit(code)
+
+
+def show_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"fmnist-hpo {version('fmnist-hpo')}")
+        except PackageNotFoundError:
+            raise fail("fmnist-hpo is not installed (run from a source tree?): its version is unknown") from None
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[bool, typer.Option("--version", metavar="", callback=show_version, is_eager=True,
+                                          help="print the version and exit")] = False,
+) -> None:
+    """Reproducible hyperparameter sweeps of BatchNorm CNNs on Fashion-MNIST, tracked in MLflow."""
 
 
 @contextlib.contextmanager
@@ -54,6 +74,31 @@ def collect_overrides(overrides: list[str] | None, **shortcuts: object) -> list[
     return [*(overrides or []), *extra]
 
 
+RUN_SHORTCUT_FLAGS = {"search.max_evals": "--max-evals", "search.parallel": "--parallel",
+                      "search.ray_address": "--ray-address", "train.device": "--device",
+                      "experiment": "--experiment", "mlflow.tracking_uri": "--tracking-uri"}
+
+
+def load_config(path: Path, overrides: list[str], flags: dict[str, str] | None = None) -> object:
+    """The validated spec, or exit 2 naming the file, `--set` or the option each problem came from."""
+    from fmnist_hpo import config as config_module
+
+    try:
+        return config_module.load(path, overrides, flags)
+    except FmnistError as exc:
+        raise fail(str(exc)) from None
+
+
+def checked(cfg: object) -> object:
+    """What the run will use on this machine (preflight.Resolved), or exit 2 with the first thing that fails."""
+    from fmnist_hpo.preflight import preflight
+
+    try:
+        return preflight(cfg)
+    except FmnistError as exc:
+        raise fail(str(exc)) from None
+
+
 @app.command()
 def run(
     config: ConfigArg,
@@ -64,12 +109,14 @@ def run(
     device: Annotated[str | None, typer.Option(help="auto, cuda, mps or cpu (train.device)")] = None,
     experiment: Annotated[str | None, typer.Option(help="MLflow experiment name (experiment)")] = None,
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI (mlflow.tracking_uri)")] = None,
-    dry_run: Annotated[bool, typer.Option(help="print the resolved config and search space, train nothing")] = False,
-    resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted sweep of this config without asking")] = False,
-    fresh: Annotated[bool, typer.Option("--fresh", help="start a new sweep even if one was interrupted")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", metavar="",
+                                          help="check the spec and this machine, show what a run would use")] = False,
+    resume: Annotated[bool, typer.Option("--resume", metavar="",
+                                         help="continue an interrupted sweep of this config without asking")] = False,
+    fresh: Annotated[bool, typer.Option("--fresh", metavar="", help="start a new sweep even if one was interrupted")] = False,
     register_as: Annotated[str | None, typer.Option("--register", help="register the best trial under this model name")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="warnings and the closing table only")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="one line per epoch")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", metavar="", help="warnings and the closing table only")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", metavar="", help="one line per epoch")] = False,
 ) -> None:
     """Run the sweep an experiment spec describes and log every trial to MLflow.
 
@@ -78,22 +125,21 @@ def run(
     """
     if resume and fresh:
         raise fail("--resume and --fresh contradict each other; pass one")
-    from fmnist_hpo import config as config_module
-
-    all_overrides = collect_overrides(overrides, **{"search.max_evals": max_evals, "search.parallel": parallel,
-                                                    "search.ray_address": ray_address, "train.device": device,
-                                                    "experiment": experiment, "mlflow.tracking_uri": tracking_uri})
-    try:
-        cfg = config_module.load(config, all_overrides)
-    except FmnistError as exc:
-        raise fail(str(exc)) from None
+    shortcuts = {"search.max_evals": max_evals, "search.parallel": parallel, "search.ray_address": ray_address,
+                 "train.device": device, "experiment": experiment, "mlflow.tracking_uri": tracking_uri}
+    all_overrides = collect_overrides(overrides, **shortcuts)
+    cfg = load_config(config, all_overrides, {k: RUN_SHORTCUT_FLAGS[k] for k, v in shortcuts.items() if v is not None})
     if dry_run:
-        print_resolved(cfg)
+        print_resolved(cfg, checked(cfg))
         return
-    from fmnist_hpo.progress import configure_logging, console, results_table
-    from fmnist_hpo.sweep import SweepFailed, run_from_config
+    from fmnist_hpo.progress import configure_logging, console, preparing, results_table
 
     configure_logging(-1 if quiet else (1 if verbose else 0))
+    with preparing("checking the device, the data and the store", show_spinner=not quiet):
+        resolved = checked(cfg)
+        from fmnist_hpo.sweep import SweepFailed, run_from_config
+    if not quiet:
+        typer.echo(f"{cfg.experiment}: {'; '.join(resolved.describe())}")
     mode = "resume" if resume else "fresh" if fresh else "ask"
     ask = (lambda question: typer.confirm(question, default=True, err=True)) if sys.stdin.isatty() else None
     resume_command = shlex.join(["fmnist", "run", str(config), *(f"--set={o}" for o in all_overrides), "--resume"])
@@ -114,6 +160,8 @@ def run(
     best = result.best
     typer.echo(f"best trial {best.number}: val_accuracy={best.best_val_accuracy:.4f} "
                f"test_accuracy={best.test_accuracy:.4f} (run {best.run_id})")
+    typer.echo(f"runs of {result.experiment} are in {resolved.tracking_uri}; "
+               f"best checkpoint: {best.checkpoint or 'none written'}")
     if register_as:
         from fmnist_hpo.modelops import register_best
         from fmnist_hpo.tracking import resolve_tracking_uri
@@ -128,14 +176,9 @@ def run(
 
 @app.command()
 def validate(config: ConfigArg, overrides: SetOption = None) -> None:
-    """Check a spec without training: print the resolved config and the search space."""
-    from fmnist_hpo import config as config_module
-
-    try:
-        cfg = config_module.load(config, overrides)
-    except FmnistError as exc:
-        raise fail(str(exc)) from None
-    print_resolved(cfg)
+    """Check a spec and this machine without training: print what a run would use and the search space."""
+    cfg = load_config(config, overrides or [])
+    print_resolved(cfg, checked(cfg))
 
 
 @app.command()
@@ -220,11 +263,12 @@ TrackingOption = Annotated[str | None, typer.Option(help="MLflow tracking URI (d
 @app.command()
 def evaluate(
     target: Annotated[str | None, typer.Argument(help="a run id or a checkpoint file")] = None,
-    experiment: Annotated[str | None, typer.Option(help="with --best: the experiment whose best trial to use")] = None,
-    best: Annotated[bool, typer.Option("--best", help="evaluate the experiment's best trial (by its search metric)")] = False,
+    experiment: Annotated[str | None, typer.Option(help="evaluate this experiment's best trial (implies --best)")] = None,
+    best: Annotated[bool, typer.Option("--best", metavar="",
+                                       help="evaluate the best trial of --experiment (by its search metric)")] = False,
     data_root: Annotated[str | None, typer.Option(help="folder with the IDX files (default: $FMNIST_DATA_DIR, data/)")] = None,
     png: Annotated[Path | None, typer.Option("--png", help="where to write the confusion matrix")] = None,
-    log: Annotated[bool, typer.Option("--log", help="attach the numbers and the PNG to the run in MLflow")] = False,
+    log: Annotated[bool, typer.Option("--log", metavar="", help="attach the numbers and the PNG to the run in MLflow")] = False,
     tracking_uri: TrackingOption = None,
 ) -> None:
     """Score a trained model on the test set: accuracy, per-class precision/recall, confusion matrix."""
@@ -232,8 +276,10 @@ def evaluate(
     from fmnist_hpo.modelops import evaluate_and_report, resolve_model
     from fmnist_hpo.tracking import resolve_tracking_uri
 
-    if (target is None) != best or (best and experiment is None):
-        raise fail("give a run id or checkpoint, or --experiment NAME --best")
+    if target is not None and (best or experiment is not None):
+        raise fail(f"give a run id or checkpoint ({target!r}), or --experiment NAME for its best trial, not both")
+    if target is None and experiment is None:
+        raise fail("give a run id or checkpoint, or --experiment NAME for its best trial")
     uri = resolve_tracking_uri(tracking_uri)
     try:
         resolved = resolve_model(target, uri, experiment)
@@ -268,6 +314,9 @@ def predict(
 
     if not images and idx is None:
         raise fail("give image files, or --idx FILE")
+    for path in [*(images or []), *([idx] if idx is not None else [])]:
+        if not path.is_file():
+            raise fail(f"{path}: {'is a directory, not an image file' if path.is_dir() else 'no such file'}")
     try:
         resolved = resolve_model(model, resolve_tracking_uri(tracking_uri))
         if idx is not None:
@@ -303,15 +352,25 @@ def register(
                f"from run {registered['run_id']}: {registered['model_uri']}")
 
 
-def print_resolved(cfg: object) -> None:
+def print_resolved(cfg: object, resolved: object) -> None:
+    """The config as YAML with `auto` and `null` replaced by what a run uses here, then the search space."""
+    import yaml
+
     from fmnist_hpo import config as config_module
     from fmnist_hpo.space import describe, planned_points
 
-    typer.echo(config_module.dump_yaml(cfg).rstrip())
+    raw = config_module.to_dict(cfg)
+    raw["models_dir"] = str(resolved.checkpoint_dir.parent)
+    raw["data"]["root"] = str(resolved.data_root)
+    raw["train"]["device"] = resolved.device
+    raw["train"]["precision"] = resolved.precision
+    raw["mlflow"]["tracking_uri"] = resolved.tracking_uri
+    typer.echo("\n".join(["# resolved for this machine:", *(f"#   {line}" for line in resolved.describe())]))
+    typer.echo(yaml.safe_dump(raw, sort_keys=False).rstrip())
     search = cfg.search
-    runs = planned_points(search.space, search.algo, search.max_evals) * search.repeats
+    points = planned_points(search.space, search.algo, search.max_evals)
     lines = describe(search.space)
     typer.echo(f"\n# search space: {search.algo if lines else 'empty'}, "
-               f"{planned_points(search.space, search.algo, search.max_evals)} configuration(s) x {search.repeats} repeat(s) = {runs} run(s)")
+               f"{points} configuration(s) x {search.repeats} repeat(s) = {points * search.repeats} run(s)")
     for line in lines:
         typer.echo(f"#   {line}")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from loguru import logger
@@ -23,6 +25,19 @@ def configure_logging(verbosity: int) -> None:
     logger.remove()
     logger.add(lambda msg: console.print(msg, end="", markup=False, highlight=False, soft_wrap=True),
                level=level, format="{time:HH:mm:ss} {level: <7} {message}")
+
+
+@contextlib.contextmanager
+def preparing(what: str, show_spinner: bool = True) -> Iterator[None]:
+    """A transient 'preparing…' spinner on stderr while a run gets ready, where stderr is a terminal.
+
+    Elsewhere it shows nothing, so that input rejected meanwhile still reads as one line on stderr.
+    """
+    if not (show_spinner and console.is_terminal):
+        yield
+        return
+    with console.status(f"preparing: {what}…", spinner="dots"):
+        yield
 
 
 class SweepProgress:
