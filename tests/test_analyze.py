@@ -2,8 +2,10 @@
 
 import csv
 import io
+import itertools
 import json
 import math
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -220,6 +222,19 @@ def test_report_is_written(store: str, tmp_path: Path):
     assert "1. alpha: validation 92.33%, test 91.00% (selected configuration, 3 runs)" in text
     assert "2. beta: validation 90.00%, test 85.00%" in text and "3. delta:" in text
     assert "alpha against beta (the top two on validation)" in text and "exploratory" in text
+
+
+def test_report_has_units_even_headings_and_the_plots_file_mode(store: str, tmp_path: Path):
+    report = tmp_path / "findings.md"
+    result = analyze(store, "-e", "beta", "--report", str(report), "--plots", str(tmp_path / "plots"))
+    assert result.exit_code == 0, result.stderr
+    text = report.read_text()
+    levels = [len(line) - len(line.lstrip("#")) for line in text.splitlines() if line.startswith("#")]
+    assert levels[0] == 1 and all(b - a <= 1 for a, b in itertools.pairwise(levels))
+    assert "| val acc (%) | test acc (%) |" in text and "| 90.00 | 85.00 |" in text
+    assert "Round" not in text and "gap (train accuracy at the kept epoch minus test accuracy) +5.00 points" in text
+    png = next((tmp_path / "plots").iterdir())
+    assert stat.S_IMODE(report.stat().st_mode) == stat.S_IMODE(png.stat().st_mode)
 
 
 def test_unknown_experiment_lists_the_known_ones(store: str):

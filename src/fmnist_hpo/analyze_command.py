@@ -51,11 +51,10 @@ def run_analysis(request: AnalysisRequest) -> AnalysisResult:
 
         result.plots = [str(p) for p in write_plots(reader, trials, Path(request.plots_dir))]
     if request.report_path:
-        from fmnist_hpo.checkpoints import atomic_write
-        from fmnist_hpo.report import build_report
+        from fmnist_hpo.report import build_report, write_report
 
         text = build_report(trials, {n: reader.sweep_description(n) for n in names}, request.tracking_uri)
-        atomic_write(Path(request.report_path), lambda tmp: tmp.write_text(text))
+        write_report(Path(request.report_path), text)
         result.report = request.report_path
     return result
 

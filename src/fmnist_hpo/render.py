@@ -40,6 +40,7 @@ HEADERS = {
     "p_value": "p",
 }
 COUNT_NAMES = ("finished", "failed", "n", "n_a", "n_b", "trial", "repeat")
+POINTS_COLUMNS = ("mean_gap", "difference", "difference_ci95")  # differences of accuracies: percentage points
 COUNT_SUFFIXES = ("_runs", "epochs", "epochs_run", "parameters")
 
 
@@ -70,20 +71,32 @@ def _is_nan(value: Any) -> bool:
     return isinstance(value, float) and math.isnan(value)
 
 
-def format_value(column: str, value: Any) -> str:
-    """One cell for people: counts as integers, seconds to 0.1 s, learning rates as 1.23e-04,
-    other config values to 4 significant digits, p-values to 3, accuracies and the like to 4 decimals."""
+def format_value(column: str, value: Any, percent: bool = False) -> str:
+    """One cell for people: counts as integers, seconds to 0.1 s, learning rates as 1.23e-04, other
+    config values to 4 significant digits, p-values to 3, accuracies and their differences to 4 decimals
+    (percent: as percentages, or percentage points, to 2 decimals)."""
     if value is None or _is_nan(value):
         return "-"
     if isinstance(value, list):
         if all(v is None or _is_nan(v) for v in value):
             return "-"
         if column.endswith("_ci95") and len(value) == 2:
-            return "–".join(format_value(column.removesuffix("_ci95"), v) for v in value)
-        return "[" + ", ".join(format_value(column, v) for v in value) + "]"
+            return "–".join(format_value(column.removesuffix("_ci95"), v, percent) for v in value)
+        return "[" + ", ".join(format_value(column, v, percent) for v in value) + "]"
     if isinstance(value, bool) or not isinstance(value, int | float):
         return str(value)
+    if percent and is_fraction(column):
+        return f"{value * 100:.2f}"
     return _format_number(column, value)
+
+
+def is_fraction(column: str) -> bool:
+    """Whether a numeric column holds an accuracy (or a difference or spread of accuracies)."""
+    return not (is_count(column) or is_config_key(column) or column.endswith("_seconds") or column == "p_value")
+
+
+def unit_of(column: str) -> str:
+    return "points" if column in POINTS_COLUMNS or column.endswith("_std") else "%"
 
 
 def _format_number(column: str, value: float) -> str:
@@ -110,38 +123,41 @@ def std_partner(column: str, columns: list[str]) -> str | None:
     return None
 
 
-def display_columns(section: Section) -> list[tuple[str, list[str]]]:
-    """(header, source columns) for human formats: a value and its std become one 'X ± std' column."""
+def display_columns(section: Section, percent: bool = False) -> list[tuple[str, list[str]]]:
+    """(header, source columns) for human formats: a value and its std become one 'X ± std' column;
+    with percent, an accuracy column's header carries its unit (% or points)."""
     partners = {std_partner(c, section.columns) for c in section.columns} - {None}
     shown = []
     for column in section.columns:
         if column in partners:
             continue
         partner = std_partner(column, section.columns)
-        if partner:
-            shown.append((f"{header(column)} ± std", [column, partner]))
-        else:
-            shown.append((header(column), [column]))
+        name = f"{header(column)} ± std" if partner else header(column)
+        if percent and is_fraction(column) and _is_numeric(section, column):
+            name += f" ({unit_of(column)})"
+        shown.append((name, [column, partner] if partner else [column]))
     return shown
 
 
-def display_cells(section: Section, row: dict[str, Any]) -> list[str]:
+def display_cells(section: Section, row: dict[str, Any], percent: bool = False) -> list[str]:
     cells = []
     for _, sources in display_columns(section):
-        values = [format_value(c, row.get(c)) for c in sources]
+        values = [format_value(c, row.get(c), percent) for c in sources]
         cells.append(values[0] if len(values) == 1 or values[1] == "-" else f"{values[0]} ± {values[1]}")
     return cells
 
 
-def to_markdown(sections: list[Section], level: int = 3) -> str:
+def to_markdown(sections: list[Section], level: int = 3, percent: bool = False) -> str:
+    """Markdown tables under headings of the given level; percent shows accuracies as percentages."""
     out = []
     for section in sections:
-        headers = [name for name, _ in display_columns(section)]
+        headers = [name for name, _ in display_columns(section, percent)]
         out.append(f"{'#' * level} {section.title}\n")
         out.append("| " + " | ".join(headers) + " |")
         out.append("|" + "---|" * len(headers))
         for row in section.rows:
-            out.append("| " + " | ".join(cell.replace("|", "\\|") for cell in display_cells(section, row)) + " |")
+            cells = display_cells(section, row, percent)
+            out.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
         out.append("")
     return "\n".join(out)
 
