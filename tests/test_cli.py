@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -236,3 +237,55 @@ def test_run_opens_with_where_it_works_and_closes_with_where_results_are(tmp_pat
     assert lines[0] == (f"tiny: device: cpu (fp32); data: {data_dir}; store: {store}; "
                         f"checkpoints: {tmp_path / 'models' / 'tiny'}")
     assert lines[-1] == f"runs of tiny are in {store}; best checkpoint: {checkpoint}"
+
+
+def enum_choices() -> dict[str, tuple[str, ...]]:
+    """Dotted key -> the values its Literal type allows, straight from config.py."""
+    import dataclasses
+    import typing
+
+    from fmnist_hpo import config as config_module
+
+    choices = {}
+    for section in dataclasses.fields(config_module.Config):
+        section_type = typing.get_type_hints(config_module.Config)[section.name]
+        if not dataclasses.is_dataclass(section_type):
+            continue
+        for name, hint in typing.get_type_hints(section_type).items():
+            if typing.get_origin(hint) is typing.Literal:
+                choices[f"{section.name}.{name}"] = typing.get_args(hint)
+    return choices
+
+
+def key_comments(text: str) -> dict[str, str]:
+    """'section.key' -> the comment on its line, for the two-level layout of the shipped configs."""
+    comments, section = {}, ""
+    for line in text.splitlines():
+        body, _, comment = line.partition("#")
+        key = body.strip().split(":", 1)[0]
+        if not body.strip():
+            continue
+        if not line.startswith(" "):
+            section = key if body.rstrip().endswith(":") else ""
+        elif section:
+            comments[f"{section}.{key}"] = comment
+    return comments
+
+
+def test_enum_choices_are_read_from_config_types():
+    choices = enum_choices()
+    assert choices["train.scheduler"] == ("step", "onecycle", "cosine", "none")
+    assert choices["mlflow.log_model"] == ("best", "all", "none")
+
+
+OWNED_ELSEWHERE = {"fast.yaml"}  # its comments are being rewritten on another branch
+
+
+@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.xfail(
+    p.name in OWNED_ELSEWHERE, reason="comments rewritten on another branch", strict=True)) for p in CONFIGS],
+    ids=lambda p: p.name)
+def test_every_enum_comment_lists_its_choices(path: Path):
+    comments = key_comments(path.read_text())
+    missing = {key: [c for c in allowed if not re.search(rf"\b{c}\b", comments[key])]
+               for key, allowed in enum_choices().items() if key in comments}
+    assert {key: absent for key, absent in missing.items() if absent} == {}
