@@ -43,7 +43,7 @@ def test_resolves_what_a_run_uses(workdir: Path, data_dir: Path):
 
 def test_missing_data_is_an_error_only_without_download(workdir: Path):
     nowhere = workdir / "nowhere"
-    with pytest.raises(DataError, match="Fashion-MNIST is not in .*nowhere"):
+    with pytest.raises(DataError, match=r"Fashion-MNIST is not in .*nowhere"):
         preflight(config.validate(tiny_raw(nowhere)))
     resolved = preflight(config.validate(tiny_raw(nowhere, data={"download": True})))
     assert not resolved.data_present and "will be downloaded" in resolved.describe()[1]
@@ -53,7 +53,7 @@ def test_missing_data_is_an_error_only_without_download(workdir: Path):
 def test_unwritable_places_are_errors(workdir: Path, data_dir: Path):
     blocker = workdir / "a-file"
     blocker.write_text("not a folder")
-    with pytest.raises(OutputError, match="cannot create the checkpoint folder .*a-file is a file"):
+    with pytest.raises(OutputError, match=r"cannot create the checkpoint folder .*a-file is a file"):
         preflight(config.validate(tiny_raw(data_dir, models_dir=str(blocker / "models"))))
     with pytest.raises(DataError, match="cannot be downloaded there"):
         preflight(config.validate(tiny_raw(blocker / "data", data={"download": True})))
