@@ -11,11 +11,15 @@ import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from fmnist_hpo.errors import FmnistError, Terminated
+
+if TYPE_CHECKING:
+    from fmnist_hpo.config import Config
+    from fmnist_hpo.preflight import Resolved
 
 app = typer.Typer(
     help="Reproducible hyperparameter sweeps of BatchNorm CNNs on Fashion-MNIST, tracked in MLflow.",
@@ -79,7 +83,7 @@ RUN_SHORTCUT_FLAGS = {"search.max_evals": "--max-evals", "search.parallel": "--p
                       "experiment": "--experiment", "mlflow.tracking_uri": "--tracking-uri"}
 
 
-def load_config(path: Path, overrides: list[str], flags: dict[str, str] | None = None) -> object:
+def load_config(path: Path, overrides: list[str], flags: dict[str, str] | None = None) -> Config:
     """The validated spec, or exit 2 naming the file, `--set` or the option each problem came from."""
     from fmnist_hpo import config as config_module
 
@@ -89,8 +93,8 @@ def load_config(path: Path, overrides: list[str], flags: dict[str, str] | None =
         raise fail(str(exc)) from None
 
 
-def checked(cfg: object) -> object:
-    """What the run will use on this machine (preflight.Resolved), or exit 2 with the first thing that fails."""
+def checked(cfg: Config) -> Resolved:
+    """What a run will use on this machine, or exit 2 with the first thing that would fail."""
     from fmnist_hpo.preflight import preflight
 
     try:
@@ -352,7 +356,7 @@ def register(
                f"from run {registered['run_id']}: {registered['model_uri']}")
 
 
-def print_resolved(cfg: object, resolved: object) -> None:
+def print_resolved(cfg: Config, resolved: Resolved) -> None:
     """The config as YAML with `auto` and `null` replaced by what a run uses here, then the search space."""
     import yaml
 
