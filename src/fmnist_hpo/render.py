@@ -72,9 +72,9 @@ def _is_nan(value: Any) -> bool:
 
 
 def format_value(column: str, value: Any, percent: bool = False) -> str:
-    """One cell for people: counts as integers, seconds to 0.1 s, learning rates as 1.23e-04, other
-    config values to 4 significant digits, p-values to 3, accuracies and their differences to 4 decimals
-    (percent: as percentages, or percentage points, to 2 decimals)."""
+    """One cell for people: counts as integers, seconds to 0.1 s, config values (learning rates too) to
+    4 significant digits like the value groups and the run's own table, p-values to 3, accuracies and
+    their differences to 4 decimals (percent: as percentages, or percentage points, to 2 decimals)."""
     if value is None or _is_nan(value):
         return "-"
     if isinstance(value, list):
@@ -107,9 +107,7 @@ def _format_number(column: str, value: float) -> str:
     if column == "p_value":
         return f"{value:.3g}"
     if is_config_key(column):
-        if isinstance(value, int):
-            return str(value)
-        return f"{value:.2e}" if column.rsplit(".", 1)[-1] == "lr" else f"{value:.4g}"
+        return str(value) if isinstance(value, int) else f"{value:.4g}"
     if isinstance(value, int):
         return str(value)
     return f"{value:.4f}"
