@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from loguru import logger
@@ -28,16 +28,19 @@ def configure_logging(verbosity: int) -> None:
 
 
 @contextlib.contextmanager
-def preparing(what: str, show_spinner: bool = True) -> Iterator[None]:
-    """A transient 'preparing…' spinner on stderr while a run gets ready, where stderr is a terminal.
-
-    Elsewhere it shows nothing, so that input rejected meanwhile still reads as one line on stderr.
-    """
+def preparing(what: str, show_spinner: bool = True) -> Iterator[Callable[[], None]]:
+    """A transient 'preparing…' spinner on stderr while a run gets ready, where stderr is a terminal;
+    it yields a function that stops it early (before the first trial's bars). Elsewhere it shows
+    nothing, so that input rejected meanwhile still reads as one line on stderr."""
     if not (show_spinner and console.is_terminal):
-        yield
+        yield lambda: None
         return
-    with console.status(f"preparing: {what}…", spinner="dots"):
-        yield
+    status = console.status(f"preparing: {what}…", spinner="dots")
+    status.start()
+    try:
+        yield status.stop
+    finally:
+        status.stop()
 
 
 class SweepProgress:
