@@ -2,8 +2,10 @@
 
 import csv
 import io
+import itertools
 import json
 import math
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -86,7 +88,7 @@ def test_summary_numbers_match_hand_computation(store: str):
     assert alpha["finished"] == 3 and alpha["failed"] == 0
     assert alpha["test_mean"] == pytest.approx(mean, abs=1e-6)
     assert alpha["test_std"] == pytest.approx(std, abs=1e-6)
-    assert alpha["test_ci95"] == pytest.approx([mean - half, mean + half], abs=1e-6)
+    assert [alpha["test_ci95_low"], alpha["test_ci95_high"]] == pytest.approx([mean - half, mean + half], abs=1e-6)
     # one configuration: the selection is all three repeats, and its figures are their means
     assert alpha["selected_runs"] == 3
     assert alpha["selected_test_accuracy"] == pytest.approx(mean) and alpha["selected_test_std"] == pytest.approx(std)
@@ -126,7 +128,8 @@ def test_compare_is_welch_t_test(store: str):
     half = scipy_stats.t.ppf(0.975, df) * math.sqrt(va + vb)
     assert row["difference"] == pytest.approx(a.mean() - b.mean(), abs=1e-6)
     assert row["p_value"] == pytest.approx(p, abs=1e-6)
-    assert row["difference_ci95"] == pytest.approx([a.mean() - b.mean() - half, a.mean() - b.mean() + half], abs=1e-6)
+    assert [row["difference_ci95_low"], row["difference_ci95_high"]] == pytest.approx(
+        [a.mean() - b.mean() - half, a.mean() - b.mean() + half], abs=1e-6)
     assert "alpha beats delta" in row["verdict"] and "preliminary" in row["verdict"] and "n = 3 vs 4" in row["verdict"]
 
 
@@ -162,14 +165,39 @@ def test_verdicts_do_not_overclaim():
 def test_formats_have_their_structure(store: str):
     markdown = analyze(store, "-e", "alpha", "--format", "markdown").stdout
     assert "### Summary" in markdown and "| experiment |" in markdown and "|---|" in markdown
-    assert "test mean ± std" in markdown
-    text = analyze(store, "-e", "alpha", "--format", "csv").stdout
-    blocks = [b for b in text.strip().split("\n\n") if b]
-    assert blocks[0].startswith("# Summary")
-    rows = list(csv.DictReader(io.StringIO(blocks[0].split("\n", 1)[1])))
-    assert rows[0]["experiment"] == "alpha" and float(rows[0]["test_mean"]) == pytest.approx(0.91)
+    assert "test acc mean ± std" in markdown and "_" not in markdown.split("\n")[2]  # one header style
     table = analyze(store, "-e", "alpha")
     assert table.exit_code == 0 and "alpha" in table.stdout and "0.9100 ± 0.0100" in table.stdout
+
+
+def test_csv_is_one_tidy_table(store: str):
+    import pandas
+
+    text = analyze(store, "-e", "alpha", "-e", "beta", "--format", "csv").stdout
+    frame = pandas.read_csv(io.StringIO(text))
+    assert frame.columns[0] == "section" and not any(line.startswith("#") for line in text.splitlines())
+    summary = frame[frame["section"] == "Summary"].set_index("experiment")
+    assert summary.loc["alpha", "test_mean"] == pytest.approx(0.91)
+    assert summary.loc["alpha", "test_ci95_low"] < 0.91 < summary.loc["alpha", "test_ci95_high"]
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert {r["finished"] for r in rows if r["section"] == "Summary"} == {"3", "4"}  # counts as integers
+    assert {r["median_parameters"] for r in rows if r["section"] == "Summary"} <= {"2000", "3000", "2500"}
+    assert "repeat" not in [c for c in frame.columns if frame[frame["section"].str.startswith("beta")][c].notna().any()]
+
+
+def test_json_counts_are_integers_and_cis_two_numbers(store: str):
+    sections = sections_of(analyze(store, "-e", "beta", "--format", "json"))
+    top = sections["beta: top trials by validation (val_accuracy)"]
+    assert all(isinstance(r["epochs_run"], int) and isinstance(r["total_parameters"], int) for r in top["rows"])
+    summary = sections["Summary"]
+    assert "test_ci95" not in summary["columns"] and {"test_ci95_low", "test_ci95_high"} <= set(summary["columns"])
+
+
+def test_terminal_tables_fit_100_columns(store: str):
+    result = analyze(store, "--all", "--compare", "alpha", "delta")
+    assert result.exit_code == 0, result.stderr
+    assert max(len(line) for line in result.stdout.splitlines()) <= 100
+    assert "Summary (1 of" in result.stdout and "0.9100 ± 0.0100" in result.stdout
 
 
 def test_plots_are_real_pngs(store: str, tmp_path: Path):
@@ -194,6 +222,19 @@ def test_report_is_written(store: str, tmp_path: Path):
     assert "1. alpha: validation 92.33%, test 91.00% (selected configuration, 3 runs)" in text
     assert "2. beta: validation 90.00%, test 85.00%" in text and "3. delta:" in text
     assert "alpha against beta (the top two on validation)" in text and "exploratory" in text
+
+
+def test_report_has_units_even_headings_and_the_plots_file_mode(store: str, tmp_path: Path):
+    report = tmp_path / "findings.md"
+    result = analyze(store, "-e", "beta", "--report", str(report), "--plots", str(tmp_path / "plots"))
+    assert result.exit_code == 0, result.stderr
+    text = report.read_text()
+    levels = [len(line) - len(line.lstrip("#")) for line in text.splitlines() if line.startswith("#")]
+    assert levels[0] == 1 and all(b - a <= 1 for a, b in itertools.pairwise(levels))
+    assert "| val acc (%) | test acc (%) |" in text and "| 90.00 | 85.00 |" in text
+    assert "Round" not in text and "gap (train accuracy at the kept epoch minus test accuracy) +5.00 points" in text
+    png = next((tmp_path / "plots").iterdir())
+    assert stat.S_IMODE(report.stat().st_mode) == stat.S_IMODE(png.stat().st_mode)
 
 
 def test_unknown_experiment_lists_the_known_ones(store: str):

@@ -122,3 +122,57 @@ def test_resume_without_an_interrupted_sweep(workdir: Path, data_dir: Path):
     spec = workdir / "good.yaml"
     expect_rejected(["run", str(spec), "--resume"], workdir, "no interrupted sweep of this config")
     expect_rejected(["run", str(spec), "--resume", "--fresh"], workdir, "contradict")
+
+
+def test_a_mistake_in_set_is_blamed_on_set(tmp_path: Path, data_dir: Path):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(tiny_raw(data_dir)))
+    result = runner.invoke(app, ["run", str(spec), "--set", "train.epoch=3"])
+    assert result.exit_code == 2
+    assert result.stderr == "error: --set: train.epoch: unknown key (did you mean 'train.epochs'?)\n"
+    result = runner.invoke(app, ["run", str(spec), "--device", "tpu"])
+    assert result.exit_code == 2 and result.stderr.startswith("error: --device: train.device: must be one of")
+
+
+def test_several_problems_are_a_header_and_one_line_each(tmp_path: Path, data_dir: Path):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(tiny_raw(data_dir, train={"epochs": 0})))
+    result = runner.invoke(app, ["validate", str(spec), "--set", "model.filtres=8"])
+    assert result.exit_code == 2 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines() == [
+        f"error: {spec} and --set: 2 problems:",
+        "  --set: model.filtres: unknown key (did you mean 'model.filters'?)",
+        f"  {spec}: train.epochs: must be >= 1, got 0",
+    ]
+
+
+def test_a_folder_given_as_the_spec_says_so(tmp_path: Path):
+    result = runner.invoke(app, ["validate", str(tmp_path)])
+    assert result.exit_code == 2
+    assert result.stderr == f"error: {tmp_path}: is a directory; give the experiment spec file (YAML) inside it\n"
+
+
+def test_a_missing_image_is_no_such_file(tmp_path: Path):
+    result = runner.invoke(app, ["predict", "some-run-id", str(tmp_path / "shoe.png")])
+    assert result.exit_code == 2 and result.stderr == f"error: {tmp_path / 'shoe.png'}: no such file\n"
+
+
+def test_a_failed_download_says_why_and_removes_what_it_created(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import torchvision.datasets
+
+    def offline(root: str, train: bool, download: bool) -> None:
+        print("Downloading https://mirror/train-images-idx3-ubyte.gz")
+        print("Failed to download (trying next):\n<urlopen error [Errno -3] Temporary failure in name resolution>")
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
+
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", offline)
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(tiny_raw(existing / "new" / "data", data={"download": True})))
+    result = runner.invoke(app, ["run", str(spec)])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1
+    assert ("could not be downloaded (Error downloading train-images-idx3-ubyte.gz: "
+            "<urlopen error [Errno -3] Temporary failure in name resolution>)") in result.stderr
+    assert existing.is_dir() and list(existing.iterdir()) == []
+    assert "Downloading" not in result.output  # torchvision's own prints are kept for the reason, not shown

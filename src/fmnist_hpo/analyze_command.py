@@ -51,8 +51,7 @@ def run_analysis(request: AnalysisRequest) -> AnalysisResult:
 
         result.plots = [str(p) for p in write_plots(reader, trials, Path(request.plots_dir))]
     if request.report_path:
-        from fmnist_hpo.checkpoints import atomic_write
-        from fmnist_hpo.report import build_report
+        from fmnist_hpo.report import build_report, write_report
         from fmnist_hpo.study import is_study
         from fmnist_hpo.study_report import build_study_report
 
@@ -62,7 +61,7 @@ def run_analysis(request: AnalysisRequest) -> AnalysisResult:
             text = build_study_report(trials, descriptions, request.tracking_uri, report_path, result.plots)
         else:
             text = build_report(trials, descriptions, request.tracking_uri)
-        atomic_write(report_path, lambda tmp: tmp.write_text(text))
+        write_report(report_path, text)
         result.report = request.report_path
     return result
 

@@ -11,11 +11,15 @@ import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from fmnist_hpo.errors import FmnistError, Terminated
+
+if TYPE_CHECKING:
+    from fmnist_hpo.config import Config
+    from fmnist_hpo.preflight import Resolved
 
 app = typer.Typer(
     help="Reproducible hyperparameter sweeps of BatchNorm CNNs on Fashion-MNIST, tracked in MLflow.",
@@ -32,8 +36,28 @@ SetOption = Annotated[
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
+    """Print `error: message` on stderr (a message of several problems keeps its one line per problem)."""
     typer.echo(f"error: {message}", err=True)
     return typer.Exit(code)
+
+
+def show_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"fmnist-hpo {version('fmnist-hpo')}")
+        except PackageNotFoundError:
+            raise fail("fmnist-hpo is not installed (run from a source tree?): its version is unknown") from None
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[bool, typer.Option("--version", metavar="", callback=show_version, is_eager=True,
+                                          help="print the version and exit")] = False,
+) -> None:
+    """Reproducible hyperparameter sweeps of BatchNorm CNNs on Fashion-MNIST, tracked in MLflow."""
 
 
 @contextlib.contextmanager
@@ -54,9 +78,38 @@ def collect_overrides(overrides: list[str] | None, **shortcuts: object) -> list[
     return [*(overrides or []), *extra]
 
 
+RUN_SHORTCUT_FLAGS = {"search.max_evals": "--max-evals", "search.parallel": "--parallel",
+                      "search.ray_address": "--ray-address", "train.device": "--device",
+                      "experiment": "--experiment", "mlflow.tracking_uri": "--tracking-uri"}
+
+
+def load_config(path: Path, overrides: list[str], flags: dict[str, str] | None = None) -> Config:
+    """The validated spec, or exit 2 naming the file, `--set` or the option each problem came from."""
+    from fmnist_hpo import config as config_module
+
+    try:
+        return config_module.load(path, overrides, flags)
+    except FmnistError as exc:
+        raise fail(str(exc)) from None
+
+
+def checked(cfg: Config) -> Resolved:
+    """What a run will use on this machine, or exit 2 with the first thing that would fail."""
+    from fmnist_hpo.preflight import preflight
+
+    try:
+        return preflight(cfg)
+    except FmnistError as exc:
+        raise fail(str(exc)) from None
+
+
+ConfigsArg = Annotated[list[Path], typer.Argument(
+    help="experiment spec(s) (YAML), e.g. configs/exp12.yaml; several run in order, each into its own experiment")]
+
+
 @app.command()
 def run(
-    config: ConfigArg,
+    configs: ConfigsArg,
     overrides: SetOption = None,
     max_evals: Annotated[int | None, typer.Option(help="number of trials (search.max_evals)")] = None,
     parallel: Annotated[int | None, typer.Option(help="trials at once; above 1 runs on Ray Tune (search.parallel)")] = None,
@@ -64,77 +117,161 @@ def run(
     device: Annotated[str | None, typer.Option(help="auto, cuda, mps or cpu (train.device)")] = None,
     experiment: Annotated[str | None, typer.Option(help="MLflow experiment name (experiment)")] = None,
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI (mlflow.tracking_uri)")] = None,
-    dry_run: Annotated[bool, typer.Option(help="print the resolved config and search space, train nothing")] = False,
-    resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted sweep of this config without asking")] = False,
-    fresh: Annotated[bool, typer.Option("--fresh", help="start a new sweep even if one was interrupted")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", metavar="",
+                                          help="check the specs and this machine, show what a run would use and "
+                                               "estimate its time")] = False,
+    resume: Annotated[bool, typer.Option("--resume", metavar="",
+                                         help="continue an interrupted sweep of this config without asking")] = False,
+    fresh: Annotated[bool, typer.Option("--fresh", metavar="", help="start a new sweep even if one was interrupted")] = False,
     register_as: Annotated[str | None, typer.Option("--register", help="register the best trial under this model name")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="warnings and the closing table only")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="one line per epoch")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", metavar="", help="warnings and the closing table only")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", metavar="", help="one line per epoch")] = False,
 ) -> None:
-    """Run the sweep an experiment spec describes and log every trial to MLflow.
+    """Run the sweep each experiment spec describes and log every trial to MLflow.
 
     An interrupted sweep of the same config (Ctrl-C, SIGTERM, a crash) is offered for resumption:
-    its finished trials are kept, an unfinished trial continues from its last epoch.
+    its finished trials are kept, an unfinished trial continues from its last epoch. With several
+    specs, each is validated before any runs; rerunning the same command skips the specs whose
+    sweeps finished and continues the one that was interrupted.
     """
     if resume and fresh:
         raise fail("--resume and --fresh contradict each other; pass one")
-    from fmnist_hpo import config as config_module
-
-    all_overrides = collect_overrides(overrides, **{"search.max_evals": max_evals, "search.parallel": parallel,
-                                                    "search.ray_address": ray_address, "train.device": device,
-                                                    "experiment": experiment, "mlflow.tracking_uri": tracking_uri})
-    try:
-        cfg = config_module.load(config, all_overrides)
-    except FmnistError as exc:
-        raise fail(str(exc)) from None
+    if len(configs) > 1 and (experiment or register_as):
+        raise fail("--experiment and --register take one spec; with several, each runs into its own experiment")
+    shortcuts = {"search.max_evals": max_evals, "search.parallel": parallel, "search.ray_address": ray_address,
+                 "train.device": device, "experiment": experiment, "mlflow.tracking_uri": tracking_uri}
+    all_overrides = collect_overrides(overrides, **shortcuts)
+    flags = {k: RUN_SHORTCUT_FLAGS[k] for k, v in shortcuts.items() if v is not None}
+    cfgs = load_configs(configs, all_overrides, flags)
     if dry_run:
-        print_resolved(cfg)
+        if len(cfgs) == 1:
+            print_resolved(cfgs[0], checked(cfgs[0]))
+        print_estimates(cfgs)
         return
-    from fmnist_hpo.progress import configure_logging, console, results_table
-    from fmnist_hpo.sweep import SweepFailed, run_from_config
+    from fmnist_hpo.progress import configure_logging
 
     configure_logging(-1 if quiet else (1 if verbose else 0))
     mode = "resume" if resume else "fresh" if fresh else "ask"
-    ask = (lambda question: typer.confirm(question, default=True, err=True)) if sys.stdin.isatty() else None
-    resume_command = shlex.join(["fmnist", "run", str(config), *(f"--set={o}" for o in all_overrides), "--resume"])
+    resume_command = shlex.join(["fmnist", "run", *map(str, configs), *(f"--set={o}" for o in all_overrides), "--resume"])
+    if len(cfgs) == 1:
+        run_one(cfgs[0], mode, quiet, resume_command, register_as)
+    else:
+        run_several(cfgs, "continue" if resume else mode, quiet, resume_command)
+
+
+def ask_on_terminal() -> object:
+    """How to ask whether to continue an interrupted sweep; None off a terminal (it then continues)."""
+    return (lambda question: typer.confirm(question, default=True, err=True)) if sys.stdin.isatty() else None
+
+
+def interrupted(exc: BaseException, resume_command: str) -> typer.Exit:
+    code = 143 if isinstance(exc, Terminated) else 130
+    return fail(f"interrupted; finished trials are kept, continue with: {resume_command}", code=code)
+
+
+def run_one(cfg: Config, mode: str, quiet: bool, resume_command: str, register_as: str | None) -> None:
+    from fmnist_hpo.progress import console, preparing, results_table
+
+    with preparing("checking the device, the data and the store", show_spinner=not quiet):
+        resolved = checked(cfg)
+        from fmnist_hpo.sweep import SweepFailed, run_from_config
+    if not quiet:
+        typer.echo(f"{cfg.experiment}: {'; '.join(resolved.describe())}")
     try:
-        with terminate_as_interrupt():
-            result = run_from_config(cfg, show_bars=False if quiet else None, resume=mode, ask=ask)
+        with terminate_as_interrupt(), preparing("loading the data and opening the store", not quiet) as ready:
+            result = run_from_config(cfg, show_bars=False if quiet else None, resume=mode, ask=ask_on_terminal(),
+                                     on_ready=ready)
     except SweepFailed as exc:
         console.print(results_table(exc.result))
         raise fail(str(exc), code=1) from None
     except FmnistError as exc:
         raise fail(str(exc)) from None
     except (KeyboardInterrupt, Terminated) as exc:
-        code = 143 if isinstance(exc, Terminated) else 130
-        raise fail(f"interrupted; finished trials are kept, continue with: {resume_command}", code=code) from None
+        raise interrupted(exc, resume_command) from None
     from rich.console import Console
 
     Console().print(results_table(result))
     best = result.best
     typer.echo(selected_line(result))
+    typer.echo(f"runs of {result.experiment} are in {resolved.tracking_uri}; "
+               f"best checkpoint: {best.checkpoint or 'none written'}")
     if register_as:
         from fmnist_hpo.modelops import register_best
-        from fmnist_hpo.tracking import resolve_tracking_uri
 
         try:
-            registered = register_best(resolve_tracking_uri(cfg.mlflow.tracking_uri), cfg.experiment, register_as,
-                                       best.run_id)
+            registered = register_best(resolved.tracking_uri, cfg.experiment, register_as, best.run_id)
         except FmnistError as exc:
             raise fail(str(exc)) from None
         typer.echo(f"registered {register_as} version {registered['version']} (alias champion)")
 
 
-@app.command()
-def validate(config: ConfigArg, overrides: SetOption = None) -> None:
-    """Check a spec without training: print the resolved config and the search space."""
-    from fmnist_hpo import config as config_module
+def run_several(cfgs: list[Config], mode: str, quiet: bool, resume_command: str) -> None:
+    """Each spec in order into its own experiment; a closing table with a row per experiment."""
+    from rich.console import Console
 
+    from fmnist_hpo.plan import run_spec
+    from fmnist_hpo.progress import preparing, study_table
+
+    with preparing("checking the device, the data and the stores", show_spinner=not quiet):
+        resolved = [checked(cfg) for cfg in cfgs]  # every machine check before anything runs
+    outcomes = []
     try:
-        cfg = config_module.load(config, overrides)
+        with terminate_as_interrupt():
+            for cfg, where in zip(cfgs, resolved, strict=True):
+                if not quiet:
+                    typer.echo(f"{cfg.experiment}: {'; '.join(where.describe())}")
+                with preparing("loading the data and opening the store", not quiet) as ready:
+                    outcomes.append(run_spec(cfg, mode, ask_on_terminal(), False if quiet else None, ready))
     except FmnistError as exc:
         raise fail(str(exc)) from None
-    print_resolved(cfg)
+    except (KeyboardInterrupt, Terminated) as exc:
+        if outcomes:
+            Console(stderr=True).print(study_table(outcomes))
+        raise interrupted(exc, resume_command) from None
+    Console().print(study_table(outcomes))
+    failed = [o.experiment for o in outcomes if o.status == "failed"]
+    if failed:
+        raise fail(f"every trial failed in: {', '.join(failed)}", code=1)
+
+
+def load_configs(paths: list[Path], overrides: list[str], flags: dict[str, str]) -> list[Config]:
+    """Every spec validated before anything runs; the problems of all of them reported together."""
+    from fmnist_hpo import config as config_module
+
+    configs, problems = [], []
+    for path in paths:
+        try:
+            configs.append(config_module.load(path, overrides, flags))
+        except FmnistError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise fail("\n".join(problems))
+    return configs
+
+
+def print_estimates(cfgs: list[Config]) -> None:
+    """Planned runs and epochs per experiment, and a wall-time estimate from a short timing probe."""
+    import torch
+
+    from fmnist_hpo.plan import duration, estimate
+
+    resolved = [checked(cfg) for cfg in cfgs]
+    cache: dict = {}
+    estimates = [estimate(cfg, torch.device(where.device), cache) for cfg, where in zip(cfgs, resolved, strict=True)]
+    devices = ", ".join(dict.fromkeys(where.device for where in resolved))
+    typer.echo(f"\n# estimate on {devices}, from a short timing probe of each model (an upper bound: early "
+               "stopping and pruning only shorten it)")
+    for e in estimates:
+        typer.echo(f"#   {e.experiment}: {e.runs} run(s) x up to {e.epochs} epoch(s), {e.epoch_seconds:.1f} s/epoch: "
+                   f"{duration(e.total_seconds)}")
+    typer.echo(f"#   total: {duration(sum(e.total_seconds for e in estimates))}")
+
+
+@app.command()
+def validate(config: ConfigArg, overrides: SetOption = None) -> None:
+    """Check a spec and this machine without training: print what a run would use and the search space."""
+    cfg = load_config(config, overrides or [])
+    print_resolved(cfg, checked(cfg))
 
 
 @app.command()
@@ -219,11 +356,12 @@ TrackingOption = Annotated[str | None, typer.Option(help="MLflow tracking URI (d
 @app.command()
 def evaluate(
     target: Annotated[str | None, typer.Argument(help="a run id or a checkpoint file")] = None,
-    experiment: Annotated[str | None, typer.Option(help="with --best: the experiment whose best trial to use")] = None,
-    best: Annotated[bool, typer.Option("--best", help="evaluate the experiment's best trial (by its search metric)")] = False,
+    experiment: Annotated[str | None, typer.Option(help="evaluate this experiment's best trial (implies --best)")] = None,
+    best: Annotated[bool, typer.Option("--best", metavar="",
+                                       help="evaluate the best trial of --experiment (by its search metric)")] = False,
     data_root: Annotated[str | None, typer.Option(help="folder with the IDX files (default: $FMNIST_DATA_DIR, data/)")] = None,
     png: Annotated[Path | None, typer.Option("--png", help="where to write the confusion matrix")] = None,
-    log: Annotated[bool, typer.Option("--log", help="attach the numbers and the PNG to the run in MLflow")] = False,
+    log: Annotated[bool, typer.Option("--log", metavar="", help="attach the numbers and the PNG to the run in MLflow")] = False,
     tracking_uri: TrackingOption = None,
 ) -> None:
     """Score a trained model on the test set: accuracy, per-class precision/recall, confusion matrix."""
@@ -231,8 +369,10 @@ def evaluate(
     from fmnist_hpo.modelops import evaluate_and_report, resolve_model
     from fmnist_hpo.tracking import resolve_tracking_uri
 
-    if (target is None) != best or (best and experiment is None):
-        raise fail("give a run id or checkpoint, or --experiment NAME --best")
+    if target is not None and (best or experiment is not None):
+        raise fail(f"give a run id or checkpoint ({target!r}), or --experiment NAME for its best trial, not both")
+    if target is None and experiment is None:
+        raise fail("give a run id or checkpoint, or --experiment NAME for its best trial")
     uri = resolve_tracking_uri(tracking_uri)
     try:
         resolved = resolve_model(target, uri, experiment)
@@ -267,6 +407,9 @@ def predict(
 
     if not images and idx is None:
         raise fail("give image files, or --idx FILE")
+    for path in [*(images or []), *([idx] if idx is not None else [])]:
+        if not path.is_file():
+            raise fail(f"{path}: {'is a directory, not an image file' if path.is_dir() else 'no such file'}")
     try:
         resolved = resolve_model(model, resolve_tracking_uri(tracking_uri))
         if idx is not None:
@@ -315,15 +458,25 @@ def selected_line(result: object) -> str:
             f"{val:.4f} test_accuracy={test:.4f} ± {spread:.4f} (run {best.run_id} stands for it)")
 
 
-def print_resolved(cfg: object) -> None:
+def print_resolved(cfg: Config, resolved: Resolved) -> None:
+    """The config as YAML with `auto` and `null` replaced by what a run uses here, then the search space."""
+    import yaml
+
     from fmnist_hpo import config as config_module
     from fmnist_hpo.space import describe, planned_points
 
-    typer.echo(config_module.dump_yaml(cfg).rstrip())
+    raw = config_module.to_dict(cfg)
+    raw["models_dir"] = str(resolved.checkpoint_dir.parent)
+    raw["data"]["root"] = str(resolved.data_root)
+    raw["train"]["device"] = resolved.device
+    raw["train"]["precision"] = resolved.precision
+    raw["mlflow"]["tracking_uri"] = resolved.tracking_uri
+    typer.echo("\n".join(["# resolved for this machine:", *(f"#   {line}" for line in resolved.describe())]))
+    typer.echo(yaml.safe_dump(raw, sort_keys=False).rstrip())
     search = cfg.search
-    runs = planned_points(search.space, search.algo, search.max_evals) * search.repeats
+    points = planned_points(search.space, search.algo, search.max_evals)
     lines = describe(search.space)
     typer.echo(f"\n# search space: {search.algo if lines else 'empty'}, "
-               f"{planned_points(search.space, search.algo, search.max_evals)} configuration(s) x {search.repeats} repeat(s) = {runs} run(s)")
+               f"{points} configuration(s) x {search.repeats} repeat(s) = {points * search.repeats} run(s)")
     for line in lines:
         typer.echo(f"#   {line}")

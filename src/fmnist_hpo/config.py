@@ -156,6 +156,8 @@ def dump_yaml(cfg: Config) -> str:
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(["is a directory; give the experiment spec file (YAML) inside it"], str(path))
     if not path.is_file():
         raise ConfigError(["no such file"], str(path))
     try:
@@ -206,10 +208,24 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
     return merged
 
 
-def load(path: str | Path, overrides: list[str] | None = None) -> Config:
+def load(path: str | Path, overrides: list[str] | None = None, flags: dict[str, str] | None = None) -> Config:
+    """The validated spec at path with overrides ('key=value') applied; a problem under an overridden
+    key is blamed on the option that set it: flags maps such keys to their option (default `--set`)."""
     raw = read_yaml(path)
     parsed = dict(parse_override(o) for o in overrides or [])
-    return validate(apply_overrides(raw, parsed), source=str(path))
+    try:
+        return validate(apply_overrides(raw, parsed), source=str(path))
+    except ConfigError as exc:
+        sources = [_source_of(problem, parsed, flags or {}, str(path)) for problem in exc.problems]
+        raise ConfigError(exc.problems, str(path), sources) from None
+
+
+def _source_of(problem: str, overridden: dict[str, Any], flags: dict[str, str], file_source: str) -> str:
+    key = problem.split(": ", 1)[0]
+    for overridden_key in overridden:
+        if key == overridden_key or key.startswith(f"{overridden_key}."):
+            return flags.get(overridden_key, "--set")
+    return file_source
 
 
 def validate(raw: dict[str, Any], source: str = "config") -> Config:

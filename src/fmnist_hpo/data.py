@@ -6,7 +6,10 @@ batched there by slicing; each batch is normalised and augmented on the device.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import io
+import itertools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,19 +106,53 @@ def find_files(root: Path) -> dict[str, Path] | None:
 
 
 def download(root: Path) -> None:
-    """Fetch the dataset with torchvision into root/FashionMNIST/raw."""
+    """Fetch the dataset with torchvision into root/FashionMNIST/raw; on failure, say why and remove the
+    folders this call created (left empty: torchvision opens a file only once a download has started)."""
+    created = [folder for folder in (root / "FashionMNIST" / "raw", root / "FashionMNIST", root, *root.parents)
+               if not folder.exists()]
+    printed = io.StringIO()
     try:
         from torchvision.datasets import FashionMNIST
 
         root.mkdir(parents=True, exist_ok=True)
-        for train in (True, False):
-            FashionMNIST(str(root), train=train, download=True)
+        with contextlib.redirect_stdout(printed):
+            for train in (True, False):
+                FashionMNIST(str(root), train=train, download=True)
     except Exception as exc:  # torchvision raises URLError, RuntimeError, OSError...
+        _remove_empty(created)
         raise DataError(
-            f"Fashion-MNIST is not in {root} and could not be downloaded ({type(exc).__name__}); "
+            f"Fashion-MNIST is not in {root} and could not be downloaded ({_failure_reason(exc, printed.getvalue())}); "
             f"put {', '.join(f + '.gz' for f in FILES.values())} there "
             "or point FMNIST_DATA_DIR / data.root at them"
         ) from None
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove folders (deepest first) that are empty; one that holds anything is left alone."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return
+
+
+def _failure_reason(exc: BaseException, printed: str) -> str:
+    """One line: the exception's message, plus the last mirror's error, which torchvision only prints."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+    printed_lines = [line.strip() for line in printed.splitlines()]
+    failures = [after for before, after in itertools.pairwise(printed_lines) if before.startswith("Failed to download")]
+    if failures and failures[-1]:
+        lines.append(failures[-1])
+    return ": ".join(lines)[:300]
+
+
+def missing_data(root: Path) -> DataError:
+    return DataError(
+        f"Fashion-MNIST is not in {root}; put {', '.join(FILES.values())} (gzipped or not) there, "
+        "or point FMNIST_DATA_DIR / data.root at them (or set data.download: true)"
+    )
 
 
 def load_dataset(cfg: DataConfig) -> Dataset:
@@ -123,10 +160,7 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     paths = find_files(root)
     if paths is None:
         if not cfg.download:
-            raise DataError(
-                f"Fashion-MNIST is not in {root}; put {', '.join(FILES.values())} (gzipped or not) there, "
-                "or point FMNIST_DATA_DIR / data.root at them"
-            )
+            raise missing_data(root)
         download(root)
         paths = find_files(root)
         if paths is None:

@@ -6,12 +6,27 @@ class FmnistError(Exception):
 
 
 class ConfigError(FmnistError):
-    """The experiment spec (file, overrides or search space) is invalid."""
+    """The experiment spec (file, overrides or search space) is invalid.
 
-    def __init__(self, problems: list[str], source: str = "config") -> None:
+    Each problem has a source (the file, or the option that set the key); one problem reads as one
+    line, several as a header line and one indented line per problem.
+    """
+
+    def __init__(self, problems: list[str], source: str = "config", sources: list[str] | None = None) -> None:
         self.problems = problems
         self.source = source
-        super().__init__("; ".join(f"{source}: {p}" for p in problems))
+        self.sources = sources if sources is not None else [source] * len(problems)
+        super().__init__(describe_problems(self.problems, self.sources, source))
+
+
+def describe_problems(problems: list[str], sources: list[str], main_source: str) -> str:
+    if len(problems) == 1:
+        return f"{sources[0]}: {problems[0]}"
+    distinct = sorted(dict.fromkeys(sources), key=lambda s: s != main_source)
+    if len(distinct) == 1:
+        return "\n".join([f"{distinct[0]}: {len(problems)} problems:", *(f"  {p}" for p in problems)])
+    lines = [f"  {source}: {problem}" for source, problem in zip(sources, problems, strict=True)]
+    return "\n".join([f"{' and '.join(distinct)}: {len(problems)} problems:", *lines])
 
 
 class DataError(FmnistError):
@@ -24,3 +39,7 @@ class DeviceError(FmnistError):
 
 class Terminated(BaseException):
     """SIGTERM, raised where the sweep is, so it unwinds like Ctrl-C (KeyboardInterrupt)."""
+
+
+class OutputError(FmnistError):
+    """A folder the sweep must write to (checkpoints, the store) cannot be created or written."""

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
 import sys
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from loguru import logger
@@ -11,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from fmnist_hpo.records import EpochMetrics, SweepResult, TrialRecord
+    from fmnist_hpo.records import EpochMetrics, SpecOutcome, SweepResult, TrialRecord
 
 console = Console(stderr=True)
 
@@ -22,6 +25,22 @@ def configure_logging(verbosity: int) -> None:
     logger.remove()
     logger.add(lambda msg: console.print(msg, end="", markup=False, highlight=False, soft_wrap=True),
                level=level, format="{time:HH:mm:ss} {level: <7} {message}")
+
+
+@contextlib.contextmanager
+def preparing(what: str, show_spinner: bool = True) -> Iterator[Callable[[], None]]:
+    """A transient 'preparing…' spinner on stderr while a run gets ready, where stderr is a terminal;
+    it yields a function that stops it early (before the first trial's bars). Elsewhere it shows
+    nothing, so that input rejected meanwhile still reads as one line on stderr."""
+    if not (show_spinner and console.is_terminal):
+        yield lambda: None
+        return
+    status = console.status(f"preparing: {what}…", spinner="dots")
+    status.start()
+    try:
+        yield status.stop
+    finally:
+        status.stop()
 
 
 class SweepProgress:
@@ -113,4 +132,20 @@ def results_table(result: SweepResult) -> Table:
             (f"pruned@{t.pruned_at}" if t.pruned_at is not None else "ok") if ok else f"failed: {t.reason}"[:60],
             style="bold green" if mark else None,
         )
+    return table
+
+
+def study_table(outcomes: list[SpecOutcome]) -> Table:
+    """One row per experiment of a multi-spec run: what happened and what its sweep selected."""
+    table = Table(title=f"{len(outcomes)} experiment(s)")
+    for name in ("experiment", "status", "trials", "failed", "val acc", "test acc", "time"):
+        table.add_column(name, justify="left" if name in ("experiment", "status") else "right")
+    for outcome in outcomes:
+        result = outcome.result
+        chosen = result.selection if result else None
+        val = chosen.mean(lambda t: t.kept_val_accuracy) if chosen else math.nan
+        test = chosen.mean(lambda t: t.test_accuracy) if chosen else math.nan
+        table.add_row(outcome.experiment, outcome.status, str(len(result.finished) if result else 0),
+                      str(len(result.failed) if result else 0), "-" if val != val else f"{val:.4f}",
+                      "-" if test != test else f"{test:.4f}", f"{outcome.seconds:.0f} s" if outcome.seconds else "-")
     return table

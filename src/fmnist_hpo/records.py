@@ -133,6 +133,16 @@ class SweepResult:
 
 
 @dataclass
+class SpecOutcome:
+    """One spec of a multi-spec run: what happened to it and its sweep's result."""
+
+    experiment: str
+    status: str  # finished, done before, failed
+    result: SweepResult | None
+    seconds: float = 0.0
+
+
+@dataclass
 class LoggedTrial:
     """One trial run as read back from MLflow: plain values, no MLflow types."""
 

@@ -7,7 +7,9 @@ grid); other comparisons are labelled exploratory.
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 
 from fmnist_hpo.analyze import (
     by_parameter,
@@ -21,6 +23,7 @@ from fmnist_hpo.analyze import (
     tested_comparison,
     top_trials,
 )
+from fmnist_hpo.checkpoints import atomic_write
 from fmnist_hpo.records import LoggedTrial
 from fmnist_hpo.render import Section, format_value, to_markdown
 from fmnist_hpo.stats import summarize
@@ -65,15 +68,17 @@ def experiment_section(name: str, description: str, trials: list[LoggedTrial]) -
         f"- {row['finished']} runs finished, {row['failed']} failed.",
         f"- {selection_line(trials)}",
         f"- Test accuracy over all runs: {_pct(test.mean)}"
-        + (f" ± {test.std * 100:.2f} points (95% CI {_pct(test.ci_low)} to {_pct(test.ci_high)})" if test.n > 1 else ""),
-        f"- Median model size {format_value('p', row['median_parameters'])} parameters, "
-        f"{format_value('e', row['median_epochs'])} epochs, {format_value('s', row['median_train_seconds'])} s of training; "
+        + (f" ± {test.std * 100:.2f} points (95% CI {_pct(test.ci_low)} to {_pct(test.ci_high)})" if test.n > 1 else "")
+        + ".",
+        f"- Median model size {format_value('median_parameters', row['median_parameters'])} parameters, "
+        f"{format_value('median_epochs', row['median_epochs'])} epochs, "
+        f"{format_value('median_train_seconds', row['median_train_seconds'])} s of training; "
         f"mean generalisation gap (train accuracy at the kept epoch minus test accuracy) {_points(row['mean_gap'])}.",
     ]
     lines += [f"- {finding}" for finding in parameter_findings(trials)]
-    lines += ["", to_markdown([top_trials(name, trials)])]
+    lines += ["", to_markdown([top_trials(name, trials)], percent=True)]
     if searched_keys(trials):
-        lines.append(to_markdown([by_parameter(name, trials)]))
+        lines.append(to_markdown([by_parameter(name, trials)], percent=True))
     return "\n".join(lines)
 
 
@@ -124,9 +129,22 @@ def build_report(trials_by_experiment: dict[str, list[LoggedTrial]], description
         "configuration with the best mean validation result; the test set was scored once per trial and never "
         "used to choose or rank anything. Accuracies are percentages; differences are percentage points.",
         "",
-        to_markdown([overview]),
+        to_markdown([overview], level=2, percent=True),
     ]
     for name, trials in trials_by_experiment.items():
         parts.append(experiment_section(name, descriptions.get(name, ""), trials))
     parts += ["## Conclusions", "", *conclusions(trials_by_experiment), ""]
     return "\n".join(parts)
+
+
+def write_report(path: Path, text: str) -> None:
+    """Write the report atomically, with the mode a plain write (like the PNG plots') would give it:
+    the temporary file atomic_write renames into place is private (0600)."""
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+    path.chmod(0o666 & ~_umask())
+
+
+def _umask() -> int:
+    current = os.umask(0)  # the only way to read it is to set it
+    os.umask(current)
+    return current

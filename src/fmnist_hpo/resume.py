@@ -64,8 +64,9 @@ def choose_parent(tracker: Tracker, cfg: Config, mode: str, ask: Callable[[str],
                   say: Callable[[str], None] = print) -> str | None:
     """The interrupted sweep to continue, or None for a fresh one.
 
-    mode: 'resume' continues without asking, 'fresh' starts anew (closing the interrupted runs as
-    FAILED), 'ask' asks through ask(question) -> bool. With no way to ask (stdin is not a terminal:
+    mode: 'resume' continues without asking, 'continue' too but starts afresh where nothing was
+    interrupted, 'fresh' starts anew (closing the interrupted runs as FAILED), 'ask' asks through
+    ask(question) -> bool. With no way to ask (stdin is not a terminal:
     nohup, CI, a scheduler) the safe choice wins: the interrupted sweep is continued, and say() tells so.
     """
     candidates = tracker.unfinished_sweeps(sweep_id(cfg))
@@ -73,6 +74,7 @@ def choose_parent(tracker: Tracker, cfg: Config, mode: str, ask: Callable[[str],
         if mode == "resume":
             raise ResumeError(f"no interrupted sweep of this config in experiment {cfg.experiment!r} to resume")
         return None
+    mode = "resume" if mode == "continue" else mode
     parent = candidates[0]
     if _alive_elsewhere(parent.tags):
         raise ResumeError(f"this sweep is still running (pid {parent.tags['pid']}); "

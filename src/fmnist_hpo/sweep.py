@@ -12,6 +12,7 @@ import contextlib
 import itertools
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from fmnist_hpo import config as config_module
 from fmnist_hpo.checkpoints import CheckpointError, read_training_state, save_checkpoint, save_training_state
 from fmnist_hpo.config import Config
 from fmnist_hpo.data import SplitCache, load_dataset
-from fmnist_hpo.errors import FmnistError
+from fmnist_hpo.errors import FmnistError, OutputError
 from fmnist_hpo.progress import SweepProgress
 from fmnist_hpo.pruning import MedianPruner, best_so_far
 from fmnist_hpo.records import EpochMetrics, LoggedTrial, SweepResult, TrialRecord
@@ -52,10 +53,6 @@ class SweepFailed(FmnistError):
     def __init__(self, message: str, result: SweepResult) -> None:
         super().__init__(message)
         self.result = result
-
-
-class OutputError(FmnistError):
-    """A folder the sweep must write to cannot be written."""
 
 
 Known = dict[tuple, tuple[dict[str, Any], float | None]]  # config key -> (values, mean objective or None)
@@ -270,19 +267,23 @@ def check_writable(folder: Path) -> None:
         raise OutputError(f"{folder}: the checkpoint folder is not writable")
 
 
-def run_from_config(cfg: Config, show_bars: bool | None = None, resume: str = "ask", ask: Any = None) -> SweepResult:
-    """Everything `fmnist run` does after parsing: every input is checked before anything is written."""
-    from fmnist_hpo.tracking import check_sqlite_location, resolve_tracking_uri
-    from fmnist_hpo.train import resolve_device, resolve_precision
+def run_from_config(cfg: Config, show_bars: bool | None = None, resume: str = "ask", ask: Any = None,
+                    on_ready: Callable[[], None] | None = None) -> SweepResult:
+    """Everything `fmnist run` does after parsing: every input is checked before anything is written.
 
-    device = resolve_device(cfg.train.device)
-    resolve_precision(cfg.train.precision, device)
+    on_ready is called once the data is on the device and the store is open, before the first
+    question or progress bar (the CLI ends its 'preparing' status there).
+    """
+    from fmnist_hpo.preflight import preflight
+
+    resolved = preflight(cfg)
+    device = torch.device(resolved.device)
     data = SplitCache(load_dataset(cfg.data), device)
     data.get(cfg.data)
-    tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
-    check_sqlite_location(tracking_uri)
-    check_writable(Path(cfg.models_dir) / cfg.experiment)
-    tracker = Tracker(tracking_uri, cfg.experiment)
+    check_writable(resolved.checkpoint_dir)
+    tracker = Tracker(resolved.tracking_uri, cfg.experiment)
+    if on_ready is not None:
+        on_ready()
     parent = choose_parent(tracker, cfg, resume, ask, say=logger.info)
     result = Sweep(cfg, data, tracker, show_bars).run(resume_parent=parent)
     if not result.finished:

@@ -219,12 +219,16 @@ class Tracker:
                 by_step.setdefault(m.step, {})[key] = m.value
         return [EpochMetrics(epoch=step, **values) for step, values in sorted(by_step.items()) if len(values) == len(keys)]
 
-    def unfinished_sweeps(self, sweep_id: str) -> list[LoggedTrial]:
-        """Parent runs of this sweep left RUNNING (a crash) or KILLED (an interrupt), newest first."""
+    def sweeps(self, sweep_id: str, statuses: tuple[str, ...]) -> list[LoggedTrial]:
+        """Parent runs of this sweep in one of statuses, newest first."""
         runs = self._retry(self.client.search_runs, [self.experiment_id],
                            f"tags.`fmnist.role` = 'sweep' and tags.sweep_id = '{sweep_id}'",
                            max_results=1000, order_by=["attributes.start_time DESC"])
-        return [logged_trial(r, "") for r in runs if r.info.status in ("RUNNING", "KILLED")]
+        return [logged_trial(r, "") for r in runs if r.info.status in statuses]
+
+    def unfinished_sweeps(self, sweep_id: str) -> list[LoggedTrial]:
+        """Parent runs of this sweep left RUNNING (a crash) or KILLED (an interrupt), newest first."""
+        return self.sweeps(sweep_id, ("RUNNING", "KILLED"))
 
     def log_pytorch_model(self, run_id: str, model: Any, input_example: Any) -> str:
         """Log model as an MLflow model linked to run_id; returns its models:/ URI."""

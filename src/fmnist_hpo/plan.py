@@ -1,0 +1,151 @@
+"""Several specs as one plan: validated together before anything runs, timed before they start,
+then run in order, each into its own experiment (a spec whose sweep finished before is skipped).
+
+The estimate comes from a short probe: a few training steps and evaluation batches of each distinct
+model (and batch size) on the chosen device, scaled to the planned trials, epochs and split sizes.
+It is an upper bound in epochs: early stopping and pruning can only shorten a sweep.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from fmnist_hpo import config as config_module
+from fmnist_hpo.config import Config
+from fmnist_hpo.records import SpecOutcome, SweepResult
+from fmnist_hpo.space import grid_points, planned_points, space_size
+
+if TYPE_CHECKING:
+    import torch
+
+TRAIN_IMAGES, TEST_IMAGES = 60_000, 10_000
+SPEED_KEYS = ("model.", "train.batch_size", "train.eval_batch_size", "train.precision", "train.channels_last",
+              "train.compile")
+MAX_PROBED_VARIANTS = 6
+
+
+@dataclass(frozen=True)
+class Estimate:
+    experiment: str
+    runs: int  # trained configurations x repeats
+    epochs: int  # at most, per run
+    epoch_seconds: float  # training plus validation, from the probe
+    run_seconds: float  # every epoch, plus the one test pass
+
+    @property
+    def total_seconds(self) -> float:
+        return self.runs * self.run_seconds
+
+
+def estimate(cfg: Config, device: torch.device, probe_cache: dict[str, tuple[float, float]] | None = None) -> Estimate:
+    search = cfg.search
+    runs = planned_points(search.space, search.algo, search.max_evals) * search.repeats
+    cache = {} if probe_cache is None else probe_cache
+    variants = speed_variants(cfg)
+    epoch, test = zip(*(probe_cached(v, device, cache) for v in variants), strict=True)
+    epoch_seconds, test_seconds = statistics.fmean(epoch), statistics.fmean(test)
+    return Estimate(cfg.experiment, runs, cfg.train.epochs, epoch_seconds, epoch_seconds * cfg.train.epochs + test_seconds)
+
+
+def speed_variants(cfg: Config) -> list[Config]:
+    """The configurations whose speed stands for the sweep: each combination of the searched keys that
+    change speed, when they are few and finite; else the base configuration."""
+    searched = {k: v for k, v in cfg.search.space.items() if k.startswith(SPEED_KEYS)}
+    size = space_size(searched)
+    if not searched or size is None or size > MAX_PROBED_VARIANTS:
+        return [cfg]
+    base = config_module.to_dict(cfg)
+    return [config_module.validate(config_module.apply_overrides(base, point)) for point in grid_points(searched)]
+
+
+def probe_cached(cfg: Config, device: torch.device, cache: dict[str, tuple[float, float]]) -> tuple[float, float]:
+    raw = config_module.to_dict(cfg)
+    key = config_module.hash_of({"model": raw["model"], "train": raw["train"], "data": raw["data"]})
+    if key not in cache:
+        cache[key] = probe(cfg, device)
+    return cache[key]
+
+
+def probe(cfg: Config, device: torch.device, steps: int = 3) -> tuple[float, float]:
+    """(seconds per epoch, seconds per test pass) of cfg's model on device, from a few timed steps."""
+    import torch
+
+    from fmnist_hpo.data import Split, steps_per_epoch
+    from fmnist_hpo.train import evaluate, make_schedulers, prepare_trial, train_epoch
+
+    model, engine = prepare_trial(cfg, device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+    _, step_scheduler = make_schedulers(optimizer, cfg.train, steps + 1)
+
+    def split(n: int) -> Split:
+        images = torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, device=device)
+        return Split(images, torch.randint(0, 10, (n,), device=device))
+
+    batch, eval_batch = cfg.train.batch_size, cfg.train.eval_batch_size
+    train_epoch(model, split(batch), optimizer, engine, cfg.train, cfg.data, step_scheduler)  # warm-up
+    step = _timed(lambda: train_epoch(model, split(batch * steps), optimizer, engine, cfg.train, cfg.data,
+                                      step_scheduler)) / steps
+    evaluate(model, split(eval_batch), engine, eval_batch)
+    eval_batch_seconds = _timed(lambda: evaluate(model, split(eval_batch * 2), engine, eval_batch)) / 2
+    train_images = cfg.data.train_subset or TRAIN_IMAGES - cfg.data.val_size
+    epoch = steps_per_epoch(train_images, batch) * step + math.ceil(cfg.data.val_size / eval_batch) * eval_batch_seconds
+    return epoch, math.ceil(TEST_IMAGES / eval_batch) * eval_batch_seconds
+
+
+def _timed(fn) -> float:  # type: ignore[no-untyped-def]
+    start = time.perf_counter()
+    fn()  # train_epoch and evaluate read their sums from the device, so the clock waits for the work
+    return time.perf_counter() - start
+
+
+def duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+# --- running several specs in order ---------------------------------------------------------------
+
+
+def finished_before(cfg: Config) -> SweepResult | None:
+    """The newest finished sweep of exactly this config (max_evals too), as a result, or None."""
+    from fmnist_hpo.records import TrialRecord
+    from fmnist_hpo.tracking import Tracker, resolve_tracking_uri
+    from fmnist_hpo.trial_runs import sweep_id
+
+    tracker = Tracker(resolve_tracking_uri(cfg.mlflow.tracking_uri), cfg.experiment)
+    same = [p for p in tracker.sweeps(sweep_id(cfg), ("FINISHED",))
+            if p.params.get("search.max_evals") == str(cfg.search.max_evals)]
+    if not same:
+        return None
+    models_dir = Path(cfg.models_dir) / cfg.experiment
+    trials = [TrialRecord.from_logged(t, models_dir) for t in tracker.trials_of(same[0].run_id)
+              if t.tags.get("interrupted") != "true"]
+    return SweepResult(cfg.experiment, same[0].run_id, cfg.search.metric, trials)
+
+
+def run_spec(cfg: Config, mode: str, ask: Callable[[str], bool] | None, show_bars: bool | None,
+             on_ready: Callable[[], None] | None = None) -> SpecOutcome:
+    """One spec of several: skipped when it finished before (unless mode is fresh), else run or continued."""
+    from fmnist_hpo.sweep import SweepFailed, run_from_config
+
+    if mode != "fresh":
+        earlier = finished_before(cfg)
+        if earlier is not None:
+            if on_ready is not None:
+                on_ready()
+            return SpecOutcome(cfg.experiment, "done before", earlier)
+    start = time.perf_counter()
+    try:
+        result = run_from_config(cfg, show_bars, resume=mode, ask=ask, on_ready=on_ready)
+    except SweepFailed as exc:
+        return SpecOutcome(cfg.experiment, "failed", exc.result, time.perf_counter() - start)
+    return SpecOutcome(cfg.experiment, "finished", result, time.perf_counter() - start)

@@ -1,0 +1,92 @@
+"""Several specs in one command: validated together, run in order, resumable, estimated by a dry run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import tiny_raw
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from fmnist_hpo import sweep as sweep_module
+from fmnist_hpo.cli import app
+
+runner = CliRunner()
+
+
+def spec(folder: Path, data_dir: Path, name: str, **sections) -> Path:
+    raw = tiny_raw(data_dir, experiment=name, search={"max_evals": 2, "algo": "random",
+                                                      "space": {"train.lr": {"loguniform": [1e-3, 1e-2]}}}, **sections)
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def trials(experiment: str) -> list:
+    client = MlflowClient(f"sqlite:///{Path.cwd() / 'mlflow.db'}")
+    found = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([found.experiment_id]) if found else []
+    return [r for r in runs if r.data.tags.get("fmnist.role") == "trial"]
+
+
+def test_every_spec_is_validated_before_anything_runs(tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)
+    good = spec(tmp_path, data_dir, "good")
+    bad = spec(tmp_path, data_dir, "bad", train={"epochs": 0})
+    worse = spec(tmp_path, data_dir, "worse", model={"filters": -1})
+    result = runner.invoke(app, ["run", str(good), str(bad), str(worse)])
+    assert result.exit_code == 2
+    assert "bad.yaml: train.epochs: must be >= 1" in result.stderr and "worse.yaml: model.filters" in result.stderr
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_specs_run_in_order_and_a_rerun_skips_finished_ones(tmp_path: Path, data_dir: Path,
+                                                           monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)
+    paths = [str(spec(tmp_path, data_dir, name)) for name in ("first", "second")]
+    result = runner.invoke(app, ["run", *paths, "--quiet"])
+    assert result.exit_code == 0, result.stderr
+    assert "2 experiment(s)" in result.stdout and result.stdout.count("finished") == 2
+    assert len(trials("first")) == 2 and len(trials("second")) == 2
+
+    again = runner.invoke(app, ["run", *paths, "--quiet"])
+    assert again.exit_code == 0, again.stderr
+    assert again.stdout.count("done before") == 2
+    assert len(trials("first")) == 2 and len(trials("second")) == 2  # nothing trained twice
+
+
+def test_an_interrupted_multi_spec_run_continues_where_it_stopped(tmp_path: Path, data_dir: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)
+    paths = [str(spec(tmp_path, data_dir, name)) for name in ("one", "two")]
+    real = sweep_module.train_and_test
+
+    def interrupt_in_two(cfg, *args, **kwargs):
+        if cfg.experiment == "two":
+            raise KeyboardInterrupt
+        return real(cfg, *args, **kwargs)
+
+    monkeypatch.setattr(sweep_module, "train_and_test", interrupt_in_two)
+    first = runner.invoke(app, ["run", *paths, "--quiet"])
+    assert first.exit_code == 130
+    assert f"fmnist run {paths[0]} {paths[1]}" in first.stderr and "--resume" in first.stderr
+    monkeypatch.setattr(sweep_module, "train_and_test", real)
+    resumed = runner.invoke(app, ["run", *paths, "--quiet", "--resume"])
+    assert resumed.exit_code == 0, resumed.stderr
+    assert "done before" in resumed.stdout and "finished" in resumed.stdout
+    assert sorted(t.info.status for t in trials("two")) == ["FINISHED", "FINISHED"]
+    assert len(trials("one")) == 2
+
+
+def test_a_dry_run_estimates_each_experiment(tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)
+    paths = [str(spec(tmp_path, data_dir, "small")), str(spec(tmp_path, data_dir, "large", train={"epochs": 3},
+                                                               model={"filters": 16}))]
+    result = runner.invoke(app, ["run", *paths, "--dry-run"])
+    assert result.exit_code == 0, result.stderr
+    assert "# estimate on cpu" in result.stdout
+    assert "#   small: 2 run(s) x up to 1 epoch(s)" in result.stdout
+    assert "#   large: 2 run(s) x up to 3 epoch(s)" in result.stdout and "#   total:" in result.stdout
+    assert not (tmp_path / "mlflow.db").exists()
