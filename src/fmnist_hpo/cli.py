@@ -190,7 +190,7 @@ def run_one(cfg: Config, mode: str, quiet: bool, resume_command: str, register_a
         raise interrupted(exc, resume_command) from None
     from rich.console import Console
 
-    Console().print(results_table(result))
+    Console(width=None if sys.stdout.isatty() else 120).print(results_table(result))
     best = result.best
     typer.echo(selected_line(result))
     typer.echo(f"runs of {result.experiment} are in {resolved.tracking_uri}; "
@@ -228,7 +228,7 @@ def run_several(cfgs: list[Config], mode: str, quiet: bool, resume_command: str)
         if outcomes:
             Console(stderr=True).print(study_table(outcomes))
         raise interrupted(exc, resume_command) from None
-    Console().print(study_table(outcomes))
+    Console(width=None if sys.stdout.isatty() else 120).print(study_table(outcomes))
     failed = [o.experiment for o in outcomes if o.status == "failed"]
     if failed:
         raise fail(f"every trial failed in: {', '.join(failed)}", code=1)
