@@ -78,6 +78,9 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = setting("auto", "auto: bf16 autocast on CUDA where supported, else fp32")
     channels_last: bool = setting(True, "NHWC memory format: faster convolutions on CUDA and CPU (ignored on MPS)")
     compile: bool = setting(False, "torch.compile the model (pays off on CUDA for long runs)")
+    cuda_graphs: bool | Literal["auto"] = setting(
+        "auto", "replay each training and evaluation step from a CUDA graph: auto (on CUDA without compile or fp16), "
+        "true (or an error), false")
     eval_batch_size: int = setting(256, "images per evaluation step (256 is fastest on CPU)", ge=1)
 
 
@@ -338,6 +341,7 @@ def _cross_checks(cfg: Config) -> list[str]:
             f"{cfg.model.num_blocks} blocks (give one rate, or one per block)"
         )
     problems += _engine_checks(cfg.search)
+    problems += _graph_checks(cfg.train)
     if cfg.model.dropout_placement == "middle" and cfg.model.num_blocks < 3:
         problems.append("model.dropout_placement: middle needs num_blocks >= 3 (the blocks between first and last)")
     if not EXPERIMENT_NAME.fullmatch(cfg.experiment):
@@ -359,6 +363,20 @@ def _engine_checks(search: SearchConfig) -> list[str]:
             problems.append(f"search.algo: {search.algo} runs on the sequential engine only (search.parallel: 1)")
         if search.repeats > 1:
             problems.append("search.repeats: repeats run on the sequential engine only (search.parallel: 1)")
+    return problems
+
+
+def _graph_checks(train: TrainConfig) -> list[str]:
+    """train.cuda_graphs: true with settings it cannot work with (auto turns itself off instead)."""
+    if train.cuda_graphs is not True:
+        return []
+    problems = []
+    if train.device in ("cpu", "mps"):
+        problems.append(f"train.cuda_graphs: true needs a CUDA device, got train.device: {train.device}")
+    if train.compile:
+        problems.append("train.cuda_graphs: true and train.compile: true are exclusive (choose one)")
+    if train.precision == "fp16":
+        problems.append("train.cuda_graphs: true cannot capture fp16's GradScaler; use bf16 or fp32")
     return problems
 
 
