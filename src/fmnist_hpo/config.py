@@ -94,7 +94,9 @@ class SearchConfig:
     repeats: int = setting(1, "runs of each configuration, with seeds train.seed, train.seed+1, ...", ge=1, le=1000)
     metric: Literal["val_loss", "val_accuracy"] = setting("val_accuracy", "objective: val_loss minimised, val_accuracy maximised")
     seed: int = setting(0, "seed of the search algorithm; same seed, same sampled points")
-    parallel: int = setting(1, "trials at once; above 1 the sweep runs on Ray Tune (the [ray] extra)", ge=1, le=1024)
+    parallel: int | Literal["auto"] = setting(
+        "auto", "trials at once; auto: as many as fit in free GPU memory (1 on CPU/MPS or without Ray); "
+        "above 1 the sweep runs on Ray Tune (the [ray] extra)", ge=1, le=1024)
     gpus_per_trial: float | None = setting(None, "GPU share of each parallel trial; null: spread the GPUs over the trials", gt=0)
     ray_address: str | None = setting(None, "an existing Ray cluster to run on; null: $RAY_ADDRESS, else a local instance")
     pruner: Literal["none", "median", "asha"] = setting(
@@ -353,16 +355,29 @@ def _cross_checks(cfg: Config) -> list[str]:
     return problems
 
 
+def sequential_only(search: SearchConfig) -> str | None:
+    """Why this search can only run one trial at a time, or None; search.parallel: auto then means 1."""
+    reasons = _sequential_reasons(search)
+    return reasons[0] if reasons else None
+
+
+def _sequential_reasons(search: SearchConfig) -> list[str]:
+    reasons = []
+    if search.algo in ("grid", "anneal"):
+        reasons.append(f"search.algo: {search.algo} runs on the sequential engine only")
+    if search.repeats > 1:
+        reasons.append("search.repeats: repeats run on the sequential engine only")
+    return reasons
+
+
 def _engine_checks(search: SearchConfig) -> list[str]:
-    """What only the sequential engine, or only the Ray engine, can do."""
+    """What only the sequential engine, or only the Ray engine, can do; auto counts as 1 here."""
     problems = []
-    if search.pruner == "asha" and search.parallel == 1:
+    parallel = 1 if search.parallel == "auto" else search.parallel
+    if search.pruner == "asha" and parallel == 1:
         problems.append("search.pruner: asha is Ray Tune's scheduler and needs search.parallel > 1 (or use median)")
-    if search.parallel > 1:
-        if search.algo in ("grid", "anneal"):
-            problems.append(f"search.algo: {search.algo} runs on the sequential engine only (search.parallel: 1)")
-        if search.repeats > 1:
-            problems.append("search.repeats: repeats run on the sequential engine only (search.parallel: 1)")
+    if parallel > 1:
+        problems += [f"{reason} (search.parallel: 1)" for reason in _sequential_reasons(search)]
     return problems
 
 
