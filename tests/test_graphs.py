@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import tiny_raw
 
-from fmnist_hpo import config
+from fmnist_hpo import config, graphs
 from fmnist_hpo.data import load_dataset, make_splits
 from fmnist_hpo.errors import ConfigError, DeviceError
 from fmnist_hpo.train import make_engine, resolve_cuda_graphs, train_and_test
@@ -39,6 +39,38 @@ def test_true_where_graphs_cannot_run_is_a_clear_error():
 def test_the_cpu_engine_does_not_capture():
     engine = make_engine(config.validate({"train": {"cuda_graphs": "auto"}}).train, CPU, 0)
     assert not engine.cuda_graphs
+
+
+def test_undoing_the_warm_up_leaves_adam_as_it_was():
+    """What capture does around its warm-up steps, checked on CPU where capturable fused Adam also runs."""
+    def two_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        for _ in range(2):
+            optimizer.zero_grad(set_to_none=True)
+            model(torch.ones(3, 4)).square().sum().backward()
+            optimizer.step()
+
+    torch.manual_seed(0)
+    warmed = torch.nn.Linear(4, 2)
+    fresh = copy.deepcopy(warmed)
+    weights = copy.deepcopy(warmed.state_dict())
+    optimizer = graphs.make_capturable_adam(warmed.parameters(), 1e-2, 0.0, CPU)
+    before = graphs.snapshot_optimizer(optimizer)
+    two_steps(warmed, optimizer)  # the warm-up
+    warmed.load_state_dict(weights)
+    graphs.restore_optimizer(optimizer, before)
+    two_steps(warmed, optimizer)
+    two_steps(fresh, graphs.make_capturable_adam(fresh.parameters(), 1e-2, 0.0, CPU))
+    assert torch.equal(warmed.weight, fresh.weight) and torch.equal(warmed.bias, fresh.bias)
+
+
+def test_a_loaded_state_keeps_the_optimizer_capturable():
+    model = torch.nn.Linear(4, 2)
+    saved = torch.optim.Adam(model.parameters(), lr=3e-3).state_dict()  # as an eager run saves it
+    optimizer = graphs.make_capturable_adam(model.parameters(), 1e-3, 0.0, CPU)
+    optimizer.load_state_dict(saved)
+    graphs.keep_capturable(optimizer, CPU)
+    group = optimizer.param_groups[0]
+    assert group["capturable"] and isinstance(group["lr"], torch.Tensor) and float(group["lr"]) == pytest.approx(3e-3)
 
 
 def cuda_run(data_dir: Path, graphs: bool, model: dict | None = None, save_state=None, resume=None, **train):

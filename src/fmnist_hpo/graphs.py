@@ -83,11 +83,11 @@ def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Ten
     totals.correct += (logits.argmax(1) == y).sum()
 
 
-def _snapshot_optimizer(optimizer: torch.optim.Optimizer) -> dict[int, dict[str, torch.Tensor]]:
+def snapshot_optimizer(optimizer: torch.optim.Optimizer) -> dict[int, dict[str, torch.Tensor]]:
     return {id(p): {k: v.clone() for k, v in state.items()} for p, state in optimizer.state.items()}
 
 
-def _restore_optimizer(optimizer: torch.optim.Optimizer, saved: dict[int, dict[str, torch.Tensor]]) -> None:
+def restore_optimizer(optimizer: torch.optim.Optimizer, saved: dict[int, dict[str, torch.Tensor]]) -> None:
     """Put the state back in place (the graph holds these tensors); state the warm-up created is
     zeroed, which is what a fresh Adam state is."""
     for param, state in optimizer.state.items():
@@ -121,7 +121,7 @@ class GraphedTraining:
     def _capture(self) -> None:
         """Warm up on a side stream, capture, then undo what the warm-up steps changed."""
         weights = {k: v.clone() for k, v in self.model.state_dict().items()}
-        optimizer_state = _snapshot_optimizer(self.optimizer)
+        optimizer_state = snapshot_optimizer(self.optimizer)
         self.model.train()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -134,7 +134,7 @@ class GraphedTraining:
         with torch.cuda.graph(self.graph):
             self._step(self.static_x, self.static_y)
         self.model.load_state_dict(weights)  # copies in place: the graph keeps its tensors
-        _restore_optimizer(self.optimizer, optimizer_state)
+        restore_optimizer(self.optimizer, optimizer_state)
         self.totals.reset()
 
     def _step(self, x: torch.Tensor, y: torch.Tensor) -> None:

@@ -226,6 +226,7 @@ def _graphed_train_epoch(model: nn.Module, split: Split, optimizer: torch.optim.
     if step is None or not step.matches(model, optimizer, size, cfg.label_smoothing):
         step = engine.train_graph = graphs.GraphedTraining(
             model, optimizer, engine.inputs(split.images[:size]), split.labels[:size], cfg.label_smoothing, engine.dtype)
+    model.train()  # replays ignore the mode; callers and the eager last batch do not
     step.totals.reset()
     seen = 0
     for idx in batches(len(split), cfg.batch_size, engine.generator, engine.device):
@@ -245,6 +246,7 @@ def evaluate(model: nn.Module, split: Split, engine: Engine, batch_size: int = 1
     if step is None or not step.matches(model, batch_size):
         step = engine.eval_graph = graphs.GraphedEvaluation(model, batch_size, split.images, engine.inputs,
                                                             engine.dtype)
+    model.eval()  # as the eager path leaves it: callers use the model for inference next
     loss_sum, correct = step.run(split.images, split.labels)
     return loss_sum / len(split), correct / len(split)
 
