@@ -69,6 +69,20 @@ def test_auto_is_the_default_and_keeps_sequential_only_settings_valid():
         config.validate({"search": {"parallel": 0}})
 
 
+def test_parallel_for_measures_nothing_where_auto_means_one(monkeypatch: pytest.MonkeyPatch):
+    from fmnist_hpo import packing
+
+    def no_measuring(*_args):
+        raise AssertionError("measured a trial where auto is 1 anyway")
+
+    monkeypatch.setattr(packing, "trial_footprint", no_measuring)
+    cpu = torch.device("cpu")
+    assert packing.parallel_for(config.validate({}), cpu, dataset=None) == (1, None)
+    assert packing.parallel_for(config.validate({"search": {"parallel": 2}}), cpu, dataset=None) == (2, None)
+    trials, note = packing.parallel_for(config.validate({"search": {"algo": "grid"}}), torch.device("cuda"), dataset=None)
+    assert trials == 1 and "grid" in note
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="measures CUDA memory")
 def test_step_peak_bytes_grows_with_the_batch(data_dir: Path):
     small = config.validate(tiny_raw(data_dir, train={"device": "cuda", "batch_size": 32, "eval_batch_size": 32}))

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from fmnist_hpo.config import sequential_only
 from fmnist_hpo.data import Dataset, Split
 from fmnist_hpo.train import evaluate, make_optimizer, prepare_trial, train_epoch
 
@@ -58,6 +59,16 @@ def resolve_parallel(setting: int | str, device: torch.device | str, footprint_b
     return max(1, trials), (f"search.parallel auto: {max(1, trials)} trials at once "
                             f"({footprint_bytes / 2**30:.2f} GiB each, {free_bytes / 2**30:.1f} GiB free "
                             f"on each of {gpu_count} GPU{'s' if gpu_count > 1 else ''})")
+
+
+def parallel_for(cfg: Config, device: torch.device, dataset: Dataset) -> tuple[int, str | None]:
+    """cfg.search.parallel as a number for this machine, and the note to show; the sweep driver's
+    entry point. A trial is measured only when auto could pick more than one."""
+    setting, reason = cfg.search.parallel, sequential_only(cfg.search)
+    if setting != "auto" or reason is not None or device.type != "cuda" or not ray_installed():
+        return resolve_parallel(setting, device, sequential_reason=reason)
+    return resolve_parallel(setting, device, trial_footprint(cfg, device, dataset), free_gpu_bytes(device),
+                            ray_available=True, gpu_count=torch.cuda.device_count())
 
 
 def step_peak_bytes(cfg: Config, device: torch.device) -> int:
