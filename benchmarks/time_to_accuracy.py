@@ -35,10 +35,19 @@ def main() -> None:
     args = parser.parse_args()
 
     cfg = config.load(args.config, ["search.space={}", *args.overrides])
-    device = resolve_device(args.device)
+    result = measure(cfg, resolve_device(args.device), verbose=True)
+    for threshold, seconds in result["reached_seconds"].items():
+        print(f"test >= {float(threshold):.1%}: " + (f"{seconds:.1f} s of training" if seconds is not None else "not reached"))
+    print(f"validation-selected checkpoint (epoch {result['selected_epoch']}): test {result['selected_test_accuracy']:.4f} "
+          f"after {result['train_seconds']:.1f} s of training")
+    if args.out:
+        args.out.write_text(json.dumps({"config": args.config, **result}, indent=2))
+
+
+def measure(cfg: config.Config, device: torch.device, verbose: bool = False) -> dict:
+    """Train cfg once; the curve, the seconds to each threshold and the selected checkpoint's test score."""
     splits = make_splits(load_dataset(cfg.data), cfg.data, device)
     model, engine = prepare_trial(cfg, device)
-
     curve: list[dict[str, float]] = []
     elapsed = 0.0
 
@@ -47,23 +56,16 @@ def main() -> None:
         elapsed += m.epoch_seconds
         _, test_acc = evaluate(model, splits.test, engine, cfg.train.eval_batch_size)
         curve.append({"epoch": m.epoch, "train_seconds": elapsed, "val_accuracy": m.val_accuracy, "test_accuracy": test_acc})
-        print(f"epoch {m.epoch:3d}  {elapsed:7.1f}s  val {m.val_accuracy:.4f}  test {test_acc:.4f}", flush=True)
+        if verbose:
+            print(f"epoch {m.epoch:3d}  {elapsed:7.1f}s  val {m.val_accuracy:.4f}  test {test_acc:.4f}", flush=True)
 
     result = fit(model, splits, cfg, engine, on_epoch)
     _, selected_test = evaluate(model, splits.test, engine, cfg.train.eval_batch_size)
     reached = {f"{t:.3f}": next((c["train_seconds"] for c in curve if c["test_accuracy"] >= t), None) for t in THRESHOLDS}
-    for threshold, seconds in reached.items():
-        print(f"test >= {float(threshold):.1%}: " + (f"{seconds:.1f} s of training" if seconds is not None else "not reached"))
-    print(f"validation-selected checkpoint (epoch {result.kept_epoch}): test {selected_test:.4f} "
-          f"after {result.train_seconds:.1f} s of training")
-    if args.out:
-        args.out.write_text(json.dumps({
-            "config": args.config, "device": str(device),
-            "machine": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+    return {"device": str(device), "machine": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "date": time.strftime("%Y-%m-%d"), "reached_seconds": reached, "curve": curve,
             "selected_epoch": result.kept_epoch, "selected_test_accuracy": selected_test,
-            "train_seconds": result.train_seconds,
-        }, indent=2))
+            "train_seconds": result.train_seconds}
 
 
 if __name__ == "__main__":

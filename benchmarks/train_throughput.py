@@ -2,13 +2,17 @@
 
     python benchmarks/train_throughput.py --config configs/exp12.yaml --device cuda
     python benchmarks/train_throughput.py --config configs/quick.yaml --device cpu --train-images 12000
+    python benchmarks/train_throughput.py --config configs/exp12.yaml --device cuda --modes reference,engine64,engine64+graphs
 
 Modes, run interleaved (one epoch of each per round) so drift hits them alike; medians reported:
-  reference   DataLoader over CPU tensors, batch 64, fp32, loss.item() every step
-  engine64    the engine at batch 64 in fp32: the same math as the reference
-  enginefast  the engine with its fast settings (batch 256, bf16 autocast and channels_last on
-              CUDA; --compile adds torch.compile)
-Needs only torch, numpy and pyyaml (no mlflow or hyperopt), so it runs on a bare GPU box.
+  reference          DataLoader over CPU tensors, batch 64, fp32, loss.item() every step
+  engine64           the engine at batch 64 in fp32: the same math as the reference
+  enginefast         the engine with its fast settings (batch 256, bf16 autocast and channels_last
+                     on CUDA; --compile adds torch.compile)
+  engine64+graphs    engine64 with every step replayed from a CUDA graph (CUDA only)
+  enginefast+graphs  enginefast with CUDA graphs (CUDA only; not with --compile)
+The plain engine modes run without CUDA graphs. Needs only torch, numpy and pyyaml (no mlflow or
+hyperopt), so it runs on a bare GPU box.
 """
 
 from __future__ import annotations
@@ -31,7 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from fmnist_hpo import config
 from fmnist_hpo.data import Split, load_dataset, make_splits, normalize
 from fmnist_hpo.model import build_model
-from fmnist_hpo.train import prepare_trial, resolve_device, train_epoch
+from fmnist_hpo.train import make_optimizer, prepare_trial, resolve_device, train_epoch
+
+MODES = ("reference", "engine64", "enginefast", "engine64+graphs", "enginefast+graphs")
 
 
 def reference_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
@@ -83,15 +89,31 @@ def main() -> None:
     subset = [f"data.train_subset={args.train_images}"] if args.train_images else []
     cfg = config.load(args.config, ["search.space={}", *subset])
     device = resolve_device(args.device)
+    result = measure(cfg, device, args.modes.split(","), args.rounds, args.fast_batch, args.compile)
+    print(f"{args.config} on {result['machine']}; {result['train_images']} training images, "
+          f"{args.rounds} rounds, torch {torch.__version__}")
+    print(table(result["results"]))
+    if args.out:
+        args.out.write_text(json.dumps({"config": args.config, **result}, indent=2))
+
+
+def measure(cfg: config.Config, device: torch.device, modes: list[str], rounds: int, fast_batch: int = 256,
+            compile_fast: bool = False) -> dict:
+    """Median seconds per training epoch of each mode, interleaved over rounds, as a JSON-ready dict."""
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise SystemExit(f"unknown mode {unknown[0]!r}; choose from {', '.join(MODES)}")
+    if device.type != "cuda":
+        modes = [m for m in modes if not m.endswith("+graphs")]  # CUDA graphs need CUDA
     splits = make_splits(load_dataset(cfg.data), cfg.data, device)
     cpu_train = Split(splits.train.images.cpu(), splits.train.labels.cpu())
-    modes = args.modes.split(",")
-    runners = {mode: make_runner(mode, cfg, cpu_train, splits.train, device, args) for mode in modes}
-    for runner in runners.values():  # warm-up: allocator, cudnn autotuning, compilation
+    runners = {mode: make_runner(mode, cfg, cpu_train, splits.train, device, fast_batch, compile_fast)
+               for mode in modes}
+    for runner in runners.values():  # warm-up: allocator, cudnn autotuning, graph capture, compilation
         runner()
     seconds: dict[str, list[float]] = {mode: [] for mode in modes}
     peak: dict[str, int] = {}
-    for _ in range(args.rounds):
+    for _ in range(rounds):
         for mode, runner in runners.items():
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
@@ -102,10 +124,13 @@ def main() -> None:
             seconds[mode].append(time.perf_counter() - start)
             if device.type == "cuda":
                 peak[mode] = torch.cuda.max_memory_allocated(device)
-    report(args, cfg, device, len(cpu_train), seconds, peak)
+    return {"machine": machine(device), "device": str(device), "torch": torch.__version__,
+            "train_images": len(cpu_train), "date": time.strftime("%Y-%m-%d"),
+            "results": rows(len(cpu_train), seconds, peak)}
 
 
-def make_runner(mode: str, cfg: config.Config, cpu_train: Split, train: Split, device: torch.device, args):
+def make_runner(mode: str, cfg: config.Config, cpu_train: Split, train: Split, device: torch.device,
+                fast_batch: int, compile_fast: bool):
     if mode == "reference":
         torch.manual_seed(0)
         model = build_model(cfg.model).to(device)
@@ -113,35 +138,34 @@ def make_runner(mode: str, cfg: config.Config, cpu_train: Split, train: Split, d
         dataset = TensorDataset(normalize(cpu_train.images), cpu_train.labels)
         loader = DataLoader(dataset, batch_size=64, shuffle=True)
         return lambda: reference_epoch(model, loader, optimizer, device)
-    if mode == "engine64":
-        train_cfg = replace(cfg.train, batch_size=64, precision="fp32", channels_last=False, compile=False, seed=0)
-    elif mode == "enginefast":
-        train_cfg = replace(cfg.train, batch_size=args.fast_batch, precision="auto", channels_last=True,
-                            compile=args.compile, seed=0)
+    graphs = mode.endswith("+graphs")
+    if mode.startswith("engine64"):
+        train_cfg = replace(cfg.train, batch_size=64, precision="fp32", channels_last=False, compile=False, seed=0,
+                            cuda_graphs=graphs)
     else:
-        raise SystemExit(f"unknown mode {mode!r}")
+        train_cfg = replace(cfg.train, batch_size=fast_batch, precision="auto", channels_last=True,
+                            compile=compile_fast and not graphs, seed=0, cuda_graphs=graphs)
     model, engine = prepare_trial(replace(cfg, train=train_cfg), device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+    optimizer = make_optimizer(model, train_cfg, engine)
     return lambda: train_epoch(model, train, optimizer, engine, train_cfg, cfg.data)
 
 
-def report(args, cfg, device, n_images: int, seconds: dict[str, list[float]], peak: dict[str, int]) -> None:
+def rows(n_images: int, seconds: dict[str, list[float]], peak: dict[str, int]) -> list[dict]:
     medians = {mode: statistics.median(values) for mode, values in seconds.items()}
     base = medians.get("reference")
-    rows = []
-    print(f"{args.config} on {machine(device)}; {n_images} training images, {args.rounds} rounds, torch {torch.__version__}")
-    print(f"{'mode':<12}{'s/epoch':>10}{'images/s':>12}{'peak MiB':>10}{'vs reference':>14}")
-    for mode, median in medians.items():
-        ratio = base / median if base else float("nan")
-        mib = peak[mode] / 2**20 if mode in peak else None
-        shown = f"{mib:>10.0f}" if mib is not None else f"{'n/a':>10}"
-        print(f"{mode:<12}{median:>10.2f}{n_images / median:>12.0f}{shown}{ratio:>13.2f}x")
-        rows.append({"mode": mode, "seconds_per_epoch": median, "all_seconds": seconds[mode],
-                     "images_per_second": n_images / median, "peak_mib": mib, "speedup_vs_reference": ratio})
-    if args.out:
-        args.out.write_text(json.dumps({"config": args.config, "machine": machine(device), "device": str(device),
-                                        "torch": torch.__version__, "train_images": n_images,
-                                        "date": time.strftime("%Y-%m-%d"), "results": rows}, indent=2))
+    return [{"mode": mode, "seconds_per_epoch": median, "all_seconds": seconds[mode],
+             "images_per_second": n_images / median, "peak_mib": peak[mode] / 2**20 if mode in peak else None,
+             "speedup_vs_reference": base / median if base else float("nan")}
+            for mode, median in medians.items()]
+
+
+def table(results: list[dict]) -> str:
+    lines = [f"{'mode':<19}{'s/epoch':>10}{'images/s':>12}{'peak MiB':>10}{'vs reference':>14}"]
+    for row in results:
+        mib = f"{row['peak_mib']:>10.0f}" if row["peak_mib"] is not None else f"{'n/a':>10}"
+        lines.append(f"{row['mode']:<19}{row['seconds_per_epoch']:>10.2f}{row['images_per_second']:>12.0f}"
+                     f"{mib}{row['speedup_vs_reference']:>13.2f}x")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

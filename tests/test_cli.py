@@ -280,12 +280,7 @@ def test_enum_choices_are_read_from_config_types():
     assert choices["mlflow.log_model"] == ("best", "all", "none")
 
 
-OWNED_ELSEWHERE = {"fast.yaml"}  # its comments are being rewritten on another branch
-
-
-@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.xfail(
-    p.name in OWNED_ELSEWHERE, reason="comments rewritten on another branch", strict=True)) for p in CONFIGS],
-    ids=lambda p: p.name)
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_enum_comment_lists_its_choices(path: Path):
     comments = key_comments(path.read_text())
     missing = {key: [c for c in allowed if not re.search(rf"\b{c}\b", comments[key])]

@@ -60,6 +60,24 @@ def test_kept_epoch_follows_the_search_metric_not_the_early_stopping_monitor(dat
     assert (val_loss, val_acc) == (history[outcome.fit.kept_epoch].val_loss, history[outcome.fit.kept_epoch].val_accuracy)
 
 
+def test_epochs_time_training_and_validation_separately(data_dir: Path):
+    history = tiny_run(data_dir, train={"epochs": 2}).fit.history
+    for m in history:
+        assert m.train_seconds > 0 and m.eval_seconds > 0
+        assert m.epoch_seconds >= m.train_seconds + m.eval_seconds
+        logged = m.as_dict()
+        assert logged["overhead_seconds"] == pytest.approx(m.epoch_seconds - m.train_seconds - m.eval_seconds)
+        assert {"train_seconds", "eval_seconds", "epoch_seconds"} <= logged.keys()
+
+
+def test_metrics_without_the_timing_split_still_load_and_log():
+    from fmnist_hpo.train import EpochMetrics
+
+    old = EpochMetrics(0, 1.0, 0.5, 0.9, 0.6, 1e-3, 2.0)  # as tracking and ray_engine build them
+    assert old.as_dict() == {"train_loss": 1.0, "train_accuracy": 0.5, "val_loss": 0.9, "val_accuracy": 0.6,
+                             "lr": 1e-3, "epoch_seconds": 2.0}
+
+
 def test_kept_epoch_is_the_first_best_by_the_metric():
     from fmnist_hpo.train import EpochMetrics
 

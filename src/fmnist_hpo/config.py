@@ -81,6 +81,9 @@ class TrainConfig:
         "auto", "auto: bf16 autocast on CUDA (fp16 with loss scaling where bf16 is unsupported), fp32 elsewhere")
     channels_last: bool = setting(True, "NHWC memory format: faster convolutions on CUDA and CPU (ignored on MPS)")
     compile: bool = setting(False, "torch.compile the model (pays off on CUDA for long runs)")
+    cuda_graphs: bool | Literal["auto"] = setting(
+        "auto", "replay each training and evaluation step from a CUDA graph: auto (on CUDA without compile or fp16), "
+        "true (or an error), false")
     eval_batch_size: int = setting(256, "images per evaluation step (256 is fastest on CPU)", ge=1)
 
 
@@ -95,7 +98,9 @@ class SearchConfig:
     metric: Literal["val_loss", "val_accuracy"] = setting(
         "val_accuracy", "picks each trial's kept epoch and is the search objective: val_loss minimised, val_accuracy maximised")
     seed: int = setting(0, "seed of the search algorithm; same seed, same sampled points")
-    parallel: int = setting(1, "trials at once; above 1 the sweep runs on Ray Tune (the [ray] extra)", ge=1, le=1024)
+    parallel: int | Literal["auto"] = setting(
+        "auto", "trials at once; auto: as many as fit in free GPU memory (1 on CPU/MPS or without Ray); "
+        "above 1 the sweep runs on Ray Tune (the [ray] extra)", ge=1, le=1024)
     gpus_per_trial: float | None = setting(None, "GPU share of each parallel trial; null: spread the GPUs over the trials", gt=0)
     ray_address: str | None = setting(None, "an existing Ray cluster to run on; null: $RAY_ADDRESS, else a local instance")
     pruner: Literal["none", "median", "asha"] = setting(
@@ -356,6 +361,7 @@ def _cross_checks(cfg: Config) -> list[str]:
             f"{cfg.model.num_blocks} blocks (give one rate, or one per block)"
         )
     problems += _engine_checks(cfg.search)
+    problems += _graph_checks(cfg.train)
     if cfg.model.dropout_placement == "middle" and cfg.model.num_blocks < 3:
         problems.append("model.dropout_placement: middle needs num_blocks >= 3 (the blocks between first and last)")
     if not EXPERIMENT_NAME.fullmatch(cfg.experiment):
@@ -405,16 +411,43 @@ def _suggest(key: str, known: dict[str, str]) -> str:
     return f" (did you mean '{hint[0]}'?)" if hint else ""
 
 
+def sequential_only(search: SearchConfig) -> str | None:
+    """Why this search can only run one trial at a time, or None; search.parallel: auto then means 1."""
+    reasons = _sequential_reasons(search)
+    return reasons[0] if reasons else None
+
+
+def _sequential_reasons(search: SearchConfig) -> list[str]:
+    reasons = []
+    if search.algo in ("grid", "anneal"):
+        reasons.append(f"search.algo: {search.algo} runs on the sequential engine only")
+    if search.repeats > 1:
+        reasons.append("search.repeats: repeats run on the sequential engine only")
+    return reasons
+
+
 def _engine_checks(search: SearchConfig) -> list[str]:
-    """What only the sequential engine, or only the Ray engine, can do."""
+    """What only the sequential engine, or only the Ray engine, can do; auto counts as 1 here."""
     problems = []
-    if search.pruner == "asha" and search.parallel == 1:
+    parallel = 1 if search.parallel == "auto" else search.parallel
+    if search.pruner == "asha" and parallel == 1:
         problems.append("search.pruner: asha is Ray Tune's scheduler and needs search.parallel > 1 (or use median)")
-    if search.parallel > 1:
-        if search.algo in ("grid", "anneal"):
-            problems.append(f"search.algo: {search.algo} runs on the sequential engine only (search.parallel: 1)")
-        if search.repeats > 1:
-            problems.append("search.repeats: repeats run on the sequential engine only (search.parallel: 1)")
+    if parallel > 1:
+        problems += [f"{reason} (search.parallel: 1)" for reason in _sequential_reasons(search)]
+    return problems
+
+
+def _graph_checks(train: TrainConfig) -> list[str]:
+    """train.cuda_graphs: true with settings it cannot work with (auto turns itself off instead)."""
+    if train.cuda_graphs is not True:
+        return []
+    problems = []
+    if train.device in ("cpu", "mps"):
+        problems.append(f"train.cuda_graphs: true needs a CUDA device, got train.device: {train.device}")
+    if train.compile:
+        problems.append("train.cuda_graphs: true and train.compile: true are exclusive (choose one)")
+    if train.precision == "fp16":
+        problems.append("train.cuda_graphs: true cannot capture fp16's GradScaler; use bf16 or fp32")
     return problems
 
 

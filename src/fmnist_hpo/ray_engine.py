@@ -24,7 +24,7 @@ import torch
 from fmnist_hpo import config as config_module
 from fmnist_hpo.checkpoints import atomic_write
 from fmnist_hpo.errors import FmnistError, Terminated
-from fmnist_hpo.records import EPOCH_METRICS, EpochMetrics, LoggedTrial, SweepResult, TrialRecord
+from fmnist_hpo.records import EPOCH_METRICS, EPOCH_TIMINGS, EpochMetrics, LoggedTrial, SweepResult, TrialRecord
 from fmnist_hpo.selection import kept_epoch, objective
 from fmnist_hpo.space import add_to_history, config_key, plain_values, planned_points, to_hyperopt
 
@@ -113,8 +113,8 @@ def start_ray(address: str | None) -> None:
 
 
 def run_on_ray(runs: SweepRuns, result: SweepResult, progress: SweepProgress, dataset: Dataset,
-               cut_off: list[LoggedTrial]) -> None:
-    """Run the remaining configurations of the sweep on Ray Tune, logging each through runs."""
+               cut_off: list[LoggedTrial], parallel: int) -> None:
+    """Run the remaining configurations of the sweep on Ray Tune, parallel at once, logging each through runs."""
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # our handler below, not Tune's, decides what Ctrl-C means
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")  # experiment state saved often: resumable after kill -9
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -132,12 +132,12 @@ def run_on_ray(runs: SweepRuns, result: SweepResult, progress: SweepProgress, da
     name = f"sweep-{result.parent_run_id}"
     trainable = tune.with_resources(
         tune.with_parameters(ray_trial, base=config_module.to_dict(cfg), dataset=dataset),
-        trial_resources(search.parallel, search.gpus_per_trial),
+        trial_resources(parallel, search.gpus_per_trial),
     )
     interrupt = Interrupt()
     callback = mlflow_feed(runs, result, progress, interrupt)
     searcher = distinct_searcher(cfg, result)
-    tuner = tune.Tuner(trainable, tune_config=tune_config(cfg, searcher, remaining),
+    tuner = tune.Tuner(trainable, tune_config=tune_config(cfg, searcher, remaining, parallel),
                        run_config=tune.RunConfig(name=name, storage_path=str(storage), callbacks=[callback],
                                                  stop=interrupt.stopper(), verbose=0,
                                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
@@ -265,7 +265,7 @@ def distinct(inner: Any, known: dict[tuple, float | None]) -> Any:
     return DistinctSearcher()
 
 
-def tune_config(cfg: config_module.Config, searcher: Any, num_samples: int) -> Any:
+def tune_config(cfg: config_module.Config, searcher: Any, num_samples: int, parallel: int) -> Any:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, MedianStoppingRule
     from ray.tune.search import ConcurrencyLimiter
@@ -278,7 +278,7 @@ def tune_config(cfg: config_module.Config, searcher: Any, num_samples: int) -> A
     elif search.pruner == "median":
         scheduler = MedianStoppingRule(time_attr="training_iteration", metric="objective", mode="min",
                                        grace_period=search.grace_epochs, min_samples_required=2)
-    return tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=search.parallel),
+    return tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=parallel),
                            scheduler=scheduler, num_samples=num_samples)
 
 
@@ -314,7 +314,8 @@ class _Feed:
         if result.get("final"):
             self.finals[trial.trial_id] = result
             return
-        metrics = EpochMetrics(int(result["epoch"]), **{k: float(result[k]) for k in EPOCH_METRICS})
+        metrics = EpochMetrics(int(result["epoch"]), **{k: float(result[k]) for k in EPOCH_METRICS},
+                               **{k: float(result[k]) for k in EPOCH_TIMINGS if k in result})
         self.histories[trial.trial_id].append(metrics)
         self.runs.log_epoch(record, metrics)
         self.progress.epoch_done(record.number, metrics)

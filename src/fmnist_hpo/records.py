@@ -15,6 +15,7 @@ from typing import Any
 from fmnist_hpo.selection import Selection, objective, select
 
 EPOCH_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds")
+EPOCH_TIMINGS = ("train_seconds", "eval_seconds")  # logged since they were measured apart; older runs lack them
 # metric names of stores written before the kept epoch had one definition
 _LEGACY_NAMES = {"best_val_accuracy": "kept_val_accuracy", "best_val_loss": "kept_val_loss",
                  "best_train_accuracy": "kept_train_accuracy"}
@@ -28,10 +29,20 @@ class EpochMetrics:
     val_loss: float
     val_accuracy: float
     lr: float
-    epoch_seconds: float
+    epoch_seconds: float  # the whole epoch: training, validation and the loop's own work
+    train_seconds: float = math.nan  # nan: not recorded (histories written before these existed)
+    eval_seconds: float = math.nan
+
+    @property
+    def overhead_seconds(self) -> float:
+        """What the epoch spent outside training and validation."""
+        return self.epoch_seconds - self.train_seconds - self.eval_seconds
 
     def as_dict(self) -> dict[str, float]:
-        return {k: v for k, v in self.__dict__.items() if k != "epoch"}
+        """The logged metrics, with the overhead; timings that were not recorded are left out."""
+        values = {k: v for k, v in self.__dict__.items() if k != "epoch"}
+        values["overhead_seconds"] = self.overhead_seconds
+        return {k: v for k, v in values.items() if not (k.endswith("_seconds") and math.isnan(v))}
 
 
 @dataclass

@@ -2,8 +2,9 @@
 
 The sequential engine asks Hyperopt for points one at a time (or walks every point of a grid or of
 a space smaller than max_evals); a point Hyperopt proposes again is answered from the stored result
-without training, so max_evals counts distinct trained configurations. With search.parallel > 1
-the same search runs on Ray Tune (ray_engine.py). Both write MLflow through trial_runs.SweepRuns.
+without training, so max_evals counts distinct trained configurations. With several trials at
+once (search.parallel above 1, or `auto` on a GPU with room for more, see packing.py) the same
+search runs on Ray Tune (ray_engine.py). Both write MLflow through trial_runs.SweepRuns.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from fmnist_hpo.checkpoints import CheckpointError, read_training_state, save_ch
 from fmnist_hpo.config import Config
 from fmnist_hpo.data import SplitCache, load_dataset
 from fmnist_hpo.errors import FmnistError, OutputError
+from fmnist_hpo.packing import parallel_for
 from fmnist_hpo.progress import SweepProgress
 from fmnist_hpo.pruning import MedianPruner, best_so_far
 from fmnist_hpo.records import EpochMetrics, LoggedTrial, SweepResult, TrialRecord
@@ -111,10 +113,13 @@ class Sweep:
 
     def _search(self, result: SweepResult, progress: SweepProgress) -> None:
         search = self.cfg.search
-        if search.parallel > 1 and search.space and search.algo != "grid":
+        parallel, note = parallel_for(self.cfg, self.device, self.data.dataset)
+        if note:
+            logger.info(note)
+        if parallel > 1 and search.space and search.algo != "grid":
             from fmnist_hpo.ray_engine import run_on_ray
 
-            run_on_ray(self.runs, result, progress, self.data.dataset, list(self.interrupted.values()))
+            run_on_ray(self.runs, result, progress, self.data.dataset, list(self.interrupted.values()), parallel)
             self.interrupted.clear()
             return
         known = self._finish_started_points(result, progress)
@@ -217,18 +222,24 @@ class Sweep:
         state_path = self.runs.models_dir / f"{record.run_id}.state.pt"
         resume = read_training_state(state_path) if state_path.exists() else None
         seen: list[EpochMetrics] = [EpochMetrics(**m) for m in resume["history"]] if resume else []
+        logged_from = time.perf_counter()
 
         def on_epoch(m: EpochMetrics) -> None:
+            nonlocal logged_from
+            logged_from = time.perf_counter()
             seen.append(m)
             self.runs.log_epoch(record, m)
             progress.epoch_done(record.number, m)
+
+        def save_state(state: dict[str, Any]) -> None:  # runs right after on_epoch: their cost is the epoch's bookkeeping
+            save_training_state(state_path, state)
+            self.runs.log_bookkeeping(record, seen[-1].epoch, time.perf_counter() - logged_from)
 
         def should_prune(_: EpochMetrics) -> bool:
             return self.pruner is not None and self.pruner.should_prune(self._curve(seen))
 
         start = time.perf_counter()
-        outcome = train_and_test(cfg, splits, self.device, on_epoch, resume,
-                                 save_state=lambda state: save_training_state(state_path, state),
+        outcome = train_and_test(cfg, splits, self.device, on_epoch, resume, save_state=save_state,
                                  should_prune=should_prune)
         if self.pruner is not None:
             self.pruner.record(self._curve(seen))

@@ -21,7 +21,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from fmnist_hpo.errors import FmnistError
-from fmnist_hpo.records import EPOCH_METRICS, EpochMetrics, LoggedTrial
+from fmnist_hpo.records import EPOCH_METRICS, EPOCH_TIMINGS, EpochMetrics, LoggedTrial
 from fmnist_hpo.selection import select
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -212,12 +212,12 @@ class Tracker:
 
     def history(self, run_id: str) -> list[EpochMetrics]:
         """The per-epoch metrics of a trial run."""
-        keys = EPOCH_METRICS
         by_step: dict[int, dict[str, float]] = {}
-        for key in keys:
+        for key in (*EPOCH_METRICS, *EPOCH_TIMINGS):
             for m in self._retry(self.client.get_metric_history, run_id, key):
                 by_step.setdefault(m.step, {})[key] = m.value
-        return [EpochMetrics(epoch=step, **values) for step, values in sorted(by_step.items()) if len(values) == len(keys)]
+        return [EpochMetrics(epoch=step, **values) for step, values in sorted(by_step.items())
+                if set(EPOCH_METRICS) <= set(values)]
 
     def sweeps(self, sweep_id: str, statuses: tuple[str, ...]) -> list[LoggedTrial]:
         """Parent runs of this sweep in one of statuses, newest first."""

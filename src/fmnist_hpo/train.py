@@ -2,7 +2,8 @@
 
 Batches are slices of a device-side permutation of uint8 tensors that already live on the
 device; losses and correct counts accumulate on the device and are read once per epoch, so a
-step never waits for the host.
+step never waits for the host. On CUDA each step is replayed from a CUDA graph (graphs.py)
+unless train.cuda_graphs says otherwise; everywhere else the loop below runs as written.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fmnist_hpo import graphs
 from fmnist_hpo.data import Split, Splits, augment, batches, normalize, steps_per_epoch
 from fmnist_hpo.errors import DeviceError
 from fmnist_hpo.records import EpochMetrics
@@ -56,6 +58,24 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
     if name == "fp16" and device.type == "cpu":
         raise DeviceError("train.precision: fp16 needs cuda or mps; use bf16 or fp32 on cpu")
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def resolve_cuda_graphs(setting: bool | str, device: torch.device, dtype: torch.dtype | None,
+                        compiled: bool) -> bool:
+    """Whether steps replay from CUDA graphs; auto: wherever they can, true: or a clear error."""
+    if setting is False:
+        return False
+    if device.type != "cuda":
+        problem = f"needs a CUDA device, and this run is on {device.type}"
+    elif compiled:
+        problem = "and train.compile are exclusive (torch.compile's mode='reduce-overhead' brings its own graphs)"
+    elif dtype == torch.float16:
+        problem = "cannot capture fp16's GradScaler (its step reads the device); use bf16 or fp32"
+    else:
+        return True
+    if setting == "auto":
+        return False
+    raise DeviceError(f"train.cuda_graphs: true {problem}")
 
 
 @dataclass
@@ -106,6 +126,9 @@ class Engine:
     generator: torch.Generator
     channels_last: bool = False
     scaler: torch.amp.GradScaler | None = field(default=None)
+    cuda_graphs: bool = False
+    train_graph: graphs.GraphedTraining | None = None  # the last captured step, reused while it fits
+    eval_graph: graphs.GraphedEvaluation | None = None
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.dtype is None:
@@ -129,13 +152,22 @@ def make_engine(cfg: TrainConfig, device: torch.device, seed: int) -> Engine:
         generator=generator,
         channels_last=cfg.channels_last and device.type in ("cuda", "cpu"),  # MPS support is patchy
         scaler=torch.amp.GradScaler(device.type) if dtype == torch.float16 else None,
+        cuda_graphs=resolve_cuda_graphs(cfg.cuda_graphs, device, dtype, cfg.compile),
     )
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, engine: Engine) -> torch.optim.Optimizer:
+    if engine.cuda_graphs:
+        return graphs.make_capturable_adam(model.parameters(), cfg.lr, cfg.weight_decay, engine.device)
+    return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def train_epoch(model: nn.Module, split: Split, optimizer: torch.optim.Optimizer, engine: Engine,
                 cfg: TrainConfig, data_cfg: DataConfig,
                 step_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> tuple[float, float]:
     """One pass over the training split; returns (mean loss, accuracy), read from the device once."""
+    if engine.cuda_graphs:
+        return _graphed_train_epoch(model, split, optimizer, engine, cfg, data_cfg, step_scheduler)
     model.train()
     loss_sum = torch.zeros((), device=engine.device)
     correct = torch.zeros((), device=engine.device, dtype=torch.long)
@@ -162,9 +194,42 @@ def train_epoch(model: nn.Module, split: Split, optimizer: torch.optim.Optimizer
     return loss_sum.item() / max(seen, 1), correct.item() / max(seen, 1)
 
 
-@torch.inference_mode()
+def _graphed_train_epoch(model: nn.Module, split: Split, optimizer: torch.optim.Optimizer, engine: Engine,
+                         cfg: TrainConfig, data_cfg: DataConfig,
+                         step_scheduler: torch.optim.lr_scheduler.LRScheduler | None) -> tuple[float, float]:
+    """train_epoch with each full batch replayed from a CUDA graph; same batches, same augmentation."""
+    size = min(cfg.batch_size, len(split))
+    step = engine.train_graph
+    if step is None or not step.matches(model, optimizer, size, cfg.label_smoothing):
+        step = engine.train_graph = graphs.GraphedTraining(
+            model, optimizer, engine.inputs(split.images[:size]), split.labels[:size], cfg.label_smoothing, engine.dtype)
+    model.train()  # replays ignore the mode; callers and the eager last batch do not
+    step.totals.reset()
+    seen = 0
+    for idx in batches(len(split), cfg.batch_size, engine.generator, engine.device):
+        step.run(augment(engine.inputs(split.images[idx]), data_cfg, engine.generator), split.labels[idx])
+        if step_scheduler is not None:
+            step_scheduler.step()  # writes into the learning-rate tensor the graph reads
+        seen += len(idx)
+    loss_sum, correct = step.totals.read()
+    return loss_sum / max(seen, 1), correct / max(seen, 1)
+
+
 def evaluate(model: nn.Module, split: Split, engine: Engine, batch_size: int = 1024) -> tuple[float, float]:
     """(mean cross-entropy, accuracy) of model on split, in eval mode."""
+    if not engine.cuda_graphs:
+        return _evaluate_eagerly(model, split, engine, batch_size)
+    step = engine.eval_graph
+    if step is None or not step.matches(model, batch_size):
+        step = engine.eval_graph = graphs.GraphedEvaluation(model, batch_size, split.images, engine.inputs,
+                                                            engine.dtype)
+    model.eval()  # as the eager path leaves it: callers use the model for inference next
+    loss_sum, correct = step.run(split.images, split.labels)
+    return loss_sum / len(split), correct / len(split)
+
+
+@torch.inference_mode()
+def _evaluate_eagerly(model: nn.Module, split: Split, engine: Engine, batch_size: int) -> tuple[float, float]:
     model.eval()
     loss_sum = torch.zeros((), device=engine.device)
     correct = torch.zeros((), device=engine.device, dtype=torch.long)
@@ -178,15 +243,21 @@ def evaluate(model: nn.Module, split: Split, engine: Engine, batch_size: int = 1
     return loss_sum.item() / len(split), correct.item() / len(split)
 
 
-def make_schedulers(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
-    """(per-epoch scheduler, per-step scheduler); at most one of them is set."""
+def make_schedulers(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int,
+                    cycle_momentum: bool = True):
+    """(per-epoch scheduler, per-step scheduler); at most one of them is set.
+
+    cycle_momentum=False keeps Adam's beta1 at 0.9 under one-cycle: a captured Adam step holds
+    its betas as constants, so a graph could not follow the cycle anyway.
+    """
     sched = torch.optim.lr_scheduler
     if cfg.scheduler == "step":
         return sched.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma), None
     if cfg.scheduler == "cosine":
         return sched.CosineAnnealingLR(optimizer, T_max=cfg.epochs), None
     if cfg.scheduler == "onecycle":
-        return None, sched.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch)
+        return None, sched.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
+                                      cycle_momentum=cycle_momentum)
     return None, None
 
 
@@ -204,33 +275,40 @@ def fit(model: nn.Module, splits: Splits, cfg: Config, engine: Engine,
     should_prune(metrics) -> True ends training after that epoch, like early stopping does.
     """
     train_cfg = cfg.train
-    optimizer = torch.optim.Adam(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    optimizer = make_optimizer(model, train_cfg, engine)
     steps = steps_per_epoch(len(splits.train), train_cfg.batch_size)
-    schedulers = make_schedulers(optimizer, train_cfg, steps)
+    schedulers = make_schedulers(optimizer, train_cfg, steps, cycle_momentum=not engine.cuda_graphs)
     epoch_scheduler, step_scheduler = schedulers
     loop = LoopState(EarlyStopping(train_cfg.patience, train_cfg.min_delta, maximize=maximizes(train_cfg.monitor)),
                      keeper=EarlyStopping(None, 0.0, maximize=maximizes(cfg.search.metric)),
                      best_state=_snapshot(model))
     if resume is not None:
         restore_training_state(resume, loop, model, optimizer, schedulers, engine)
+        if engine.cuda_graphs:
+            graphs.keep_capturable(optimizer, engine.device)
     stopper = loop.stopper
     pruned_at = None
     for epoch in range(loop.next_epoch, train_cfg.epochs):
         if stopper.should_stop:
             break
+        # train_epoch and evaluate end by reading their totals from the device, so these clocks
+        # stop after the GPU has finished: no extra synchronisation is needed.
         start = time.perf_counter()
-        lr = optimizer.param_groups[0]["lr"]
+        lr = float(optimizer.param_groups[0]["lr"])
         train_loss, train_acc = train_epoch(model, splits.train, optimizer, engine, train_cfg, cfg.data, step_scheduler)
+        trained = time.perf_counter()
         if not math.isfinite(train_loss):
             raise TrialDiverged(f"training loss became {train_loss} at epoch {epoch}")
         val_loss, val_acc = evaluate(model, splits.val, engine, train_cfg.eval_batch_size)
+        evaluated = time.perf_counter()
         if not math.isfinite(val_loss):
             raise TrialDiverged(f"validation loss became {val_loss} at epoch {epoch}")
         if epoch_scheduler is not None:
             epoch_scheduler.step()
         seconds = time.perf_counter() - start
         loop.train_seconds += seconds
-        metrics = EpochMetrics(epoch, train_loss, train_acc, val_loss, val_acc, lr, seconds)
+        metrics = EpochMetrics(epoch, train_loss, train_acc, val_loss, val_acc, lr, seconds,
+                               train_seconds=trained - start, eval_seconds=evaluated - trained)
         loop.history.append(metrics)
         stopper.update(val_acc if stopper.maximize else val_loss, epoch)
         if loop.keeper.update(val_acc if loop.keeper.maximize else val_loss, epoch):
@@ -266,7 +344,7 @@ def training_state(loop: LoopState, model: nn.Module, optimizer: torch.optim.Opt
     return {
         "next_epoch": loop.next_epoch,
         "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "optimizer": _portable(optimizer.state_dict()),
         "schedulers": [s.state_dict() if s is not None else None for s in schedulers],
         "scaler": engine.scaler.state_dict() if engine.scaler is not None else None,
         "stopper": _tracker_state(loop.stopper),
@@ -337,6 +415,12 @@ def train_and_test(cfg: Config, splits: Splits, device: torch.device,
     result = fit(model, splits, cfg, engine, on_epoch, resume, save_state, should_prune)
     test_loss, test_acc = evaluate(model, splits.test, engine, cfg.train.eval_batch_size)
     return TrialOutcome(model, result, test_loss, test_acc, count_parameters(model))
+
+
+def _portable(optimizer_state: dict[str, Any]) -> dict[str, Any]:
+    """The optimizer's state with plain-float learning rates, loadable by either kind of Adam."""
+    groups = [{**g, "lr": float(g["lr"])} for g in optimizer_state["param_groups"]]
+    return {**optimizer_state, "param_groups": groups}
 
 
 def _tracker_state(tracker: EarlyStopping) -> dict[str, float]:

@@ -136,6 +136,10 @@ class SweepRuns:
     def log_epoch(self, record: TrialRecord, metrics: EpochMetrics) -> None:
         self.tracker.log_metrics(record.run_id, metrics.as_dict(), step=metrics.epoch)
 
+    def log_bookkeeping(self, record: TrialRecord, epoch: int, seconds: float) -> None:
+        """Time an epoch spent outside training and validation: MLflow logging, progress, the state file."""
+        self.tracker.log_metrics(record.run_id, {"bookkeeping_seconds": seconds}, step=epoch)
+
     def checkpoint_path(self, record: TrialRecord) -> Path:
         return self.models_dir / f"{record.run_id}.pt"
 

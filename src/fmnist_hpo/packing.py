@@ -1,0 +1,109 @@
+"""How many trials share one GPU: `search.parallel: auto`.
+
+One small CNN leaves most of an H100/H200 idle, so several trials (separate processes, Ray Tune's
+fractional GPUs) run at once. How many is set by memory: free GPU memory over what one trial
+takes, measured by running one training step and one evaluation step of the trial's model at its
+batch sizes, plus what every process pays before it allocates anything (its CUDA context).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import TYPE_CHECKING
+
+import torch
+
+from fmnist_hpo.config import sequential_only
+from fmnist_hpo.data import Dataset, Split
+from fmnist_hpo.train import evaluate, make_optimizer, prepare_trial, train_epoch
+
+if TYPE_CHECKING:
+    from fmnist_hpo.config import Config
+
+CUDA_CONTEXT_BYTES = 600 * 2**20  # a process's CUDA context and cuDNN/cuBLAS handles, outside the allocator
+MEMORY_HEADROOM = 0.85  # fraction of free memory handed out: fragmentation and other processes' growth
+MAX_TRIALS_PER_GPU = 8  # beyond this the GPU's compute, not its memory, is the limit
+INSTALL_RAY = "pip install 'fmnist-hpo[ray]'"
+
+
+def ray_installed() -> bool:
+    return importlib.util.find_spec("ray") is not None
+
+
+def resolve_parallel(setting: int | str, device: torch.device | str, footprint_bytes: int | None = None,
+                     free_bytes: int | None = None, ray_available: bool | None = None,
+                     sequential_reason: str | None = None, gpu_count: int = 1,
+                     cpu_count: int | None = None) -> tuple[int, str | None]:
+    """(trials at once, a one-line note for the user or None) for search.parallel.
+
+    setting: an int (returned as it is) or "auto". On CUDA, auto packs as many trials per GPU as
+    free_bytes holds footprint_bytes (see trial_footprint), at most MAX_TRIALS_PER_GPU each and one
+    CPU core per trial; on CPU or MPS it is 1. sequential_reason (config.sequential_only) forces 1.
+    ray_available: None looks for the ray package.
+    """
+    if setting != "auto":
+        return int(setting), None
+    if sequential_reason is not None:
+        return 1, f"search.parallel auto: one trial at a time ({sequential_reason})"
+    if torch.device(device).type != "cuda":
+        return 1, None
+    if ray_available is None:
+        ray_available = ray_installed()
+    if not ray_available:
+        return 1, f"search.parallel auto: one trial at a time; {INSTALL_RAY} to run several on this GPU"
+    if footprint_bytes is None or free_bytes is None or footprint_bytes <= 0:
+        return 1, "search.parallel auto: one trial at a time (a trial's GPU memory could not be measured)"
+    per_gpu = min(MAX_TRIALS_PER_GPU, int(free_bytes * MEMORY_HEADROOM // footprint_bytes))
+    trials = min(max(1, per_gpu) * gpu_count, cpu_count or os.cpu_count() or 1)
+    return max(1, trials), (f"search.parallel auto: {max(1, trials)} trials at once "
+                            f"({footprint_bytes / 2**30:.2f} GiB each, {free_bytes / 2**30:.1f} GiB free "
+                            f"on each of {gpu_count} GPU{'s' if gpu_count > 1 else ''})")
+
+
+def parallel_for(cfg: Config, device: torch.device, dataset: Dataset) -> tuple[int, str | None]:
+    """cfg.search.parallel as a number for this machine, and the note to show; the sweep driver's
+    entry point. A trial is measured only when auto could pick more than one."""
+    setting, reason = cfg.search.parallel, sequential_only(cfg.search)
+    if setting != "auto" or reason is not None or device.type != "cuda" or not ray_installed():
+        return resolve_parallel(setting, device, sequential_reason=reason)
+    return resolve_parallel(setting, device, trial_footprint(cfg, device, dataset), free_gpu_bytes(device),
+                            ray_available=True, gpu_count=torch.cuda.device_count())
+
+
+def step_peak_bytes(cfg: Config, device: torch.device) -> int:
+    """Peak CUDA memory of cfg's model for one training step and one evaluation step.
+
+    The steps run on random images at cfg.train.batch_size and cfg.train.eval_batch_size, with
+    the trial's engine (precision, channels_last, CUDA graphs), so optimizer state, activations and
+    graph pools are all counted. Memory is returned to the device afterwards.
+    """
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    batch = max(cfg.train.batch_size, cfg.train.eval_batch_size)
+    generator = torch.Generator(device=device).manual_seed(0)
+    images = torch.randint(0, 256, (batch, 1, 28, 28), dtype=torch.uint8, device=device, generator=generator)
+    labels = torch.randint(0, 10, (batch,), device=device, generator=generator)
+    train = Split(images[:cfg.train.batch_size], labels[:cfg.train.batch_size])
+    model, engine = prepare_trial(cfg, device)
+    train_epoch(model, train, make_optimizer(model, cfg.train, engine), engine, cfg.train, cfg.data)
+    evaluate(model, Split(images, labels), engine, cfg.train.eval_batch_size)
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - before
+    del model, engine, images, labels, train
+    torch.cuda.empty_cache()
+    return peak
+
+
+def trial_footprint(cfg: Config, device: torch.device, dataset: Dataset) -> int:
+    """What one more trial process takes from the GPU: its steps, its copy of the data, its context."""
+    data_bytes = sum(a.nbytes for a in (dataset.train_images, dataset.train_labels,
+                                        dataset.test_images, dataset.test_labels))
+    return step_peak_bytes(cfg, device) + data_bytes + CUDA_CONTEXT_BYTES
+
+
+def free_gpu_bytes(device: torch.device) -> int:
+    free, _total = torch.cuda.mem_get_info(device)
+    return int(free)
