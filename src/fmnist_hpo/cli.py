@@ -112,7 +112,8 @@ def run(
     configs: ConfigsArg,
     overrides: SetOption = None,
     max_evals: Annotated[int | None, typer.Option(help="number of trials (search.max_evals)")] = None,
-    parallel: Annotated[int | None, typer.Option(help="trials at once; above 1 runs on Ray Tune (search.parallel)")] = None,
+    parallel: Annotated[str | None, typer.Option(
+        help="trials at once: a number, or auto (as many as fit on the GPU); above 1 runs on Ray Tune (search.parallel)")] = None,
     ray_address: Annotated[str | None, typer.Option(help="an existing Ray cluster (search.ray_address)")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cuda, mps or cpu (train.device)")] = None,
     experiment: Annotated[str | None, typer.Option(help="MLflow experiment name (experiment)")] = None,

@@ -295,7 +295,9 @@ def _coerce(value: Any, tp: Any) -> Any:
                 return _coerce(value, option)
             except ValueError as exc:
                 errors.append(str(exc))
-        raise ValueError(" or ".join(dict.fromkeys(errors)))
+        # "must be an integer, got str 'x'" + "must be one of auto; got str 'x'" -> one clause, one "got"
+        wants = [re.split(r"[,;] got ", error)[0] for error in errors]
+        raise ValueError(f"{' or '.join(dict.fromkeys(wants))}; got {_describe(value)}")
     if origin is Literal:
         if value not in args:
             raise ValueError(f"must be one of {', '.join(map(str, args))}; got {_describe(value)}")
