@@ -71,10 +71,11 @@ def log_trial_model(tracker: Tracker, run_id: str, checkpoint: Path) -> str:
 
     The logged model takes float images in [0, 1] of shape (N, 1, 28, 28) and returns logits.
     """
+    from fmnist_hpo.data import CLASSES, IMAGE_SIZE
     from fmnist_hpo.model import with_normalization
 
-    example = np.zeros((2, 1, 28, 28), dtype=np.float32)  # batch 2 keeps the batch dim dynamic
-    uri = tracker.log_pytorch_model(run_id, with_normalization(load_model(checkpoint)), example)
+    example = np.zeros((2, 1, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)  # batch 2 keeps the batch dim dynamic
+    uri = tracker.log_pytorch_model(run_id, with_normalization(load_model(checkpoint)), example, len(CLASSES))
     tracker.set_tags(run_id, {"model_uri": uri})
     return uri
 

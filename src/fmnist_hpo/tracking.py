@@ -15,6 +15,7 @@ from typing import Any
 
 import mlflow
 import mlflow.artifacts
+import numpy as np
 import yaml
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
@@ -105,6 +106,14 @@ def _now_ms() -> int:
 def _param_value(value: Any) -> str:
     text = value if isinstance(value, str) else json.dumps(value, default=str)
     return text[:_MAX_PARAM_LENGTH]
+
+
+def model_requirements() -> list[str]:
+    """What loading a logged pt2 model needs, pinned to this environment (inferring them reloads the model)."""
+    import torch
+
+    return [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}",
+            f"numpy=={np.__version__}"]
 
 
 def _is_contention(exc: BaseException) -> bool:
@@ -226,13 +235,30 @@ class Tracker:
                            max_results=1000, order_by=["attributes.start_time DESC"])
         return [logged_trial(r, "") for r in runs if r.info.status in ("RUNNING", "KILLED")]
 
-    def log_pytorch_model(self, run_id: str, model: Any, input_example: Any) -> str:
-        """Log model as an MLflow model linked to run_id; returns its models:/ URI."""
+    def log_pytorch_model(self, run_id: str, model: Any, input_example: np.ndarray, output_width: int) -> str:
+        """Log model as an MLflow model (pt2, pickle-free) whose source run is run_id; returns its models:/ URI.
+
+        The run is named, not reopened: reopening a finished run through the fluent API rewrites its
+        end time and can leave it FAILED. The signature takes float32 batches shaped like
+        input_example and returns float32 (batch, output_width).
+        """
         import mlflow.pytorch
+        from mlflow.models import ModelSignature
+        from mlflow.types import Schema, TensorSpec
+
+        signature = ModelSignature(
+            inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *input_example.shape[1:]))]),
+            outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, output_width))]))
 
         def log() -> str:
-            with _fluent_tracking_uri(self.tracking_uri), mlflow.start_run(run_id=run_id):
-                return mlflow.pytorch.log_model(model, name="model", input_example=input_example).model_uri
+            with _fluent_tracking_uri(self.tracking_uri):  # Model.log resolves its store through the fluent URI
+                return mlflow.pytorch.log_model(
+                    model, name="model", run_id=run_id, signature=signature, input_example=input_example,
+                    serialization_format="pt2", pip_requirements=model_requirements(),
+                    # serving validation reloads the model in this process and fails on CUDA hosts (the
+                    # exported weights are CPU tensors); the pt2 export has already traced the example
+                    validate_serving_input=False,
+                ).model_uri
 
         return self._retry(log)
 

@@ -1,0 +1,100 @@
+"""The Tracker's MLflow records that a sweep asks for: logged models."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import mlflow
+import mlflow.pytorch
+import numpy as np
+import pytest
+import torch
+from mlflow.entities import LoggedModelStatus
+
+from fmnist_hpo import config
+from fmnist_hpo.checkpoints import save_checkpoint
+from fmnist_hpo.model import build_model, with_normalization
+from fmnist_hpo.modelops import log_trial_model
+from fmnist_hpo.tracking import Tracker, _fluent_tracking_uri, model_requirements
+
+TINY_MODEL = {"num_blocks": 2, "filters": 4, "units1": 8, "units2": 8}
+
+
+@pytest.fixture
+def tracker(tmp_path: Path) -> Tracker:
+    return Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "tracked")
+
+
+@pytest.fixture
+def finished_run(tracker: Tracker) -> str:
+    run_id = tracker.start_run("trial-000", {"model.filters": 4}, {"fmnist.role": "trial"})
+    tracker.end_run(run_id, "FINISHED")
+    return run_id
+
+
+def tiny_checkpoint(folder: Path, run_id: str) -> tuple[Path, torch.nn.Module]:
+    model_config = config.validate({"model": TINY_MODEL}).model
+    torch.manual_seed(0)
+    model = build_model(model_config).eval()
+    path = save_checkpoint(folder / f"{run_id}.pt", model, config.to_dict(config.validate({"model": TINY_MODEL}))["model"],
+                           run_id=run_id, best_epoch=0)
+    return path, with_normalization(model)
+
+
+def load_logged(tracker: Tracker, uri: str) -> torch.nn.Module:
+    with _fluent_tracking_uri(tracker.tracking_uri):
+        return mlflow.pytorch.load_model(uri)
+
+
+def test_a_logged_model_leaves_its_finished_run_as_it_was(tracker: Tracker, finished_run: str, tmp_path: Path):
+    before = tracker.client.get_run(finished_run).info
+    checkpoint, _ = tiny_checkpoint(tmp_path, finished_run)
+    uri = log_trial_model(tracker, finished_run, checkpoint)
+    after = tracker.client.get_run(finished_run)
+    assert (after.info.status, after.info.end_time) == (before.status, before.end_time) == ("FINISHED", before.end_time)
+    assert mlflow.active_run() is None
+    assert after.data.tags["model_uri"] == uri
+    logged = tracker.client.get_logged_model(uri.removeprefix("models:/"))
+    assert (logged.source_run_id, logged.status) == (finished_run, LoggedModelStatus.READY)
+    assert [o.model_id for o in after.outputs.model_outputs] == [logged.model_id]
+
+
+def test_a_logged_model_has_a_signature_and_pinned_requirements(tracker: Tracker, finished_run: str, tmp_path: Path):
+    checkpoint, _ = tiny_checkpoint(tmp_path, finished_run)
+    uri = log_trial_model(tracker, finished_run, checkpoint)
+    logged = tracker.client.get_logged_model(uri.removeprefix("models:/"))
+    folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=logged.artifact_location, dst_path=str(tmp_path / "m")))
+    info = mlflow.models.Model.load(folder)
+    requirements = folder / "requirements.txt"
+    signature = info.signature.to_dict()
+    assert json.loads(signature["inputs"]) == [{"type": "tensor", "tensor-spec": {"dtype": "float32", "shape": [-1, 1, 28, 28]}}]
+    assert json.loads(signature["outputs"]) == [{"type": "tensor", "tensor-spec": {"dtype": "float32", "shape": [-1, 10]}}]
+    assert sorted(p.name for p in (folder / "data").iterdir()) == ["model.pt2"]  # an exported program: pickle-free
+    assert requirements.read_text().split() == model_requirements()
+    assert f"torch=={torch.__version__.split('+')[0]}" in model_requirements()
+
+
+def test_a_logged_model_loads_and_predicts_like_the_checkpoint(tracker: Tracker, finished_run: str, tmp_path: Path):
+    checkpoint, original = tiny_checkpoint(tmp_path, finished_run)
+    loaded = load_logged(tracker, log_trial_model(tracker, finished_run, checkpoint))
+    images = torch.rand(5, 1, 28, 28)  # a batch size the export never saw
+    with torch.inference_mode():
+        assert torch.allclose(loaded(images), original(images), atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_logged_model_predicts_on_cuda(tracker: Tracker, finished_run: str, tmp_path: Path):
+    checkpoint, original = tiny_checkpoint(tmp_path, finished_run)
+    loaded = load_logged(tracker, log_trial_model(tracker, finished_run, checkpoint)).to("cuda")
+    images = torch.rand(5, 1, 28, 28)
+    with torch.inference_mode():
+        assert torch.allclose(loaded(images.cuda()).cpu(), original(images), atol=1e-4)
+
+
+def test_exp12_model_exports_in_a_few_seconds(tracker: Tracker, finished_run: str):
+    model = with_normalization(build_model(config.validate({}).model))
+    start = time.perf_counter()
+    tracker.log_pytorch_model(finished_run, model, np.zeros((2, 1, 28, 28), dtype=np.float32), 10)
+    assert time.perf_counter() - start < 15  # about 2 s on two busy CPU cores; the old path took 7 s
