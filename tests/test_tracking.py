@@ -1,4 +1,4 @@
-"""The Tracker's MLflow records that a sweep asks for: logged models."""
+"""The Tracker's MLflow records that a sweep asks for: logged models, dataset lineage."""
 
 from __future__ import annotations
 
@@ -11,10 +11,12 @@ import mlflow.pytorch
 import numpy as np
 import pytest
 import torch
+from conftest import write_dataset
 from mlflow.entities import LoggedModelStatus
 
 from fmnist_hpo import config
 from fmnist_hpo.checkpoints import save_checkpoint
+from fmnist_hpo.lineage import idx_digest
 from fmnist_hpo.model import build_model, with_normalization
 from fmnist_hpo.modelops import log_trial_model
 from fmnist_hpo.tracking import Tracker, _fluent_tracking_uri, model_requirements
@@ -91,6 +93,37 @@ def test_a_logged_model_predicts_on_cuda(tracker: Tracker, finished_run: str, tm
     images = torch.rand(5, 1, 28, 28)
     with torch.inference_mode():
         assert torch.allclose(loaded(images.cuda()).cpu(), original(images), atol=1e-4)
+
+
+def test_the_idx_digest_covers_contents_not_compression(tmp_path: Path):
+    gzipped = write_dataset(tmp_path / "gz", n_train=40, n_test=10)
+    plain = write_dataset(tmp_path / "plain", n_train=40, n_test=10, compress=False)
+    other = write_dataset(tmp_path / "other", n_train=50, n_test=10)
+    assert idx_digest(gzipped) == idx_digest(plain) != idx_digest(other)
+    assert len(idx_digest(gzipped)) == 32
+    any_file = next(plain.iterdir())
+    any_file.write_bytes(any_file.read_bytes()[:-1] + b"\x01")
+    assert idx_digest(plain) != idx_digest(gzipped)
+
+
+def test_datasets_are_the_runs_inputs_with_their_split(tracker: Tracker, finished_run: str, tmp_path: Path):
+    root = write_dataset(tmp_path / "data", n_train=40, n_test=10)
+    digest = idx_digest(root)
+    sizes = {"train": 30, "validation": 10, "test": 10}
+    tracker.log_datasets(finished_run, digest, str(root), split_seed=3, sizes=sizes)
+    inputs = tracker.client.get_run(finished_run).inputs.dataset_inputs
+    by_context = {next(t.value for t in i.tags if t.key == "mlflow.data.context"): i.dataset for i in inputs}
+    assert set(by_context) == set(sizes)
+    for split, dataset in by_context.items():
+        profile = json.loads(dataset.profile)
+        assert (dataset.name, profile["files_digest"], profile["split_seed"], profile["num_examples"]) == (
+            "fashion-mnist", digest, 3, sizes[split])
+        assert json.loads(dataset.source)["uri"] == str(root)
+    assert len({d.digest for d in by_context.values()}) == 3
+    other_run = tracker.start_run("trial-001", {}, {})
+    tracker.log_datasets(other_run, digest, str(root), split_seed=4, sizes=sizes)
+    other = {i.dataset.digest for i in tracker.client.get_run(other_run).inputs.dataset_inputs}
+    assert other.isdisjoint(d.digest for d in by_context.values())  # another seed, other splits
 
 
 def test_exp12_model_exports_in_a_few_seconds(tracker: Tracker, finished_run: str):
