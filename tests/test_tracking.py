@@ -1,7 +1,8 @@
-"""The Tracker's MLflow records that a sweep asks for: logged models, dataset lineage."""
+"""The Tracker's MLflow records that a sweep asks for: logged models, dataset lineage, system metrics."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import time
 from pathlib import Path
@@ -124,6 +125,47 @@ def test_datasets_are_the_runs_inputs_with_their_split(tracker: Tracker, finishe
     tracker.log_datasets(other_run, digest, str(root), split_seed=4, sizes=sizes)
     other = {i.dataset.digest for i in tracker.client.get_run(other_run).inputs.dataset_inputs}
     assert other.isdisjoint(d.digest for d in by_context.values())  # another seed, other splits
+
+
+@pytest.mark.skipif(importlib.util.find_spec("psutil") is None, reason="MLflow's system metrics need psutil")
+def test_system_metrics_are_logged_while_the_block_runs(tracker: Tracker):
+    run_id = tracker.start_run("trial-000", {}, {})
+    with tracker.system_metrics(run_id, sampling_seconds=0.2):
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not any(
+                k.startswith("system/cpu") for k in tracker.client.get_run(run_id).data.metrics):
+            time.sleep(0.2)
+    metrics = tracker.client.get_run(run_id).data.metrics
+    assert "system/cpu_utilization_percentage" in metrics and "system/system_memory_usage_megabytes" in metrics
+    assert tracker.client.get_run(run_id).info.status == "RUNNING"  # the monitor leaves the run to its owner
+
+
+def test_system_metrics_without_psutil_say_what_to_install(tracker: Tracker, monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture):
+    from loguru import logger
+
+    import fmnist_hpo.tracking as tracking
+
+    monkeypatch.setattr(tracking, "missing_system_metrics_packages", lambda: ["psutil"])
+    tracking._say_once.cache_clear()
+    sink = logger.add(lambda message: print(message, end=""), level="WARNING")
+    run_id = tracker.start_run("trial-000", {}, {})
+    try:
+        for _ in range(2):
+            with tracker.system_metrics(run_id, sampling_seconds=0.1):
+                ran = True
+    finally:
+        logger.remove(sink)
+    assert ran
+    assert capsys.readouterr().out.count("system metrics are off: pip install psutil") == 1
+    assert not any(k.startswith("system/") for k in tracker.client.get_run(run_id).data.metrics)
+
+
+def test_system_metrics_is_an_mlflow_setting_off_by_default():
+    assert config.validate({}).mlflow.system_metrics is False
+    assert config.validate({"mlflow": {"system_metrics": True}}).mlflow.system_metrics is True
+    with pytest.raises(config.ConfigError, match=r"mlflow\.system_metrics: must be true or false"):
+        config.validate({"mlflow": {"system_metrics": "yes"}})
 
 
 def test_exp12_model_exports_in_a_few_seconds(tracker: Tracker, finished_run: str):

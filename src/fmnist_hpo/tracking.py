@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -19,6 +20,7 @@ import mlflow
 import mlflow.artifacts
 import numpy as np
 import yaml
+from loguru import logger
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -121,6 +123,28 @@ def model_requirements() -> list[str]:
 def split_fingerprint(files_digest: str, split: str, split_seed: int, size: int) -> str:
     text = json.dumps([files_digest, split, split_seed, size])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def missing_system_metrics_packages() -> list[str]:
+    """Packages MLflow's system-metrics monitor needs that are not installed here."""
+    import importlib.util
+
+    missing = [] if importlib.util.find_spec("psutil") else ["psutil"]
+    if importlib.util.find_spec("pynvml") is None and _has_cuda():
+        missing.append("nvidia-ml-py")
+    return missing
+
+
+@functools.cache
+def _say_once(message: str) -> None:
+    """A warning shown once per process, however many trials run into the same missing package."""
+    logger.warning(message)
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _is_contention(exc: BaseException) -> bool:
@@ -291,6 +315,30 @@ class Tracker:
             dataset = Dataset(**{**meta.to_dict(), "profile": json.dumps(profile)})
             inputs.append(DatasetInput(dataset, tags=[InputTag("mlflow.data.context", split)]))
         self._retry(self.client.log_inputs, run_id, datasets=inputs)
+
+    @contextlib.contextmanager
+    def system_metrics(self, run_id: str, sampling_seconds: float = 10.0) -> Iterator[None]:
+        """Log CPU, memory, disk, network (and GPU) utilisation to run_id while the block runs.
+
+        MLflow's monitor needs psutil (and nvidia-ml-py for NVIDIA GPUs); without psutil this logs
+        one line saying what to install and the block runs unmonitored.
+        """
+        missing = missing_system_metrics_packages()
+        if missing:
+            _say_once(f"system metrics {'are off' if 'psutil' in missing else 'leave out the GPU'}: "
+                      f"pip install {' '.join(missing)}")
+            if "psutil" in missing:
+                yield
+                return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=sampling_seconds, resume_logging=True,
+                                       tracking_uri=self.tracking_uri)
+        monitor.start()
+        try:
+            yield
+        finally:
+            monitor.finish()
 
     @staticmethod
     def environment_tags() -> dict[str, str]:
