@@ -303,6 +303,28 @@ def register(
                f"from run {registered['run_id']}: {registered['model_uri']}")
 
 
+@app.command()
+def schema(
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="write it to this file instead of stdout")] = None,
+) -> None:
+    """Print the JSON Schema (draft 2020-12) of the experiment spec, for editor completion and checks.
+
+    The shipped copy is schema/fmnist-spec.schema.json; a spec opts in with the first line
+    `# yaml-language-server: $schema=../schema/fmnist-spec.schema.json`.
+    """
+    from fmnist_hpo.schema import schema_text
+
+    text = schema_text()
+    if output is None:
+        typer.echo(text, nl=False)
+        return
+    try:
+        output.write_text(text)
+    except OSError as exc:
+        raise fail(f"{output}: cannot write the schema ({exc.strerror})") from None
+    typer.echo(f"wrote {output}", err=True)
+
+
 def print_resolved(cfg: object) -> None:
     from fmnist_hpo import config as config_module
     from fmnist_hpo.space import describe, planned_points
