@@ -291,7 +291,10 @@ def register(
     name: Annotated[str, typer.Option(help="registered model name")] = "fmnist-cnn",
     tracking_uri: TrackingOption = None,
 ) -> None:
-    """Register an experiment's best trial in the MLflow Model Registry and move the `champion` alias to it."""
+    """Register an experiment's best trial in the MLflow Model Registry and move the `champion` alias to it.
+
+    A trial already registered under that name keeps its version; no identical new one is made.
+    """
     from fmnist_hpo.modelops import register_best
     from fmnist_hpo.tracking import resolve_tracking_uri
 
@@ -299,7 +302,8 @@ def register(
         registered = register_best(resolve_tracking_uri(tracking_uri), experiment, name)
     except FmnistError as exc:
         raise fail(str(exc)) from None
-    typer.echo(f"registered {registered['name']} version {registered['version']} (alias champion) "
+    done = "already registered as" if registered["registered"] == "existing" else "registered"
+    typer.echo(f"{done} {registered['name']} version {registered['version']} (alias champion) "
                f"from run {registered['run_id']}: {registered['model_uri']}")
 
 

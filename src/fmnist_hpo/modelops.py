@@ -81,7 +81,10 @@ def log_trial_model(tracker: Tracker, run_id: str, checkpoint: Path) -> str:
 
 
 def register_best(tracking_uri: str, experiment: str, name: str, run_id: str | None = None) -> dict[str, str]:
-    """Register run_id, or the experiment's best trial, with the alias `champion`."""
+    """Register run_id, or the experiment's best trial, with the alias `champion`.
+
+    A run already registered under name keeps its version (the "registered" key says "existing").
+    """
     from fmnist_hpo.tracking import ModelStore, Tracker
 
     store = ModelStore(tracking_uri)

@@ -454,21 +454,34 @@ class ModelStore(RunReader):
             self.client.log_artifact(run_id, str(path), "evaluation")
 
     def register(self, experiment: str, name: str, model_uri_of: Any, run_id: str | None = None) -> dict[str, str]:
-        """Register a trial (by default the experiment's best) as a new version of `name`; move `champion` to it.
+        """Register a trial (by default the experiment's best) under `name` and move `champion` to it.
 
-        model_uri_of(trial) returns the trial's models:/ URI, logging the model first if it has none.
+        A trial already registered under name keeps its version rather than getting an identical new
+        one ("registered": "existing"). model_uri_of(trial) returns the trial's models:/ URI, logging
+        the model first if it has none.
         """
         best = self.best_trial(experiment) if run_id is None else logged_trial(self.client.get_run(run_id), experiment)
-        model_uri = best.tags.get("model_uri") or model_uri_of(best)
-        tags = {"experiment": experiment, "run_id": best.run_id, "trial": best.number, **{
-            key: f"{best.metrics[key]:.6f}" for key in ("kept_val_accuracy", "kept_val_loss", "test_accuracy",
-                                                        "test_loss") if key in best.metrics}}
         try:
+            existing = self._version_of_run(name, best.run_id)
+            if existing is not None:
+                self.client.set_registered_model_alias(name, "champion", existing.version)
+                return {"name": name, "version": str(existing.version), "run_id": best.run_id,
+                        "model_uri": existing.source, "registered": "existing"}
+            model_uri = best.tags.get("model_uri") or model_uri_of(best)
+            tags = {"experiment": experiment, "run_id": best.run_id, "trial": best.number, **{
+                key: f"{best.metrics[key]:.6f}" for key in ("kept_val_accuracy", "kept_val_loss", "test_accuracy",
+                                                            "test_loss") if key in best.metrics}}
             with _fluent_tracking_uri(self.client.tracking_uri):  # models:/ URIs resolve through the fluent URI
                 version = self._new_version(name, model_uri, best.run_id, tags)
         except MlflowException as exc:
             raise TrackingError(f"cannot register {name!r}: {exc.message}") from None
-        return {"name": name, "version": str(version.version), "run_id": best.run_id, "model_uri": model_uri}
+        return {"name": name, "version": str(version.version), "run_id": best.run_id, "model_uri": model_uri,
+                "registered": "new"}
+
+    def _version_of_run(self, name: str, run_id: str) -> Any:
+        """The newest version of registered model `name` made from run_id, or None."""
+        versions = self.client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+        return max(versions, key=lambda v: int(v.version), default=None)
 
     def _new_version(self, name: str, model_uri: str, run_id: str, tags: dict[str, Any]) -> Any:
         try:
