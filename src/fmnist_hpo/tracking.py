@@ -95,6 +95,31 @@ def open_client(tracking_uri: str) -> MlflowClient:
     return client
 
 
+def create_store(tracking_uri: str) -> None:
+    """Create an empty SQLite store (MLflow's tables, no runs) so a server can start on it."""
+    check_sqlite_location(tracking_uri)
+    try:
+        open_client(tracking_uri)
+    except Exception as exc:  # SQLAlchemy and OS errors
+        raise TrackingError(f"{tracking_uri}: cannot create the MLflow store ({str(exc).splitlines()[0][:200]})") from None
+
+
+def experiment_to_show(tracking_uri: str, name: str | None) -> str | None:
+    """The id of experiment `name`, else of the most recent sweep's experiment; None in a store without sweeps."""
+    _quiet_mlflow()
+    client = open_client(tracking_uri)
+    if name is not None:
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            known = ", ".join(sorted(e.name for e in client.search_experiments())) or "none"
+            raise TrackingError(f"unknown experiment {name!r}; known experiments: {known}")
+        return found.experiment_id
+    experiment_ids = [e.experiment_id for e in client.search_experiments()]
+    latest = client.search_runs(experiment_ids, "tags.`fmnist.role` = 'sweep'", max_results=1,
+                                order_by=["attributes.start_time DESC"]) if experiment_ids else []
+    return latest[0].info.experiment_id if latest else None
+
+
 def git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False)
