@@ -172,6 +172,13 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def _is_unreachable(exc: BaseException) -> bool:
+    """A tracking server that is down or went away (MLflow has already retried the request)."""
+    text = str(exc)
+    return any(sign in text for sign in ("Max retries exceeded", "Failed to establish a new connection",
+                                         "Connection refused", "Connection aborted", "RemoteDisconnected"))
+
+
 def _is_contention(exc: BaseException) -> bool:
     text = str(exc).lower()
     return any(word in text for word in ("database is locked", "database is busy", "unique constraint failed",
@@ -219,6 +226,9 @@ class Tracker:
             try:
                 return fn(*args, **kwargs)
             except Exception as exc:
+                if _is_unreachable(exc):
+                    raise TrackingError(f"{self.tracking_uri}: the tracking server does not answer; what was logged is "
+                                        "kept: start it again and rerun with --resume") from None
                 if attempt == self.RETRIES - 1 or not _is_contention(exc):
                     raise
                 time.sleep(delay)
@@ -514,7 +524,9 @@ class ModelStore(RunReader):
         except MlflowException as exc:
             if "already exists" not in str(exc).lower() and "RESOURCE_ALREADY_EXISTS" not in str(exc):
                 raise
-        version = self.client.create_model_version(name, source=model_uri, run_id=run_id)
+        # a tracking server accepts a models:/m-... source only with the LoggedModel's id beside it
+        model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
+        version = self.client.create_model_version(name, source=model_uri, run_id=run_id, model_id=model_id)
         self.client.set_registered_model_alias(name, "champion", version.version)
         for key, value in tags.items():
             self.client.set_model_version_tag(name, version.version, key, str(value))
