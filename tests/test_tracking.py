@@ -121,6 +121,8 @@ def test_datasets_are_the_runs_inputs_with_their_split(tracker: Tracker, finishe
             "fashion-mnist", digest, 3, sizes[split])
         assert json.loads(dataset.source)["uri"] == str(root)
     assert len({d.digest for d in by_context.values()}) == 3
+    tracker.log_datasets(finished_run, digest, str(root), split_seed=3, sizes=sizes)  # a resumed trial logs again
+    assert len(tracker.client.get_run(finished_run).inputs.dataset_inputs) == 3
     other_run = tracker.start_run("trial-001", {}, {})
     tracker.log_datasets(other_run, digest, str(root), split_seed=4, sizes=sizes)
     other = {i.dataset.digest for i in tracker.client.get_run(other_run).inputs.dataset_inputs}
@@ -173,3 +175,12 @@ def test_exp12_model_exports_in_a_few_seconds(tracker: Tracker, finished_run: st
     start = time.perf_counter()
     tracker.log_pytorch_model(finished_run, model, np.zeros((2, 1, 28, 28), dtype=np.float32), 10)
     assert time.perf_counter() - start < 15  # about 2 s on two busy CPU cores; the old path took 7 s
+
+
+def test_logging_a_model_leaves_the_default_tracking_uri_unset(tracker: Tracker, finished_run: str, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    mlflow.set_tracking_uri(None)
+    checkpoint, _ = tiny_checkpoint(tmp_path, finished_run)
+    log_trial_model(tracker, finished_run, checkpoint)
+    assert not mlflow.tracking.is_tracking_uri_set()  # later fluent calls still resolve from their own folder

@@ -67,9 +67,14 @@ def check_sqlite_location(uri: str) -> None:
 @contextlib.contextmanager
 def _fluent_tracking_uri(uri: str) -> Iterator[None]:
     """Point MLflow's fluent API at uri for a moment; set_tracking_uri also writes
-    MLFLOW_TRACKING_URI into the environment, which must not leak into later runs."""
+    MLFLOW_TRACKING_URI into the environment, which must not leak into later runs.
+
+    An unset URI is restored as unset (None): get_tracking_uri() would return the default made
+    absolute for the current folder, and pinning that would send later calls from another folder
+    to this folder's store.
+    """
     saved_env = os.environ.get("MLFLOW_TRACKING_URI")
-    saved_uri = mlflow.get_tracking_uri()
+    saved_uri = mlflow.get_tracking_uri() if mlflow.tracking.is_tracking_uri_set() else None
     mlflow.set_tracking_uri(uri)
     try:
         yield
