@@ -283,3 +283,10 @@ def test_serve_ui_create_starts_on_a_new_store_and_cleans_up(tmp_path: Path):
         process.wait(timeout=60)
     assert process.returncode == 0 and (tmp_path / "fresh.db").is_file()
     assert not log.exists()  # the server log goes with a clean stop
+
+
+def test_serve_ui_on_a_file_that_is_no_store_is_one_line(tmp_path: Path):
+    (tmp_path / "notes.db").write_text("not a database")
+    result = runner.invoke(app, ["serve-ui", "--tracking-uri", f"sqlite:///{tmp_path}/notes.db", "--port", str(free_port())])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1
+    assert "cannot read the MLflow store" in result.stderr

@@ -112,16 +112,21 @@ def create_store(tracking_uri: str) -> None:
 def experiment_to_show(tracking_uri: str, name: str | None) -> str | None:
     """The id of experiment `name`, else of the most recent sweep's experiment; None in a store without sweeps."""
     _quiet_mlflow()
-    client = open_client(tracking_uri)
-    if name is not None:
-        found = client.get_experiment_by_name(name)
-        if found is None:
-            known = ", ".join(sorted(e.name for e in client.search_experiments())) or "none"
-            raise TrackingError(f"unknown experiment {name!r}; known experiments: {known}")
-        return found.experiment_id
-    experiment_ids = [e.experiment_id for e in client.search_experiments()]
-    latest = client.search_runs(experiment_ids, "tags.`fmnist.role` = 'sweep'", max_results=1,
-                                order_by=["attributes.start_time DESC"]) if experiment_ids else []
+    try:
+        client = MlflowClient(tracking_uri)  # the store exists already, so no creation lock (nor a writable folder)
+        if name is not None:
+            found = client.get_experiment_by_name(name)
+            if found is None:
+                known = ", ".join(sorted(e.name for e in client.search_experiments())) or "none"
+                raise TrackingError(f"unknown experiment {name!r}; known experiments: {known}")
+            return found.experiment_id
+        experiment_ids = [e.experiment_id for e in client.search_experiments()]
+        latest = client.search_runs(experiment_ids, "tags.`fmnist.role` = 'sweep'", max_results=1,
+                                    order_by=["attributes.start_time DESC"]) if experiment_ids else []
+    except TrackingError:
+        raise
+    except Exception as exc:  # MLflow, SQLAlchemy and OS errors of a store that cannot be read
+        raise TrackingError(f"{tracking_uri}: cannot read the MLflow store ({str(exc).splitlines()[0][:200]})") from None
     return latest[0].info.experiment_id if latest else None
 
 
