@@ -136,7 +136,8 @@ def test_a_server_lost_mid_sweep_is_one_line_and_the_sweep_resumes(tmp_path: Pat
     data = write_dataset(tmp_path / "data", n_train=3000, n_test=100)  # epochs long enough to stop the server in one
     port = free_port()
     store = tmp_path / "server" / "mlflow.db"
-    spec = write_spec(tmp_path / "worker", data, "lost", epochs=4, max_evals=2)
+    # 16 epochs of ~0.5 s: the sweep is still training when the server has stopped (SIGTERM takes 1-3 s)
+    spec = write_spec(tmp_path / "worker", data, "lost", epochs=8, max_evals=2)
     with served(store, port) as uri:
         sweep = subprocess.Popen([sys.executable, "-m", "fmnist_hpo", "run", str(spec), "--tracking-uri", uri, "--quiet"],
                                  cwd=spec.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
