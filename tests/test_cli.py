@@ -115,6 +115,9 @@ def test_run_end_to_end_into_sqlite(tmp_path: Path, data_dir: Path, monkeypatch:
                     "train_seconds", "epochs_run"):
             assert key in child.data.metrics
         assert {"config.yaml", "checkpoint"} <= {a.path for a in client.list_artifacts(child.info.run_id)}
+        inputs = client.get_run(child.info.run_id).inputs.dataset_inputs  # dataset lineage: the three splits
+        contexts = {tag.value for i in inputs for tag in i.tags if tag.key == "mlflow.data.context"}
+        assert contexts == {"train", "validation", "test"}
         assert Path("models/e2e", f"{child.info.run_id}.pt").is_file()
 
     best = client.get_run(parent.data.tags["selected_run_id"])

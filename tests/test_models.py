@@ -111,14 +111,17 @@ def test_predict_images_and_idx(in_sweep_folder: dict, tmp_path: Path):
     assert bad.exit_code == 2 and "not a readable image" in bad.stderr
 
 
-def test_register_moves_the_champion_alias(in_sweep_folder: dict):
+def test_register_moves_the_champion_alias_and_reuses_a_runs_version(in_sweep_folder: dict):
     sweep = in_sweep_folder
     first = runner.invoke(app, ["register", "--experiment", "served", "--name", "tiny-cnn", "--tracking-uri", sweep["uri"]])
     second = runner.invoke(app, ["register", "--experiment", "served", "--name", "tiny-cnn", "--tracking-uri", sweep["uri"]])
     assert first.exit_code == 0 and second.exit_code == 0, first.stderr + second.stderr
+    assert first.stdout.startswith("registered tiny-cnn version 1 ")
+    assert second.stdout.startswith("already registered as tiny-cnn version 1 ")
     client = sweep["client"]
+    assert [int(v.version) for v in client.search_model_versions("name = 'tiny-cnn'")] == [1]
     champion = client.get_model_version_by_alias("tiny-cnn", "champion")
-    assert int(champion.version) == 2 and champion.run_id == sweep["best"]
+    assert int(champion.version) == 1 and champion.run_id == sweep["best"]
     best_run = client.get_run(sweep["best"])
     assert float(champion.tags["test_accuracy"]) == pytest.approx(best_run.data.metrics["test_accuracy"])
     assert float(champion.tags["kept_val_accuracy"]) == pytest.approx(best_run.data.metrics["kept_val_accuracy"])
@@ -137,24 +140,32 @@ def get_json(url: str, payload: dict | None = None) -> dict:
         return json.loads(response.read())
 
 
-def start_server(sweep: dict, port: int) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "fmnist_hpo", "serve-ui", "--tracking-uri", sweep["uri"],
-                             "--port", str(port)], cwd=sweep["folder"], stdout=subprocess.PIPE,
+def start_server(folder: Path, uri: str, port: int, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "fmnist_hpo", "serve-ui", "--tracking-uri", uri,
+                             "--port", str(port), *extra], cwd=folder, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 
-def wait_for_url(process: subprocess.Popen) -> str:
+def wait_for_page(process: subprocess.Popen) -> tuple[str, Path]:
+    """The runs page and server log serve-ui prints when the server answers (after its at-once 'starting' line)."""
+    starting = process.stdout.readline()
+    assert starting.startswith("starting MLflow for "), starting + process.stderr.read()
     line = process.stdout.readline()
-    assert "MLflow UI" in line, line + process.stderr.read()
-    return line.split(" at ")[1].split()[0]
+    assert line.startswith("MLflow UI at "), line + process.stderr.read()
+    return line.split()[3], Path(line.split("server log ")[1].split(",")[0])
+
+
+def base_of(page: str) -> str:
+    return page.split("/#/")[0]
 
 
 @pytest.fixture(scope="module")
 def server(sweep: dict):
     port = free_port()
-    process = start_server(sweep, port)
+    process = start_server(sweep["folder"], sweep["uri"], port)
     try:
-        yield {"base": wait_for_url(process), "port": port}
+        page, _ = wait_for_page(process)
+        yield {"base": base_of(page), "page": page, "port": port, "pid": process.pid}
     finally:
         process.send_signal(signal.SIGINT)
         process.wait(timeout=60)
@@ -196,13 +207,46 @@ def test_the_ui_page_shows_the_runs_in_a_browser(sweep: dict, server: dict, tmp_
     assert sweep["parent"].info.run_name in page.stdout, page.stderr[-800:]  # trials are nested under it
 
 
-def test_serve_ui_stops_cleanly_on_ctrl_c(sweep: dict):
+def test_serve_ui_links_the_latest_sweeps_runs_in_the_training_view(sweep: dict, server: dict):
+    experiment_id = sweep["client"].get_experiment_by_name("served").experiment_id
+    assert server["page"] == f"{server['base']}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def descendants(pid: int) -> list[str]:
+    """Command lines of every process below pid."""
+    table = subprocess.run(["ps", "-e", "-o", "pid=,ppid=,args="], capture_output=True, text=True).stdout
+    rows = [line.split(None, 2) for line in table.splitlines()]
+    found, frontier = [], {str(pid)}
+    while frontier:
+        children = [r for r in rows if len(r) == 3 and r[1] in frontier]
+        found += [r[2] for r in children]
+        frontier = {r[0] for r in children}
+    return found
+
+
+def test_serve_ui_starts_only_the_server_and_one_worker(server: dict):
+    commands = descendants(server["pid"])
+    assert len(commands) == 2, commands  # `mlflow server` and its one uvicorn worker: no job runner
+    assert not any("huey" in c or "_job_runner" in c for c in commands)
+
+
+def test_serve_ui_stops_on_sigterm_within_seconds_and_removes_its_log(sweep: dict):
+    import http.client
+
     port = free_port()
-    process = start_server(sweep, port)
-    wait_for_url(process)
-    process.send_signal(signal.SIGINT)
+    process = start_server(sweep["folder"], sweep["uri"], port)
+    page, log = wait_for_page(process)
+    assert log.is_file()
+    browser = http.client.HTTPConnection("127.0.0.1", port, timeout=10)  # a keep-alive connection, as a browser holds
+    browser.request("GET", "/health")
+    assert browser.getresponse().read() == b"OK"
+    start = time.monotonic()
+    process.send_signal(signal.SIGTERM)
     process.wait(timeout=60)
-    assert process.returncode == 0
+    stopped_after = time.monotonic() - start
+    browser.close()
+    assert process.returncode == 0 and stopped_after < 5, stopped_after
+    assert page.startswith(f"http://127.0.0.1:{port}/#/") and not log.exists()
     time.sleep(0.5)
     with socket.socket() as probe:  # no one listens on the port any more: the mlflow server went with it
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -212,4 +256,36 @@ def test_serve_ui_stops_cleanly_on_ctrl_c(sweep: dict):
 
 def test_serve_ui_without_a_store_is_a_clear_error(tmp_path: Path):
     result = runner.invoke(app, ["serve-ui", "--tracking-uri", f"sqlite:///{tmp_path}/none.db"])
-    assert result.exit_code == 2 and "no MLflow store here yet" in result.stderr
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1
+    assert "no MLflow store here yet" in result.stderr and "--create" in result.stderr
+    assert not (tmp_path / "none.db").exists()
+
+
+def test_serve_ui_names_an_unknown_experiment_in_one_line(sweep: dict):
+    result = runner.invoke(app, ["serve-ui", "--tracking-uri", sweep["uri"], "--experiment", "nope",
+                                 "--port", str(free_port())])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1
+    assert "unknown experiment 'nope'" in result.stderr and "served" in result.stderr
+
+
+def test_serve_ui_create_starts_on_a_new_store_and_cleans_up(tmp_path: Path):
+    port = free_port()
+    uri = f"sqlite:///{tmp_path}/fresh.db"
+    process = start_server(tmp_path, uri, port, "--create")
+    try:
+        page, log = wait_for_page(process)
+        assert page == f"http://127.0.0.1:{port}/#/experiments?workflowType=machine_learning"
+        assert get_json(f"{base_of(page)}/api/2.0/mlflow/experiments/search", {"max_results": 10})["experiments"]
+        assert log.is_file()
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=60)
+    assert process.returncode == 0 and (tmp_path / "fresh.db").is_file()
+    assert not log.exists()  # the server log goes with a clean stop
+
+
+def test_serve_ui_on_a_file_that_is_no_store_is_one_line(tmp_path: Path):
+    (tmp_path / "notes.db").write_text("not a database")
+    result = runner.invoke(app, ["serve-ui", "--tracking-uri", f"sqlite:///{tmp_path}/notes.db", "--port", str(free_port())])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1
+    assert "cannot read the MLflow store" in result.stderr

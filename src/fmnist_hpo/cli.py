@@ -319,11 +319,17 @@ def analyze(
 def serve_ui(
     tracking_uri: Annotated[str | None, typer.Option(help="store to serve (default: sqlite:///mlflow.db)")] = None,
     config: Annotated[Path | None, typer.Option(help="serve the store this experiment spec logs to")] = None,
+    experiment: Annotated[str | None, typer.Option(help="link to this experiment's runs (default: the latest sweep's)")] = None,
+    create: Annotated[bool, typer.Option("--create", help="start an empty store if there is none yet")] = False,
     host: Annotated[str, typer.Option(help="interface to bind; not loopback: no login protects the UI")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port to listen on")] = 5001,
 ) -> None:
-    """Open the MLflow UI (and tracking server) on the store `fmnist run` writes to."""
-    from fmnist_hpo.serve import is_loopback
+    """Open the MLflow UI (and tracking server) on the store `fmnist run` writes to.
+
+    Prints the link to the training runs of --experiment (else of the latest sweep). A missing
+    SQLite store is an error unless --create (or, on a terminal, a yes to the question) starts one.
+    """
+    from fmnist_hpo.serve import display_url, is_loopback, store_missing
     from fmnist_hpo.serve import serve_ui as serve
     from fmnist_hpo.tracking import resolve_tracking_uri
 
@@ -339,13 +345,17 @@ def serve_ui(
     if not is_loopback(host):
         typer.echo(f"warning: binding {host}: the MLflow UI has no login; anyone who can reach this port can read "
                    "and change every run", err=True)
+    if not create and store_missing(uri) and sys.stdin.isatty():
+        create = typer.confirm(f"No MLflow store at {uri} yet. Create an empty one?", default=False, err=True)
+    typer.echo(f"starting MLflow for {uri} on {display_url(host, port)} ...")
+    sys.stdout.flush()
 
-    def ready(url: str, log: Path) -> None:
-        typer.echo(f"MLflow UI for {uri} at {url}  (server log: {log}; Ctrl-C to stop)")
+    def ready(page: str, log: Path) -> None:
+        typer.echo(f"MLflow UI at {page}  (server log {log}, removed on a clean stop; Ctrl-C to stop)")
         sys.stdout.flush()
 
     try:
-        code = serve(uri, host, port, ready)
+        code = serve(uri, host, port, ready, create=create, experiment=experiment)
     except FmnistError as exc:
         raise fail(str(exc)) from None
     raise typer.Exit(code)
@@ -434,7 +444,10 @@ def register(
     name: Annotated[str, typer.Option(help="registered model name")] = "fmnist-cnn",
     tracking_uri: TrackingOption = None,
 ) -> None:
-    """Register an experiment's best trial in the MLflow Model Registry and move the `champion` alias to it."""
+    """Register an experiment's best trial in the MLflow Model Registry and move the `champion` alias to it.
+
+    A trial already registered under that name keeps its version; no identical new one is made.
+    """
     from fmnist_hpo.modelops import register_best
     from fmnist_hpo.tracking import resolve_tracking_uri
 
@@ -442,8 +455,31 @@ def register(
         registered = register_best(resolve_tracking_uri(tracking_uri), experiment, name)
     except FmnistError as exc:
         raise fail(str(exc)) from None
-    typer.echo(f"registered {registered['name']} version {registered['version']} (alias champion) "
+    done = "already registered as" if registered["registered"] == "existing" else "registered"
+    typer.echo(f"{done} {registered['name']} version {registered['version']} (alias champion) "
                f"from run {registered['run_id']}: {registered['model_uri']}")
+
+
+@app.command()
+def schema(
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="write it to this file instead of stdout")] = None,
+) -> None:
+    """Print the JSON Schema (draft 2020-12) of the experiment spec, for editor completion and checks.
+
+    The shipped copy is schema/fmnist-spec.schema.json; a spec opts in with the first line
+    `# yaml-language-server: $schema=../schema/fmnist-spec.schema.json`.
+    """
+    from fmnist_hpo.schema import schema_text
+
+    text = schema_text()
+    if output is None:
+        typer.echo(text, nl=False)
+        return
+    try:
+        output.write_text(text)
+    except OSError as exc:
+        raise fail(f"{output}: cannot write the schema ({exc.strerror})") from None
+    typer.echo(f"wrote {output}", err=True)
 
 
 def selected_line(result: object) -> str:

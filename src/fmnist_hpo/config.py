@@ -113,6 +113,7 @@ class SearchConfig:
 class MlflowConfig:
     tracking_uri: str | None = setting(None, "null: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
     log_model: Literal["best", "all", "none"] = setting("best", "trials whose model is logged as an MLflow model")
+    system_metrics: bool = setting(False, "record CPU/GPU utilisation and memory with MLflow's system metrics")
 
 
 @dataclass(frozen=True)

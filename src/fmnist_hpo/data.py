@@ -213,10 +213,17 @@ def balanced_subset(indices: np.ndarray, labels: np.ndarray, size: int) -> np.nd
     return np.sort(np.concatenate(picked))
 
 
+def split_indices(dataset: Dataset, val_size: int, split_seed: int,
+                  train_subset: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """(train indices, validation indices) into the training images, as every trial splits them."""
+    train_idx, val_idx = stratified_split(dataset.train_labels, val_size, split_seed)
+    if train_subset is not None:
+        train_idx = balanced_subset(train_idx, dataset.train_labels, train_subset)
+    return train_idx, val_idx
+
+
 def make_splits(dataset: Dataset, cfg: DataConfig, device: torch.device) -> Splits:
-    train_idx, val_idx = stratified_split(dataset.train_labels, cfg.val_size, cfg.split_seed)
-    if cfg.train_subset is not None:
-        train_idx = balanced_subset(train_idx, dataset.train_labels, cfg.train_subset)
+    train_idx, val_idx = split_indices(dataset, cfg.val_size, cfg.split_seed, cfg.train_subset)
     return Splits(
         train=_to_split(dataset.train_images[train_idx], dataset.train_labels[train_idx], device),
         val=_to_split(dataset.train_images[val_idx], dataset.train_labels[val_idx], device),

@@ -21,6 +21,8 @@ class ResolvedModel:
     model: nn.Module  # eval mode, CPU, expects normalised images
     checkpoint: Path
     run_id: str | None
+    experiment: str | None = None
+    trial: int | None = None
 
 
 def resolve_model(target: str | None, tracking_uri: str, experiment: str | None = None) -> ResolvedModel:
@@ -35,7 +37,7 @@ def resolve_model(target: str | None, tracking_uri: str, experiment: str | None 
             raise FmnistError("name a checkpoint or run id, or pass --experiment NAME --best")
         target = store.best_trial(experiment).run_id
     path = store.checkpoint(target)
-    return ResolvedModel(load_model(path), path, target)
+    return ResolvedModel(load_model(path), path, target, *store.trial_label(target))
 
 
 def test_set(data_root: str | None) -> tuple[np.ndarray, np.ndarray]:
@@ -50,13 +52,12 @@ def evaluate_and_report(resolved: ResolvedModel, data_root: str | None, png: Pat
                         tracking_uri: str) -> tuple[object, Path]:
     from fmnist_hpo.data import CLASSES
     from fmnist_hpo.inference import evaluate_model
-    from fmnist_hpo.plots import confusion_matrix_png
+    from fmnist_hpo.plots import confusion_matrix_png, confusion_title
 
     images, labels = test_set(data_root)
     evaluation = evaluate_model(resolved.model, images, labels)
-    name = resolved.run_id or resolved.checkpoint.stem
-    confusion_matrix_png(evaluation.confusion, CLASSES, png,
-                         f"{name}: test accuracy {evaluation.accuracy:.4f}")
+    title = confusion_title(evaluation.accuracy, resolved.experiment, resolved.trial, fallback=resolved.checkpoint.stem)
+    confusion_matrix_png(evaluation.confusion, CLASSES, png, title)
     if log:
         if resolved.run_id is None:
             raise FmnistError("--log needs a run id (a bare checkpoint file belongs to no run)")
@@ -71,16 +72,20 @@ def log_trial_model(tracker: Tracker, run_id: str, checkpoint: Path) -> str:
 
     The logged model takes float images in [0, 1] of shape (N, 1, 28, 28) and returns logits.
     """
+    from fmnist_hpo.data import CLASSES, IMAGE_SIZE
     from fmnist_hpo.model import with_normalization
 
-    example = np.zeros((2, 1, 28, 28), dtype=np.float32)  # batch 2 keeps the batch dim dynamic
-    uri = tracker.log_pytorch_model(run_id, with_normalization(load_model(checkpoint)), example)
+    example = np.zeros((2, 1, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)  # batch 2 keeps the batch dim dynamic
+    uri = tracker.log_pytorch_model(run_id, with_normalization(load_model(checkpoint)), example, len(CLASSES))
     tracker.set_tags(run_id, {"model_uri": uri})
     return uri
 
 
 def register_best(tracking_uri: str, experiment: str, name: str, run_id: str | None = None) -> dict[str, str]:
-    """Register run_id, or the experiment's best trial, with the alias `champion`."""
+    """Register run_id, or the experiment's best trial, with the alias `champion`.
+
+    A run already registered under name keeps its version (the "registered" key says "existing").
+    """
     from fmnist_hpo.tracking import ModelStore, Tracker
 
     store = ModelStore(tracking_uri)

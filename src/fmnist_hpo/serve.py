@@ -18,6 +18,7 @@ from pathlib import Path
 from fmnist_hpo.errors import FmnistError
 
 STARTUP_SECONDS = 90
+GRACEFUL_SECONDS = 1
 
 
 class ServeError(FmnistError):
@@ -45,22 +46,56 @@ def check_port_free(host: str, port: int) -> None:
             raise ServeError(f"cannot serve on {host}:{port}: {reason}") from None
 
 
-def check_store(tracking_uri: str) -> None:
-    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
-        raise ServeError(f"{tracking_uri}: no MLflow store here yet (run `fmnist run` first, or pass --tracking-uri)")
+def store_missing(tracking_uri: str) -> bool:
+    return tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).is_file()
+
+
+def prepare_store(tracking_uri: str, create: bool) -> None:
+    """A missing SQLite store is an error unless create says to start an empty one."""
+    if not store_missing(tracking_uri):
+        return
+    if not create:
+        raise ServeError(f"{tracking_uri}: no MLflow store here yet (run `fmnist run` first, pass --create to start "
+                         "an empty one, or --tracking-uri)")
+    from fmnist_hpo.tracking import create_store
+
+    create_store(tracking_uri)
 
 
 def server_command(tracking_uri: str, host: str, port: int) -> list[str]:
-    # MLflow's host-header and CORS middleware stay at their defaults; nothing here loosens them
+    # MLflow's host-header and CORS middleware stay at their defaults; nothing here loosens them.
+    # One uvicorn worker serves one local user; open browser connections get a second to close on stop.
     return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", tracking_uri,
-            "--host", host, "--port", str(port), "--workers", "1"]
+            "--host", host, "--port", str(port), "--workers", "1",
+            "--uvicorn-opts", f"--timeout-graceful-shutdown {GRACEFUL_SECONDS}"]
+
+
+def server_environment() -> dict[str, str]:
+    # MLflow's job runner (seven huey consumers, about 1.5 GB) serves GenAI jobs such as scorers;
+    # model-training runs never use it
+    return {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
+def display_url(host: str, port: int) -> str:
+    shown_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    return f"http://{f'[{shown_host}]' if ':' in shown_host else shown_host}:{port}"
+
+
+def runs_page(url: str, experiment_id: str | None) -> str:
+    """The UI page of an experiment's training runs (or the experiment list), in the model-training view.
+
+    MLflow's UI opens on its GenAI view unless the address (or the browser's last choice) says
+    workflowType=machine_learning.
+    """
+    page = f"experiments/{experiment_id}/runs" if experiment_id else "experiments"
+    return f"{url}/#/{page}?workflowType=machine_learning"
 
 
 def wait_until_up(url: str, process: subprocess.Popen, log: Path) -> None:
     deadline = time.monotonic() + STARTUP_SECONDS
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise ServeError(f"mlflow server exited with code {process.returncode}: {last_line(log)}")
+            raise ServeError(f"mlflow server exited with code {process.returncode}: {last_line(log)} (log: {log})")
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
                 if response.status == 200:
@@ -69,7 +104,7 @@ def wait_until_up(url: str, process: subprocess.Popen, log: Path) -> None:
             pass
         time.sleep(0.3)
     stop(process)
-    raise ServeError(f"mlflow server did not answer at {url} within {STARTUP_SECONDS} s: {last_line(log)}")
+    raise ServeError(f"mlflow server did not answer at {url} within {STARTUP_SECONDS} s: {last_line(log)} (log: {log})")
 
 
 def last_line(log: Path) -> str:
@@ -82,7 +117,7 @@ def stop(process: subprocess.Popen) -> None:
         return
     os.killpg(process.pid, signal.SIGTERM)
     try:
-        process.wait(timeout=15)
+        process.wait(timeout=GRACEFUL_SECONDS + 4)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
@@ -92,26 +127,33 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def serve_ui(tracking_uri: str, host: str, port: int, on_ready: Callable[[str, Path], None]) -> int:
-    """Run the server in the foreground until Ctrl-C or SIGTERM; returns the exit code for the CLI."""
-    check_store(tracking_uri)
+def serve_ui(tracking_uri: str, host: str, port: int, on_ready: Callable[[str, Path], None], *,
+             create: bool = False, experiment: str | None = None) -> int:
+    """Run the server in the foreground until Ctrl-C or SIGTERM; returns the exit code for the CLI.
+
+    on_ready gets the runs page to open (experiment's, else the most recent sweep's) and the server
+    log, which is removed on a clean stop and kept (and named in the error) when the server fails.
+    """
+    prepare_store(tracking_uri, create)
     check_port_free(host, port)
+    from fmnist_hpo.tracking import experiment_to_show
+
+    page = runs_page(display_url(host, port), experiment_to_show(tracking_uri, experiment))
     log = Path(tempfile.mkstemp(prefix="fmnist-serve-ui-", suffix=".log")[1])
     with log.open("w") as sink:
         process = subprocess.Popen(server_command(tracking_uri, host, port), stdout=sink, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-    shown_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    url = f"http://{f'[{shown_host}]' if ':' in shown_host else shown_host}:{port}"
+                                   env=server_environment(), start_new_session=True)
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        wait_until_up(url, process, log)
-        on_ready(url, log)
+        wait_until_up(display_url(host, port), process, log)
+        on_ready(page, log)
         code = process.wait()
         if code != 0:
-            raise ServeError(f"mlflow server stopped with code {code}: {last_line(log)}")
-        return 0
+            raise ServeError(f"mlflow server stopped with code {code}: {last_line(log)} (log: {log})")
     except KeyboardInterrupt:
-        return 0
+        pass
     finally:
         stop(process)
         signal.signal(signal.SIGTERM, previous)
+    log.unlink(missing_ok=True)
+    return 0

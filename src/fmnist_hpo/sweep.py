@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from fmnist_hpo.checkpoints import CheckpointError, read_training_state, save_ch
 from fmnist_hpo.config import Config
 from fmnist_hpo.data import SplitCache, load_dataset
 from fmnist_hpo.errors import FmnistError, OutputError
+from fmnist_hpo.lineage import idx_digest
 from fmnist_hpo.packing import parallel_for
 from fmnist_hpo.progress import SweepProgress
 from fmnist_hpo.pruning import MedianPruner, best_so_far
@@ -41,9 +43,9 @@ from fmnist_hpo.space import (
     space_size,
     to_hyperopt,
 )
-from fmnist_hpo.tracking import Tracker
+from fmnist_hpo.tracking import Tracker, TrackingError
 from fmnist_hpo.train import train_and_test
-from fmnist_hpo.trial_runs import SweepRuns, trial_config
+from fmnist_hpo.trial_runs import Lineage, SweepRuns, trial_config
 
 # Hyperopt proposing only configurations already trained this many times in a row ends the search
 MAX_REPEATED_PROPOSALS = 200
@@ -63,13 +65,14 @@ Known = dict[tuple, tuple[dict[str, Any], float | None]]  # config key -> (value
 class Sweep:
     """Runs cfg's search on one device, one trial at a time (or hands it to Ray for parallel trials)."""
 
-    def __init__(self, cfg: Config, data: SplitCache, tracker: Tracker, show_bars: bool | None = None) -> None:
+    def __init__(self, cfg: Config, data: SplitCache, tracker: Tracker, show_bars: bool | None = None,
+                 lineage: Lineage | None = None) -> None:
         self.cfg = cfg
         self.data = data
         self.device = data.device
         self.tracker = tracker
         self.show_bars = show_bars
-        self.runs = SweepRuns(cfg, tracker, str(data.device))
+        self.runs = SweepRuns(cfg, tracker, str(data.device), lineage)
         self.pruner = MedianPruner(cfg.search.grace_epochs) if cfg.search.pruner == "median" else None
         self.interrupted: dict[tuple[int, int], LoggedTrial] = {}  # (point, repeat) -> run to continue
         self._points = itertools.count()
@@ -119,7 +122,8 @@ class Sweep:
         if parallel > 1 and search.space and search.algo != "grid":
             from fmnist_hpo.ray_engine import run_on_ray
 
-            run_on_ray(self.runs, result, progress, self.data.dataset, list(self.interrupted.values()), parallel)
+            with self._system_metrics(result.parent_run_id):  # the workers are other processes: the driver's machine
+                run_on_ray(self.runs, result, progress, self.data.dataset, list(self.interrupted.values()), parallel)
             self.interrupted.clear()
             return
         known = self._finish_started_points(result, progress)
@@ -147,6 +151,7 @@ class Sweep:
         from hyperopt import STATUS_FAIL, STATUS_OK, Trials, anneal, fmin, rand, tpe
         from hyperopt.exceptions import AllTrialsFailed
 
+        logging.getLogger("hyperopt").setLevel(logging.CRITICAL)  # a trial's error is ours to report, once
         search = self.cfg.search
         history = Trials()
         for values, loss in known.values():
@@ -201,9 +206,10 @@ class Sweep:
             trial_cfg = config_module.validate(trial_config(self.cfg, values, repeat), source=f"trial {record.number}")
             if interrupted is None:
                 self.runs.describe_trial(record, trial_cfg)
-            self._train(trial_cfg, record, progress)
-        except (KeyboardInterrupt, SystemExit, CheckpointError):
-            raise  # a corrupt state file is the user's to look at, not a trial failure
+            with self._system_metrics(record.run_id):
+                self._train(trial_cfg, record, progress)
+        except (KeyboardInterrupt, SystemExit, CheckpointError, TrackingError):
+            raise  # a corrupt state file or a lost store is the user's to look at, not a trial failure
         except Exception as exc:  # a trial's failure (an invalid sampled point too) is data for the sweep
             self.runs.close_failed(record, _reason(exc))
             _free_device_memory(self.device)
@@ -211,6 +217,11 @@ class Sweep:
             self.runs.close_finished(record)
         progress.trial_done(record)
         return record
+
+    def _system_metrics(self, run_id: str) -> contextlib.AbstractContextManager:
+        if not self.cfg.mlflow.system_metrics:
+            return contextlib.nullcontext()
+        return self.tracker.system_metrics(run_id)
 
     def _curve(self, history: list[EpochMetrics]) -> list[float]:
         """Best-so-far of the search objective per epoch (lower is better), for the median pruner."""
@@ -293,10 +304,11 @@ def run_from_config(cfg: Config, show_bars: bool | None = None, resume: str = "a
     data.get(cfg.data)
     check_writable(resolved.checkpoint_dir)
     tracker = Tracker(resolved.tracking_uri, cfg.experiment)
+    lineage = Lineage(data.dataset, str(resolved.data_root), idx_digest(resolved.data_root))
     if on_ready is not None:
         on_ready()
     parent = choose_parent(tracker, cfg, resume, ask, say=logger.info)
-    result = Sweep(cfg, data, tracker, show_bars).run(resume_parent=parent)
+    result = Sweep(cfg, data, tracker, show_bars, lineage).run(resume_parent=parent)
     if not result.finished:
         count = f"all {len(result.trials)} trials" if len(result.trials) > 1 else "the only trial"
         raise SweepFailed(f"{count} failed; first reason: {result.trials[0].reason}", result)

@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import json
 import logging
 import os
 import platform
 import subprocess
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import mlflow.artifacts
+import numpy as np
 import yaml
+from loguru import logger
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -62,9 +67,14 @@ def check_sqlite_location(uri: str) -> None:
 @contextlib.contextmanager
 def _fluent_tracking_uri(uri: str) -> Iterator[None]:
     """Point MLflow's fluent API at uri for a moment; set_tracking_uri also writes
-    MLFLOW_TRACKING_URI into the environment, which must not leak into later runs."""
+    MLFLOW_TRACKING_URI into the environment, which must not leak into later runs.
+
+    An unset URI is restored as unset (None): get_tracking_uri() would return the default made
+    absolute for the current folder, and pinning that would send later calls from another folder
+    to this folder's store.
+    """
     saved_env = os.environ.get("MLFLOW_TRACKING_URI")
-    saved_uri = mlflow.get_tracking_uri()
+    saved_uri = mlflow.get_tracking_uri() if mlflow.tracking.is_tracking_uri_set() else None
     mlflow.set_tracking_uri(uri)
     try:
         yield
@@ -90,6 +100,36 @@ def open_client(tracking_uri: str) -> MlflowClient:
     return client
 
 
+def create_store(tracking_uri: str) -> None:
+    """Create an empty SQLite store (MLflow's tables, no runs) so a server can start on it."""
+    check_sqlite_location(tracking_uri)
+    try:
+        open_client(tracking_uri)
+    except Exception as exc:  # SQLAlchemy and OS errors
+        raise TrackingError(f"{tracking_uri}: cannot create the MLflow store ({str(exc).splitlines()[0][:200]})") from None
+
+
+def experiment_to_show(tracking_uri: str, name: str | None) -> str | None:
+    """The id of experiment `name`, else of the most recent sweep's experiment; None in a store without sweeps."""
+    _quiet_mlflow()
+    try:
+        client = MlflowClient(tracking_uri)  # the store exists already, so no creation lock (nor a writable folder)
+        if name is not None:
+            found = client.get_experiment_by_name(name)
+            if found is None:
+                known = ", ".join(sorted(e.name for e in client.search_experiments())) or "none"
+                raise TrackingError(f"unknown experiment {name!r}; known experiments: {known}")
+            return found.experiment_id
+        experiment_ids = [e.experiment_id for e in client.search_experiments()]
+        latest = client.search_runs(experiment_ids, "tags.`fmnist.role` = 'sweep'", max_results=1,
+                                    order_by=["attributes.start_time DESC"]) if experiment_ids else []
+    except TrackingError:
+        raise
+    except Exception as exc:  # MLflow, SQLAlchemy and OS errors of a store that cannot be read
+        raise TrackingError(f"{tracking_uri}: cannot read the MLflow store ({str(exc).splitlines()[0][:200]})") from None
+    return latest[0].info.experiment_id if latest else None
+
+
 def git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False)
@@ -105,6 +145,48 @@ def _now_ms() -> int:
 def _param_value(value: Any) -> str:
     text = value if isinstance(value, str) else json.dumps(value, default=str)
     return text[:_MAX_PARAM_LENGTH]
+
+
+def model_requirements() -> list[str]:
+    """What loading a logged pt2 model needs, pinned to this environment (inferring them reloads the model)."""
+    import torch
+
+    return [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}",
+            f"numpy=={np.__version__}"]
+
+
+def split_fingerprint(files_digest: str, split: str, split_seed: int, size: int) -> str:
+    text = json.dumps([files_digest, split, split_seed, size])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def missing_system_metrics_packages() -> list[str]:
+    """Packages MLflow's system-metrics monitor needs that are not installed here."""
+    import importlib.util
+
+    missing = [] if importlib.util.find_spec("psutil") else ["psutil"]
+    if importlib.util.find_spec("pynvml") is None and _has_cuda():
+        missing.append("nvidia-ml-py")
+    return missing
+
+
+@functools.cache
+def _say_once(message: str) -> None:
+    """A warning shown once per process, however many trials run into the same missing package."""
+    logger.warning(message)
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _is_unreachable(exc: BaseException) -> bool:
+    """A tracking server that is down or went away (MLflow has already retried the request)."""
+    text = str(exc)
+    return any(sign in text for sign in ("Max retries exceeded", "Failed to establish a new connection",
+                                         "Connection refused", "Connection aborted", "RemoteDisconnected"))
 
 
 def _is_contention(exc: BaseException) -> bool:
@@ -154,6 +236,9 @@ class Tracker:
             try:
                 return fn(*args, **kwargs)
             except Exception as exc:
+                if _is_unreachable(exc):
+                    raise TrackingError(f"{self.tracking_uri}: the tracking server does not answer; what was logged is "
+                                        "kept: start it again and rerun with --resume") from None
                 if attempt == self.RETRIES - 1 or not _is_contention(exc):
                     raise
                 time.sleep(delay)
@@ -230,15 +315,79 @@ class Tracker:
         """Parent runs of this sweep left RUNNING (a crash) or KILLED (an interrupt), newest first."""
         return self.sweeps(sweep_id, ("RUNNING", "KILLED"))
 
-    def log_pytorch_model(self, run_id: str, model: Any, input_example: Any) -> str:
-        """Log model as an MLflow model linked to run_id; returns its models:/ URI."""
+    def log_pytorch_model(self, run_id: str, model: Any, input_example: np.ndarray, output_width: int) -> str:
+        """Log model as an MLflow model (pt2, pickle-free) whose source run is run_id; returns its models:/ URI.
+
+        The run is named, not reopened: reopening a finished run through the fluent API rewrites its
+        end time and can leave it FAILED. The signature takes float32 batches shaped like
+        input_example and returns float32 (batch, output_width).
+        """
         import mlflow.pytorch
+        from mlflow.models import ModelSignature
+        from mlflow.types import Schema, TensorSpec
+
+        signature = ModelSignature(
+            inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *input_example.shape[1:]))]),
+            outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, output_width))]))
 
         def log() -> str:
-            with _fluent_tracking_uri(self.tracking_uri), mlflow.start_run(run_id=run_id):
-                return mlflow.pytorch.log_model(model, name="model", input_example=input_example).model_uri
+            with _fluent_tracking_uri(self.tracking_uri):  # Model.log resolves its store through the fluent URI
+                return mlflow.pytorch.log_model(
+                    model, name="model", run_id=run_id, signature=signature, input_example=input_example,
+                    serialization_format="pt2", pip_requirements=model_requirements(),
+                    # serving validation reloads the model in this process and fails on CUDA hosts (the
+                    # exported weights are CPU tensors); the pt2 export has already traced the example
+                    validate_serving_input=False,
+                ).model_uri
 
         return self._retry(log)
+
+    def log_datasets(self, run_id: str, digest: str, source: str, split_seed: int, sizes: dict[str, int],
+                     name: str = "fashion-mnist") -> None:
+        """Record the run's inputs: one dataset per split (train, validation, test) with MLflow's dataset tracking.
+
+        digest fingerprints the IDX files; each split's own digest also covers the split seed and its
+        size, since MLflow keeps one dataset per (name, digest) and another seed is another split.
+        """
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        with warnings.catch_warnings():  # MLflow registers its local-file source twice and warns about itself
+            warnings.filterwarnings("ignore", "The specified dataset source can be interpreted", UserWarning)
+            dataset_source = resolve_dataset_source(source)
+        inputs = []
+        for split, size in sizes.items():
+            split_digest = split_fingerprint(digest, split, split_seed, size)
+            meta = MetaDataset(dataset_source, name=name, digest=split_digest)
+            profile = {"files_digest": digest, "split": split, "split_seed": split_seed, "num_examples": size}
+            dataset = Dataset(**{**meta.to_dict(), "profile": json.dumps(profile)})
+            inputs.append(DatasetInput(dataset, tags=[InputTag("mlflow.data.context", split)]))
+        self._retry(self.client.log_inputs, run_id, datasets=inputs)
+
+    @contextlib.contextmanager
+    def system_metrics(self, run_id: str, sampling_seconds: float = 10.0) -> Iterator[None]:
+        """Log CPU, memory, disk, network (and GPU) utilisation to run_id while the block runs.
+
+        MLflow's monitor needs psutil (and nvidia-ml-py for NVIDIA GPUs); without psutil this logs
+        one line saying what to install and the block runs unmonitored.
+        """
+        missing = missing_system_metrics_packages()
+        if missing:
+            _say_once(f"system metrics {'are off' if 'psutil' in missing else 'leave out the GPU'}: "
+                      f"pip install {' '.join(missing)}")
+            if "psutil" in missing:
+                yield
+                return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=sampling_seconds, resume_logging=True,
+                                       tracking_uri=self.tracking_uri)
+        monitor.start()
+        try:
+            yield
+        finally:
+            monitor.finish()
 
     @staticmethod
     def environment_tags() -> dict[str, str]:
@@ -323,6 +472,12 @@ class ModelStore(RunReader):
             raise TrackingError(f"experiment {experiment!r} has no finished trials")
         return best
 
+    def trial_label(self, run_id: str) -> tuple[str, int | None]:
+        """(experiment name, trial number) of a trial run, to name it where a run id would not say much."""
+        run = self.client.get_run(run_id)
+        trial = run.data.tags.get("trial", "")
+        return self.client.get_experiment(run.info.experiment_id).name, int(trial) if trial.isdigit() else None
+
     def checkpoint(self, run_id: str) -> Path:
         """The run's checkpoint: the local file under models/ if it is there, else downloaded."""
         try:
@@ -354,21 +509,34 @@ class ModelStore(RunReader):
             self.client.log_artifact(run_id, str(path), "evaluation")
 
     def register(self, experiment: str, name: str, model_uri_of: Any, run_id: str | None = None) -> dict[str, str]:
-        """Register a trial (by default the experiment's best) as a new version of `name`; move `champion` to it.
+        """Register a trial (by default the experiment's best) under `name` and move `champion` to it.
 
-        model_uri_of(trial) returns the trial's models:/ URI, logging the model first if it has none.
+        A trial already registered under name keeps its version rather than getting an identical new
+        one ("registered": "existing"). model_uri_of(trial) returns the trial's models:/ URI, logging
+        the model first if it has none.
         """
         best = self.best_trial(experiment) if run_id is None else logged_trial(self.client.get_run(run_id), experiment)
-        model_uri = best.tags.get("model_uri") or model_uri_of(best)
-        tags = {"experiment": experiment, "run_id": best.run_id, "trial": best.number, **{
-            key: f"{best.metrics[key]:.6f}" for key in ("kept_val_accuracy", "kept_val_loss", "test_accuracy",
-                                                        "test_loss") if key in best.metrics}}
         try:
+            existing = self._version_of_run(name, best.run_id)
+            if existing is not None:
+                self.client.set_registered_model_alias(name, "champion", existing.version)
+                return {"name": name, "version": str(existing.version), "run_id": best.run_id,
+                        "model_uri": existing.source, "registered": "existing"}
+            model_uri = best.tags.get("model_uri") or model_uri_of(best)
+            tags = {"experiment": experiment, "run_id": best.run_id, "trial": best.number, **{
+                key: f"{best.metrics[key]:.6f}" for key in ("kept_val_accuracy", "kept_val_loss", "test_accuracy",
+                                                            "test_loss") if key in best.metrics}}
             with _fluent_tracking_uri(self.client.tracking_uri):  # models:/ URIs resolve through the fluent URI
                 version = self._new_version(name, model_uri, best.run_id, tags)
         except MlflowException as exc:
             raise TrackingError(f"cannot register {name!r}: {exc.message}") from None
-        return {"name": name, "version": str(version.version), "run_id": best.run_id, "model_uri": model_uri}
+        return {"name": name, "version": str(version.version), "run_id": best.run_id, "model_uri": model_uri,
+                "registered": "new"}
+
+    def _version_of_run(self, name: str, run_id: str) -> Any:
+        """The newest version of registered model `name` made from run_id, or None."""
+        versions = self.client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+        return max(versions, key=lambda v: int(v.version), default=None)
 
     def _new_version(self, name: str, model_uri: str, run_id: str, tags: dict[str, Any]) -> Any:
         try:
@@ -376,7 +544,9 @@ class ModelStore(RunReader):
         except MlflowException as exc:
             if "already exists" not in str(exc).lower() and "RESOURCE_ALREADY_EXISTS" not in str(exc):
                 raise
-        version = self.client.create_model_version(name, source=model_uri, run_id=run_id)
+        # a tracking server accepts a models:/m-... source only with the LoggedModel's id beside it
+        model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
+        version = self.client.create_model_version(name, source=model_uri, run_id=run_id, model_id=model_id)
         self.client.set_registered_model_alias(name, "champion", version.version)
         for key, value in tags.items():
             self.client.set_model_version_tag(name, version.version, key, str(value))

@@ -7,8 +7,10 @@ epoch's figures, its test score and its checkpoint; the parent closes with the s
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +18,10 @@ import yaml
 
 from fmnist_hpo import config as config_module
 from fmnist_hpo.config import Config
+from fmnist_hpo.data import Dataset, split_indices
+from fmnist_hpo.errors import DataError
 from fmnist_hpo.records import EpochMetrics, LoggedTrial, SweepResult, TrialRecord
-from fmnist_hpo.tracking import Tracker
+from fmnist_hpo.tracking import Tracker, TrackingError
 
 
 def process_tags() -> dict[str, str]:
@@ -40,13 +44,23 @@ def trial_config(cfg: Config, values: dict[str, Any], repeat: int) -> dict[str, 
     return config_module.apply_overrides(config_module.to_dict(cfg), overrides)
 
 
+@dataclass(frozen=True)
+class Lineage:
+    """Where a sweep's images come from, for MLflow's dataset tracking of every trial."""
+
+    dataset: Dataset
+    source: str  # the data folder
+    digest: str  # of the four IDX files' contents
+
+
 class SweepRuns:
     """Opens, feeds and closes the runs of one sweep; knows which are open, to close them on an interrupt."""
 
-    def __init__(self, cfg: Config, tracker: Tracker, device: str) -> None:
+    def __init__(self, cfg: Config, tracker: Tracker, device: str, lineage: Lineage | None = None) -> None:
         self.cfg = cfg
         self.tracker = tracker
         self.device = device
+        self.lineage = lineage
         self.models_dir = Path(cfg.models_dir) / cfg.experiment
         self.parent_id = ""
         self.open: dict[str, TrialRecord] = {}
@@ -98,12 +112,16 @@ class SweepRuns:
         self.tracker.end_run(self.parent_id, "FINISHED")
 
     def kill_open(self) -> None:
-        """Ctrl-C, SIGTERM or a crash of the driver: every run still open, and the sweep, become KILLED."""
-        for run_id in list(self.open):
-            self.tracker.end_run(run_id, "KILLED")
+        """Ctrl-C, SIGTERM or a crash of the driver: every run still open, and the sweep, become KILLED.
+
+        With the store gone (a tracking server that died) they stay RUNNING, which a resume handles.
+        """
+        with contextlib.suppress(TrackingError):
+            for run_id in list(self.open):
+                self.tracker.end_run(run_id, "KILLED")
+            if self.parent_id:
+                self.tracker.end_run(self.parent_id, "KILLED")
         self.open.clear()
-        if self.parent_id:
-            self.tracker.end_run(self.parent_id, "KILLED")
 
     # --- trials -----------------------------------------------------------------------------
 
@@ -113,14 +131,27 @@ class SweepRuns:
         number = self._next_number
         self._next_number += 1
         point = number if point is None else point
+        raw = trial_config(self.cfg, values, repeat)
         run_id = self.tracker.start_run(
-            f"trial-{number:03d}", params=config_module.flatten(trial_config(self.cfg, values, repeat)),
+            f"trial-{number:03d}", params=config_module.flatten(raw),
             tags={"fmnist.role": "trial", "trial": str(number), "point": str(point), "repeat": str(repeat),
                   "device": self.device, "sampled": yaml.safe_dump(values, sort_keys=False).strip(), **(tags or {})},
             parent_id=self.parent_id,
         )
+        self._log_inputs(run_id, raw["data"])
         record = self.open[run_id] = TrialRecord(number, run_id, values, point, repeat)
         return record
+
+    def _log_inputs(self, run_id: str, data: dict[str, Any]) -> None:
+        """The trial's train, validation and test sets in MLflow's dataset tracking."""
+        if self.lineage is None:
+            return
+        try:
+            train, val = split_indices(self.lineage.dataset, data["val_size"], data["split_seed"], data["train_subset"])
+        except (DataError, TypeError, ValueError):
+            return  # an invalid sampled point: the trial fails with the reason, with nothing to record
+        sizes = {"train": len(train), "validation": len(val), "test": len(self.lineage.dataset.test_labels)}
+        self.tracker.log_datasets(run_id, self.lineage.digest, self.lineage.source, data["split_seed"], sizes)
 
     def reopen_trial(self, logged: LoggedTrial) -> TrialRecord:
         """An interrupted trial, to continue from its last saved epoch in its own run."""
