@@ -176,3 +176,15 @@ def test_fp16_is_refused_on_cpu():
         resolve_precision("fp16", CPU)
     assert resolve_precision("auto", CPU) is None
     assert resolve_precision("bf16", CPU) == torch.bfloat16
+
+
+def test_progress_within_an_epoch_is_reported_without_changing_the_result(data_dir: Path):
+    cfg = config.validate(tiny_raw(data_dir, train={"epochs": 2, "batch_size": 8}))
+    splits = make_splits(load_dataset(cfg.data), cfg.data, CPU)
+    heard: list[tuple[int, int]] = []
+    with_progress = train_and_test(cfg, splits, CPU, on_steps=lambda done, total: heard.append((done, total)))
+    plain = train_and_test(cfg, splits, CPU)
+    total = heard[0][1]
+    assert total == 38  # 300 training images in batches of 8 (the last, of 4, runs)
+    assert heard.count((total, total)) == 2 and all(0 < done <= total for done, _ in heard)
+    assert [m.val_loss for m in with_progress.fit.history] == [m.val_loss for m in plain.fit.history]

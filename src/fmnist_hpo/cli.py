@@ -203,7 +203,8 @@ def run_one(cfg: Config, mode: str, quiet: bool, resume_command: str, register_a
             registered = register_best(resolved.tracking_uri, cfg.experiment, register_as, best.run_id)
         except FmnistError as exc:
             raise fail(str(exc)) from None
-        typer.echo(f"registered {register_as} version {registered['version']} (alias champion)")
+        done = "already registered as" if registered["registered"] == "existing" else "registered"
+        typer.echo(f"{done} {register_as} version {registered['version']} (alias champion)")
 
 
 def run_several(cfgs: list[Config], mode: str, quiet: bool, resume_command: str) -> None:

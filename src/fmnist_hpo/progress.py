@@ -80,11 +80,16 @@ class SweepProgress:
             self.progress.reset(self.epochs_bar, total=self.epochs, status="")
             self.progress.update(self.epochs_bar, description=f"trial {number}")
 
+    def steps_done(self, epoch: int, done: int, total: int) -> None:
+        """Within epoch (0-based): the epochs bar moves with the steps, not only when an epoch ends."""
+        if self.progress:
+            self.progress.update(self.epochs_bar, completed=epoch + done / total, status=f"step {done}/{total}")
+
     def epoch_done(self, number: int, m: EpochMetrics) -> None:
         logger.debug(f"trial {number} epoch {m.epoch}: train_loss={m.train_loss:.4f} "
                      f"val_loss={m.val_loss:.4f} val_acc={m.val_accuracy:.4f} ({m.epoch_seconds:.1f}s)")
         if self.progress:
-            self.progress.update(self.epochs_bar, advance=1, status=f"val_acc {m.val_accuracy:.4f}")
+            self.progress.update(self.epochs_bar, completed=m.epoch + 1, status=f"val_acc {m.val_accuracy:.4f}")
 
     def trial_done(self, record: TrialRecord) -> None:
         if record.status == "ok":

@@ -251,7 +251,8 @@ class Sweep:
 
         start = time.perf_counter()
         outcome = train_and_test(cfg, splits, self.device, on_epoch, resume, save_state=save_state,
-                                 should_prune=should_prune)
+                                 should_prune=should_prune,
+                                 on_steps=lambda done, total: progress.steps_done(len(seen), done, total))
         if self.pruner is not None:
             self.pruner.record(self._curve(seen))
         record.keep(outcome.fit.kept, outcome.fit.history)

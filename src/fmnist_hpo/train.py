@@ -12,7 +12,7 @@ import contextlib
 import dataclasses
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -129,6 +129,7 @@ class Engine:
     cuda_graphs: bool = False
     train_graph: graphs.GraphedTraining | None = None  # the last captured step, reused while it fits
     eval_graph: graphs.GraphedEvaluation | None = None
+    on_steps: Callable[[int, int], None] | None = None  # progress within an epoch: (steps done, steps)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.dtype is None:
@@ -172,7 +173,7 @@ def train_epoch(model: nn.Module, split: Split, optimizer: torch.optim.Optimizer
     loss_sum = torch.zeros((), device=engine.device)
     correct = torch.zeros((), device=engine.device, dtype=torch.long)
     seen = 0
-    for idx in batches(len(split), cfg.batch_size, engine.generator, engine.device):
+    for idx in epoch_batches(len(split), cfg.batch_size, engine):
         x = augment(engine.inputs(split.images[idx]), data_cfg, engine.generator)
         y = split.labels[idx]
         optimizer.zero_grad(set_to_none=True)
@@ -206,13 +207,24 @@ def _graphed_train_epoch(model: nn.Module, split: Split, optimizer: torch.optim.
     model.train()  # replays ignore the mode; callers and the eager last batch do not
     step.totals.reset()
     seen = 0
-    for idx in batches(len(split), cfg.batch_size, engine.generator, engine.device):
+    for idx in epoch_batches(len(split), cfg.batch_size, engine):
         step.run(augment(engine.inputs(split.images[idx]), data_cfg, engine.generator), split.labels[idx])
         if step_scheduler is not None:
             step_scheduler.step()  # writes into the learning-rate tensor the graph reads
         seen += len(idx)
     loss_sum, correct = step.totals.read()
     return loss_sum / max(seen, 1), correct / max(seen, 1)
+
+
+def epoch_batches(n: int, batch_size: int, engine: Engine) -> Iterator[torch.Tensor]:
+    """The epoch's batches; engine.on_steps hears (steps done, steps in the epoch) about 100 times an epoch
+    (a CPU epoch can take minutes), never in a way that waits for the device."""
+    total = steps_per_epoch(n, batch_size)
+    every = max(1, total // 100)
+    for done, idx in enumerate(batches(n, batch_size, engine.generator, engine.device), start=1):
+        yield idx
+        if engine.on_steps is not None and (done % every == 0 or done == total):
+            engine.on_steps(done, total)
 
 
 def evaluate(model: nn.Module, split: Split, engine: Engine, batch_size: int = 1024) -> tuple[float, float]:
@@ -407,11 +419,13 @@ def train_and_test(cfg: Config, splits: Splits, device: torch.device,
                    on_epoch: Callable[[EpochMetrics], None] | None = None,
                    resume: dict[str, Any] | None = None,
                    save_state: Callable[[dict[str, Any]], None] | None = None,
-                   should_prune: Callable[[EpochMetrics], bool] | None = None) -> TrialOutcome:
-    """Build the model, fit it on train/val, then score the best checkpoint once on the test set."""
+                   should_prune: Callable[[EpochMetrics], bool] | None = None,
+                   on_steps: Callable[[int, int], None] | None = None) -> TrialOutcome:
+    """Build the model, fit it on train/val, then score the kept epoch's weights once on the test set."""
     from fmnist_hpo.model import count_parameters
 
     model, engine = prepare_trial(cfg, device)
+    engine.on_steps = on_steps
     result = fit(model, splits, cfg, engine, on_epoch, resume, save_state, should_prune)
     test_loss, test_acc = evaluate(model, splits.test, engine, cfg.train.eval_batch_size)
     return TrialOutcome(model, result, test_loss, test_acc, count_parameters(model))
