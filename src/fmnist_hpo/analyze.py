@@ -18,7 +18,6 @@ from fmnist_hpo.render import Section
 from fmnist_hpo.selection import Selection, select
 from fmnist_hpo.stats import Comparison, compare, summarize
 
-ACCURACY_METRICS = ("kept_val_accuracy", "test_accuracy")
 MAX_GROUPS = 8  # more distinct values (more than 4 for a continuous one) are grouped into quartile ranges
 
 
