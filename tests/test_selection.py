@@ -134,3 +134,11 @@ def test_pruned_failed_and_untested_runs_are_never_selected():
             record(2, 2, 0, 0.97, 0.97, status="failed"), record(3, 3, 0, 0.50, 0.50)]
     assert select(runs, "val_accuracy").representative.number == 3
     assert select(runs[:3], "val_accuracy") is None
+
+
+def test_a_configuration_whose_weak_repeats_were_pruned_cannot_win_on_its_lucky_one():
+    steady = [record(i, 0, i, 0.91, 0.90) for i in range(3)]
+    lucky = [record(3, 1, 0, 0.93, 0.92), record(4, 1, 1, 0.80, 0.80, pruned_at=2),
+             record(5, 1, 2, 0.81, 0.81, pruned_at=2)]
+    chosen = select(steady + lucky, "val_accuracy")
+    assert [r.number for r in chosen.runs] == [0, 1, 2]

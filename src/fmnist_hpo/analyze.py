@@ -26,7 +26,8 @@ class AnalysisError(FmnistError):
 
 
 def finished(trials: list[LoggedTrial]) -> list[LoggedTrial]:
-    return [t for t in trials if t.status == "FINISHED" and "test_accuracy" in t.metrics]
+    """Trials that trained to their end and were tested; pruned ones (cut short, on either engine) are not."""
+    return [t for t in trials if t.status == "FINISHED" and "test_accuracy" in t.metrics and t.tags.get("pruned") != "true"]
 
 
 def metric_values(trials: list[LoggedTrial], key: str) -> list[float]:
@@ -165,10 +166,19 @@ def design_of(group: list[LoggedTrial]) -> str | None:
     return None
 
 
+def supports_test(a: list[LoggedTrial], b: list[LoggedTrial]) -> bool:
+    """Whether two groups differ only by the compared factor and chance: each one configuration's
+    repeats, or two values of the same grid sweep (grids of different sweeps may cover other keys)."""
+    designs = design_of(a), design_of(b)
+    if designs == ("repeats", "repeats"):
+        return True
+    return designs == ("grid", "grid") and {t.config_key[0] for t in a} == {t.config_key[0] for t in b}
+
+
 def tested_comparison(a: list[LoggedTrial], b: list[LoggedTrial], metric: str, a_name: str, b_name: str) -> Comparison:
     """Welch's comparison of two groups; its verdict is labelled exploratory when the design cannot support one."""
     result = compare(metric_values(a, metric), metric_values(b, metric), a_name, b_name)
-    if design_of(a) and design_of(b):
+    if supports_test(a, b):
         return result
     return result.exploratory(f"exploratory (n = {result.a.n} vs {result.b.n}): these runs were sampled by a search "
                               "and differ in other keys too, so no significance is claimed")

@@ -246,14 +246,15 @@ class SplitCache:
     def __init__(self, dataset: Dataset, device: torch.device) -> None:
         self.dataset = dataset
         self.device = device
-        self._key: DataConfig | None = None
+        self._key: tuple | None = None
         self._splits: Splits | None = None
 
     def get(self, cfg: DataConfig) -> Splits:
-        if self._splits is None or self._key != cfg:
+        key = (cfg.val_size, cfg.split_seed, cfg.train_subset)  # augmentation happens per batch: not a new split
+        if self._splits is None or self._key != key:
             self._splits = None  # free the old tensors before making new ones
             self._splits = make_splits(self.dataset, cfg, self.device)
-            self._key = cfg
+            self._key = key
         return self._splits
 
 

@@ -77,11 +77,11 @@ def probe(cfg: Config, device: torch.device, steps: int = 3) -> tuple[float, flo
     import torch
 
     from fmnist_hpo.data import Split, steps_per_epoch
-    from fmnist_hpo.train import evaluate, make_schedulers, prepare_trial, train_epoch
+    from fmnist_hpo.train import evaluate, make_optimizer, make_schedulers, prepare_trial, train_epoch
 
     model, engine = prepare_trial(cfg, device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
-    _, step_scheduler = make_schedulers(optimizer, cfg.train, steps + 1)
+    optimizer = make_optimizer(model, cfg.train, engine)  # capturable under CUDA graphs, as a real run's
+    _, step_scheduler = make_schedulers(optimizer, cfg.train, steps + 1, cycle_momentum=not engine.cuda_graphs)
 
     def split(n: int) -> Split:
         images = torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, device=device)

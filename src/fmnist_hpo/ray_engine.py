@@ -26,15 +26,20 @@ from fmnist_hpo.checkpoints import atomic_write
 from fmnist_hpo.errors import FmnistError, Terminated
 from fmnist_hpo.records import EPOCH_METRICS, EPOCH_TIMINGS, EpochMetrics, LoggedTrial, SweepResult, TrialRecord
 from fmnist_hpo.selection import kept_epoch, objective
-from fmnist_hpo.space import add_to_history, config_key, plain_values, planned_points, to_hyperopt
+from fmnist_hpo.space import (
+    MAX_REPEATED_PROPOSALS,
+    add_to_history,
+    config_key,
+    plain_values,
+    planned_points,
+    to_hyperopt,
+)
 
 if TYPE_CHECKING:
     from fmnist_hpo.data import Dataset
     from fmnist_hpo.progress import SweepProgress
     from fmnist_hpo.trial_runs import SweepRuns
 
-# a searcher proposing only configurations already trained this many times in a row has nothing new
-MAX_REPEATED_PROPOSALS = 200
 FINAL_FIELDS = ("kept_epoch", "kept_train_accuracy", "kept_val_accuracy", "kept_val_loss", "test_accuracy",
                 "test_loss", "total_parameters", "train_seconds", "epochs_run")
 
@@ -90,7 +95,10 @@ def ray_trial(params: dict[str, Any], base: dict[str, Any], dataset: Dataset) ->
 
 
 def trial_resources(parallel: int, gpus_per_trial: float | None) -> dict[str, float]:
-    gpus = torch.cuda.device_count()
+    """Each trial's share of the cluster's GPUs (not the driver's: on a remote cluster it may have none)."""
+    import ray
+
+    gpus = int(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else torch.cuda.device_count()
     share = gpus_per_trial if gpus_per_trial is not None else (min(1.0, gpus / parallel) if gpus else 0.0)
     return {"cpu": max(1, (os.cpu_count() or 1) // parallel), "gpu": share}
 
@@ -123,7 +131,7 @@ def run_on_ray(runs: SweepRuns, result: SweepResult, progress: SweepProgress, da
     start_ray(search.ray_address)
     from ray import tune
 
-    for trial in cut_off:  # Ray trials cut off by an interruption run again from the start
+    for trial in cut_off:  # Ray trials cut off by an interruption: their slots in the search run again
         runs.close_cut_off(trial)
     remaining = planned_points(search.space, search.algo, search.max_evals) - len(result.trials)
     if remaining <= 0:

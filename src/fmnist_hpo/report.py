@@ -13,13 +13,13 @@ from pathlib import Path
 
 from fmnist_hpo.analyze import (
     by_parameter,
-    design_of,
     finished,
     metric_values,
     parameter_groups,
     searched_keys,
     selection_of,
     summary_row,
+    supports_test,
     tested_comparison,
     top_trials,
 )
@@ -111,7 +111,7 @@ def conclusions(trials_by_experiment: dict[str, list[LoggedTrial]]) -> list[str]
         a, b = ranked[0], ranked[1]
         runs_a, runs_b = chosen[a].runs, chosen[b].runs
         result = tested_comparison(runs_a, runs_b, "test_accuracy", a, b)
-        basis = "their selected configurations' repeats" if design_of(runs_a) and design_of(runs_b) else "their selected runs"
+        basis = "their selected configurations' repeats" if supports_test(runs_a, runs_b) else "their selected runs"
         lines.append(f"\n{a} against {b} (the top two on validation), test accuracy over {basis}: {result.verdict}.")
     return lines
 

@@ -74,11 +74,16 @@ class Selection:
 
 
 def select(runs: Sequence[Run], metric: str) -> Selection | None:
-    """The configuration with the best mean validation objective over its eligible runs, or None."""
+    """The configuration with the best mean validation objective over its runs, or None.
+
+    Only configurations whose every run is eligible compete: one whose weak repeats were pruned
+    or failed must not be scored on its lucky repeat alone.
+    """
     groups: dict[Hashable, list[Run]] = {}
     for run in runs:
-        if run.eligible() and math.isfinite(run.objective(metric)):
-            groups.setdefault(run.config_key, []).append(run)
+        groups.setdefault(run.config_key, []).append(run)
+    groups = {key: members for key, members in groups.items()
+              if all(r.eligible() and math.isfinite(r.objective(metric)) for r in members)}
     if not groups:
         return None
     means = {key: statistics.fmean(r.objective(metric) for r in members) for key, members in groups.items()}

@@ -28,6 +28,9 @@ PRIMITIVES: dict[str, tuple[str, ...]] = {
     "normal": ("mu", "sigma"),
 }
 
+# a search proposing only configurations already trained this many times in a row has nothing new
+MAX_REPEATED_PROPOSALS = 200
+
 # keys a search must not move: they define the sweep itself, not a trial
 FIXED_KEYS = ("experiment", "description", "models_dir")
 FIXED_SECTIONS = ("search.", "mlflow.")

@@ -15,7 +15,7 @@ import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from fmnist_hpo.analyze import design_of, finished, metric_values, selection_of, tested_comparison
+from fmnist_hpo.analyze import finished, metric_values, selection_of, supports_test, tested_comparison
 from fmnist_hpo.records import LoggedTrial
 from fmnist_hpo.stats import ALPHA, summarize
 
@@ -73,7 +73,7 @@ def compare_claim(claim: str, study: str, trials: Trials, a: str, b: str, expect
     if not math.isfinite(result.p_value):
         return Verdict(claim, study, ours, f"not testable ({sizes}: 2 runs per side needed)")
     points_up = result.difference > 0
-    if not (design_of(runs_a) and design_of(runs_b)):
+    if not supports_test(runs_a, runs_b):
         agrees = points_up if expect == "higher" else not points_up
         return Verdict(claim, study, ours, f"exploratory ({sizes}): {'agrees' if agrees else 'disagrees'} in direction")
     significant = result.p_value < ALPHA
@@ -99,7 +99,7 @@ def spread_claim(claim: str, study: str, trials: Trials, a: str, b: str, expect:
         return Verdict(claim, study, "-", f"not testable ({sizes}: 2 runs per side needed)")
     ours = f"std {sa.std * 100:.2f} ({a}) vs {sb.std * 100:.2f} ({b}) points"
     larger = sa.std > sb.std
-    if not (design_of(runs_a) and design_of(runs_b)):
+    if not supports_test(runs_a, runs_b):
         agrees = larger == (expect == "larger")
         return Verdict(claim, study, ours, f"exploratory ({sizes}): {'agrees' if agrees else 'disagrees'} in direction")
     p = float(scipy_stats.levene(metric_values(runs_a, "test_accuracy"), metric_values(runs_b, "test_accuracy")).pvalue)

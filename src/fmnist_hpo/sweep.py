@@ -35,6 +35,7 @@ from fmnist_hpo.records import EpochMetrics, LoggedTrial, SweepResult, TrialReco
 from fmnist_hpo.resume import choose_parent, reload
 from fmnist_hpo.selection import objective
 from fmnist_hpo.space import (
+    MAX_REPEATED_PROPOSALS,
     add_to_history,
     config_key,
     grid_points,
@@ -46,9 +47,6 @@ from fmnist_hpo.space import (
 from fmnist_hpo.tracking import Tracker, TrackingError
 from fmnist_hpo.train import train_and_test
 from fmnist_hpo.trial_runs import Lineage, SweepRuns, trial_config
-
-# Hyperopt proposing only configurations already trained this many times in a row ends the search
-MAX_REPEATED_PROPOSALS = 200
 
 
 class SweepFailed(FmnistError):
@@ -211,6 +209,7 @@ class Sweep:
         except (KeyboardInterrupt, SystemExit, CheckpointError, TrackingError):
             raise  # a corrupt state file or a lost store is the user's to look at, not a trial failure
         except Exception as exc:  # a trial's failure (an invalid sampled point too) is data for the sweep
+            (self.runs.models_dir / f"{record.run_id}.state.pt").unlink(missing_ok=True)
             self.runs.close_failed(record, _reason(exc))
             _free_device_memory(self.device)
         else:

@@ -130,6 +130,7 @@ def experiment_to_show(tracking_uri: str, name: str | None) -> str | None:
     return latest[0].info.experiment_id if latest else None
 
 
+@functools.cache  # one process, one commit: not a subprocess per trial run
 def git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False)

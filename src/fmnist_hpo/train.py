@@ -330,7 +330,7 @@ def fit(model: nn.Module, splits: Splits, cfg: Config, engine: Engine,
             on_epoch(metrics)
         if save_state is not None:
             save_state(training_state(loop, model, optimizer, schedulers, engine))
-        if should_prune is not None and should_prune(metrics):
+        if should_prune is not None and epoch < train_cfg.epochs - 1 and should_prune(metrics):
             pruned_at = epoch
             break
     model.load_state_dict(loop.best_state)
