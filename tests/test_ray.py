@@ -110,4 +110,7 @@ def test_an_interrupted_ray_sweep_resumes_to_exactly_max_evals(tmp_path: Path, d
     assert "RUNNING" not in {t.info.status for t in trials}
     numbers = [int(t.data.tags["trial"]) for t in trials]
     assert len(numbers) == len(set(numbers))
-    assert all(t.data.tags.get("interrupted") == "true" for t in trials if t.info.status != "FINISHED")
+    cut_off = [t for t in trials if t.info.status != "FINISHED"]
+    assert all(t.data.tags.get("interrupted") == "true" for t in cut_off)
+    rerun = {t.data.params["train.lr"] for t in finished}
+    assert all(t.data.params["train.lr"] in rerun for t in cut_off)  # their configurations ran again

@@ -43,7 +43,6 @@ if TYPE_CHECKING:
 FINAL_FIELDS = ("kept_epoch", "kept_train_accuracy", "kept_val_accuracy", "kept_val_loss", "test_accuracy",
                 "test_loss", "total_parameters", "train_seconds", "epochs_run")
 
-STATE_FILE = "state.pt"
 MODEL_FILE = "model.pt"
 
 
@@ -55,34 +54,23 @@ def ray_trial(params: dict[str, Any], base: dict[str, Any], dataset: Dataset) ->
     """One trial inside a Ray worker: train, report every epoch, report the final model."""
     from ray import tune
 
-    from fmnist_hpo.checkpoints import read_training_state, save_checkpoint, save_training_state
+    from fmnist_hpo.checkpoints import save_checkpoint
     from fmnist_hpo.data import make_splits
     from fmnist_hpo.train import resolve_device, train_and_test
 
     cfg = config_module.validate(config_module.apply_overrides(base, plain_values(params)))
     device = resolve_device(cfg.train.device)
     splits = make_splits(dataset, cfg.data, device)
-    restored = tune.get_checkpoint()
-    resume = None
-    if restored is not None:
-        with restored.as_directory() as folder:
-            resume = read_training_state(Path(folder) / STATE_FILE)
     metric = cfg.search.metric
-    best = min((objective(metric, m["val_loss"], m["val_accuracy"]) for m in resume["history"]),
-               default=math.inf) if resume else math.inf
-    pending: dict[str, Any] = {}
+    best = math.inf
 
     def on_epoch(m: EpochMetrics) -> None:
+        # no training state travels with the report: a cut-off trial is rerun from the start, never restored
         nonlocal best  # the objective so far is the kept epoch's: schedulers compare trials on it
         best = min(best, objective(metric, m.val_loss, m.val_accuracy))
-        pending.update({**m.as_dict(), "epoch": m.epoch, "objective": best})
+        tune.report({**m.as_dict(), "epoch": m.epoch, "objective": best})
 
-    def save_state(state: dict[str, Any]) -> None:  # called right after on_epoch: report both together
-        with tempfile.TemporaryDirectory() as folder:
-            save_training_state(Path(folder) / STATE_FILE, state)
-            tune.report(dict(pending), checkpoint=tune.Checkpoint.from_directory(folder))
-
-    outcome = train_and_test(cfg, splits, device, on_epoch, resume, save_state)
+    outcome = train_and_test(cfg, splits, device, on_epoch)
     record = TrialRecord(-1, "", {})
     record.keep(outcome.fit.kept, outcome.fit.history)
     record.test_accuracy, record.test_loss = outcome.test_accuracy, outcome.test_loss
@@ -124,14 +112,13 @@ def run_on_ray(runs: SweepRuns, result: SweepResult, progress: SweepProgress, da
                cut_off: list[LoggedTrial], parallel: int) -> None:
     """Run the remaining configurations of the sweep on Ray Tune, parallel at once, logging each through runs."""
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # our handler below, not Tune's, decides what Ctrl-C means
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")  # experiment state saved often: resumable after kill -9
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     cfg = runs.cfg
     search = cfg.search
     start_ray(search.ray_address)
     from ray import tune
 
-    for trial in cut_off:  # Ray trials cut off by an interruption: their slots in the search run again
+    for trial in cut_off:  # Ray trials cut off by an interruption: closed, their configurations run again
         runs.close_cut_off(trial)
     remaining = planned_points(search.space, search.algo, search.max_evals) - len(result.trials)
     if remaining <= 0:
@@ -144,7 +131,7 @@ def run_on_ray(runs: SweepRuns, result: SweepResult, progress: SweepProgress, da
     )
     interrupt = Interrupt()
     callback = mlflow_feed(runs, result, progress, interrupt)
-    searcher = distinct_searcher(cfg, result)
+    searcher = distinct_searcher(cfg, result, cut_off)
     tuner = tune.Tuner(trainable, tune_config=tune_config(cfg, searcher, remaining, parallel),
                        run_config=tune.RunConfig(name=name, storage_path=str(storage), callbacks=[callback],
                                                  stop=interrupt.stopper(), verbose=0,
@@ -204,15 +191,18 @@ class Interrupt:
             raise KeyboardInterrupt
 
 
-def distinct_searcher(cfg: config_module.Config, result: SweepResult) -> Any:
-    """Ray's HyperOptSearch on the sweep's space, seeded, told the results so far, proposing only new configurations."""
+def distinct_searcher(cfg: config_module.Config, result: SweepResult, cut_off: list[LoggedTrial]) -> Any:
+    """Ray's HyperOptSearch on the sweep's space, seeded, told the results so far, proposing the
+    configurations an interruption cut off first, and only configurations not trained yet."""
     from ray.tune.search.hyperopt import HyperOptSearch
 
     search = cfg.search
     startup = search.max_evals if search.algo == "random" else 20  # Hyperopt's own TPE start-up length
     done = result.trials  # before an interruption: TPE learns from them; a new seed avoids repeating points
+    rerun = list({config_key(t.values): t.values for t in cut_off}.values())
     inner = HyperOptSearch(to_hyperopt(search.space), metric="objective", mode="min",
-                           random_state_seed=search.seed + 7919 * len(done), n_initial_points=startup)
+                           random_state_seed=search.seed + 7919 * len(done), n_initial_points=startup,
+                           points_to_evaluate=rerun or None)
     known: dict[tuple, float | None] = {}
     for trial in done:  # HyperOptSearch built its Hyperopt Trials when given the space; extend them
         loss = trial.objective(search.metric) if trial.status == "ok" else None

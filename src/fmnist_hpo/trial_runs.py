@@ -188,9 +188,9 @@ class SweepRuns:
         self._close(record, "FINISHED")
 
     def close_cut_off(self, logged: LoggedTrial) -> None:
-        """A Ray trial cut off by an interruption: closed FAILED and tagged; the search runs its slot again."""
+        """A Ray trial cut off by an interruption: closed FAILED and tagged; its configuration runs again."""
         self.tracker.set_tags(logged.run_id, {"interrupted": "true",
-                                              "failure_reason": "interrupted; its slot in the search is run again"})
+                                              "failure_reason": "interrupted; its configuration is run again"})
         self.tracker.end_run(logged.run_id, "FAILED")
 
     def close_failed(self, record: TrialRecord, reason: str, tags: dict[str, str] | None = None) -> None:
