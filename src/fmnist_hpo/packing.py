@@ -14,8 +14,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from fmnist_hpo import config as config_module
 from fmnist_hpo.config import sequential_only
 from fmnist_hpo.data import Dataset, Split
+from fmnist_hpo.space import grid_points, space_size
 from fmnist_hpo.train import evaluate, make_optimizer, prepare_trial, train_epoch
 
 if TYPE_CHECKING:
@@ -25,6 +27,22 @@ CUDA_CONTEXT_BYTES = 600 * 2**20  # a process's CUDA context and cuDNN/cuBLAS ha
 MEMORY_HEADROOM = 0.85  # fraction of free memory handed out: fragmentation and other processes' growth
 MAX_TRIALS_PER_GPU = 8  # beyond this the GPU's compute, not its memory, is the limit
 INSTALL_RAY = "pip install 'fmnist-hpo[ray]'"
+
+
+SPEED_KEYS = ("model.", "train.batch_size", "train.eval_batch_size", "train.precision", "train.channels_last",
+              "train.compile")
+MAX_PROBED_VARIANTS = 6
+
+
+def speed_variants(cfg: Config) -> list[Config]:
+    """The configurations whose speed stands for the sweep: each combination of the searched keys that
+    change speed, when they are few and finite; else the base configuration."""
+    searched = {k: v for k, v in cfg.search.space.items() if k.startswith(SPEED_KEYS)}
+    size = space_size(searched)
+    if not searched or size is None or size > MAX_PROBED_VARIANTS:
+        return [cfg]
+    base = config_module.to_dict(cfg)
+    return [config_module.validate(config_module.apply_overrides(base, point)) for point in grid_points(searched)]
 
 
 def ray_installed() -> bool:
@@ -67,7 +85,8 @@ def parallel_for(cfg: Config, device: torch.device, dataset: Dataset) -> tuple[i
     setting, reason = cfg.search.parallel, sequential_only(cfg.search)
     if setting != "auto" or reason is not None or device.type != "cuda" or not ray_installed():
         return resolve_parallel(setting, device, sequential_reason=reason)
-    return resolve_parallel(setting, device, trial_footprint(cfg, device, dataset), free_gpu_bytes(device),
+    footprint = max(trial_footprint(variant, device, dataset) for variant in speed_variants(cfg))  # the largest searched model
+    return resolve_parallel(setting, device, footprint, free_gpu_bytes(device),
                             ray_available=True, gpu_count=torch.cuda.device_count())
 
 

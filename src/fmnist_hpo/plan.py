@@ -18,16 +18,14 @@ from typing import TYPE_CHECKING
 
 from fmnist_hpo import config as config_module
 from fmnist_hpo.config import Config
+from fmnist_hpo.packing import speed_variants
 from fmnist_hpo.records import SpecOutcome, SweepResult
-from fmnist_hpo.space import grid_points, planned_points, space_size
+from fmnist_hpo.space import planned_points
 
 if TYPE_CHECKING:
     import torch
 
 TRAIN_IMAGES, TEST_IMAGES = 60_000, 10_000
-SPEED_KEYS = ("model.", "train.batch_size", "train.eval_batch_size", "train.precision", "train.channels_last",
-              "train.compile")
-MAX_PROBED_VARIANTS = 6
 
 
 @dataclass(frozen=True)
@@ -51,17 +49,6 @@ def estimate(cfg: Config, device: torch.device, probe_cache: dict[str, tuple[flo
     epoch, test = zip(*(probe_cached(v, device, cache) for v in variants), strict=True)
     epoch_seconds, test_seconds = statistics.fmean(epoch), statistics.fmean(test)
     return Estimate(cfg.experiment, runs, cfg.train.epochs, epoch_seconds, epoch_seconds * cfg.train.epochs + test_seconds)
-
-
-def speed_variants(cfg: Config) -> list[Config]:
-    """The configurations whose speed stands for the sweep: each combination of the searched keys that
-    change speed, when they are few and finite; else the base configuration."""
-    searched = {k: v for k, v in cfg.search.space.items() if k.startswith(SPEED_KEYS)}
-    size = space_size(searched)
-    if not searched or size is None or size > MAX_PROBED_VARIANTS:
-        return [cfg]
-    base = config_module.to_dict(cfg)
-    return [config_module.validate(config_module.apply_overrides(base, point)) for point in grid_points(searched)]
 
 
 def probe_cached(cfg: Config, device: torch.device, cache: dict[str, tuple[float, float]]) -> tuple[float, float]:
