@@ -24,7 +24,7 @@ import torch
 from fmnist_hpo import config as config_module
 from fmnist_hpo.checkpoints import atomic_write
 from fmnist_hpo.errors import FmnistError, Terminated
-from fmnist_hpo.records import EPOCH_METRICS, EPOCH_TIMINGS, EpochMetrics, LoggedTrial, SweepResult, TrialRecord
+from fmnist_hpo.records import EPOCH_METRICS, EPOCH_TIMINGS, FINAL_METRICS, EpochMetrics, LoggedTrial, SweepResult, TrialRecord
 from fmnist_hpo.selection import kept_epoch, objective
 from fmnist_hpo.space import (
     MAX_REPEATED_PROPOSALS,
@@ -39,9 +39,6 @@ if TYPE_CHECKING:
     from fmnist_hpo.data import Dataset
     from fmnist_hpo.progress import SweepProgress
     from fmnist_hpo.trial_runs import SweepRuns
-
-FINAL_FIELDS = ("kept_epoch", "kept_train_accuracy", "kept_val_accuracy", "kept_val_loss", "test_accuracy",
-                "test_loss", "total_parameters", "train_seconds", "epochs_run")
 
 MODEL_FILE = "model.pt"
 
@@ -78,7 +75,7 @@ def ray_trial(params: dict[str, Any], base: dict[str, Any], dataset: Dataset) ->
     with tempfile.TemporaryDirectory() as folder:
         save_checkpoint(Path(folder) / MODEL_FILE, outcome.model, config_module.to_dict(cfg)["model"],
                         best_epoch=outcome.fit.kept_epoch)
-        tune.report({"final": 1, "objective": best, **{k: getattr(record, k) for k in FINAL_FIELDS}},
+        tune.report({"final": 1, "objective": best, **{k: getattr(record, k) for k in FINAL_METRICS}},
                     checkpoint=tune.Checkpoint.from_directory(folder))
 
 
@@ -329,7 +326,7 @@ class _Feed:
                 record.keep(history[kept_epoch(history, self.runs.cfg.search.metric)], history)
             record.pruned_at = history[-1].epoch if history else 0
         else:
-            for key in FINAL_FIELDS:
+            for key in FINAL_METRICS:
                 setattr(record, key, type(getattr(record, key))(final[key]))
             with trial.checkpoint.as_directory() as folder:
                 path = self.runs.checkpoint_path(record)

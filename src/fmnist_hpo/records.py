@@ -15,6 +15,9 @@ from typing import Any
 from fmnist_hpo.selection import Selection, objective, select
 
 EPOCH_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds")
+# what a trial's run logs at its end: the kept epoch's figures, its test score, its size and time
+FINAL_METRICS = ("kept_epoch", "kept_train_accuracy", "kept_val_accuracy", "kept_val_loss", "test_accuracy",
+                 "test_loss", "total_parameters", "train_seconds", "epochs_run")
 EPOCH_TIMINGS = ("train_seconds", "eval_seconds")  # logged since they were measured apart; older runs lack them
 # metric names of stores written before the kept epoch had one definition
 _LEGACY_NAMES = {"best_val_accuracy": "kept_val_accuracy", "best_val_loss": "kept_val_loss",
@@ -89,13 +92,7 @@ class TrialRecord:
 
     def final_metrics(self) -> dict[str, float]:
         """What the trial's run logs at its end (NaN, for figures it does not have, left out)."""
-        values = {
-            "kept_epoch": self.kept_epoch, "kept_train_accuracy": self.kept_train_accuracy,
-            "kept_val_accuracy": self.kept_val_accuracy, "kept_val_loss": self.kept_val_loss,
-            "test_accuracy": self.test_accuracy, "test_loss": self.test_loss,
-            "total_parameters": self.total_parameters, "train_seconds": self.train_seconds,
-            "epochs_run": self.epochs_run,
-        }
+        values = {key: getattr(self, key) for key in FINAL_METRICS}
         return {k: v for k, v in values.items() if math.isfinite(v) and not (k == "kept_epoch" and v < 0)}
 
     @classmethod
