@@ -15,6 +15,7 @@ from scipy import stats as scipy_stats
 from typer.testing import CliRunner
 
 from fmnist_hpo.cli import app
+from fmnist_hpo.records import RECORD_VERSION, RECORD_VERSION_TAG
 from fmnist_hpo.stats import compare, summarize
 from fmnist_hpo.tracking import Tracker
 
@@ -33,15 +34,16 @@ def log_trial(tracker: Tracker, parent: str, number: int, values: dict, test: fl
     point = number if point is None else point
     run = tracker.start_run(f"trial-{number:03d}", params={"train.epochs": 3, "search.algo": algo},
                             tags={"fmnist.role": "trial", "trial": str(number), "point": str(point),
-                                  "repeat": str(repeat), "sampled": yaml.safe_dump(values)},
+                                  "repeat": str(repeat), "sampled": yaml.safe_dump(values),
+                                  RECORD_VERSION_TAG: RECORD_VERSION},
                             parent_id=parent)
     if status == "FINISHED":
         for epoch in range(3):
             tracker.log_metrics(run, {"val_loss": 1.0 / (epoch + 1) + number, "val_accuracy": val - 0.01 * (2 - epoch)},
                                 step=epoch)
         tracker.log_metrics(run, {"test_accuracy": test, "kept_val_accuracy": val, "kept_val_loss": 1.0 - val,
-                                  "kept_train_accuracy": test + 0.05, "kept_epoch": 2,
-                                  "total_parameters": 1000 * (number + 1), "train_seconds": 10.0 + number,
+                                  "kept_train_accuracy": test + 0.05, "kept_epoch": 3,
+                                  "total_parameters": 1000 * (number + 1), "trial_seconds": 10.0 + number,
                                   "epochs_run": 3})
     tracker.end_run(run, status)
 

@@ -112,8 +112,11 @@ def test_run_end_to_end_into_sqlite(tmp_path: Path, data_dir: Path, monkeypatch:
         for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds"):
             assert len(client.get_metric_history(child.info.run_id, key)) == 1
         for key in ("kept_val_accuracy", "kept_epoch", "test_accuracy", "test_loss", "total_parameters",
-                    "train_seconds", "epochs_run"):
+                    "trial_seconds", "epochs_run"):
             assert key in child.data.metrics
+        epochs = client.get_metric_history(child.info.run_id, "epoch_seconds")
+        assert child.data.metrics["trial_seconds"] == pytest.approx(sum(m.value for m in epochs))
+        assert child.data.metrics["kept_epoch"] == 1 == int(child.data.tags["kept_epoch"])  # epochs count from 1
         assert {"config.yaml", "checkpoint"} <= {a.path for a in client.list_artifacts(child.info.run_id)}
         inputs = client.get_run(child.info.run_id).inputs.dataset_inputs  # dataset lineage: the three splits
         contexts = {tag.value for i in inputs for tag in i.tags if tag.key == "mlflow.data.context"}

@@ -52,8 +52,8 @@ def test_parallel_sweep_logs_like_the_sequential_engine(tmp_path: Path, data_dir
         assert [m.step for m in client.get_metric_history(trial.info.run_id, "val_loss")] == [0, 1, 2]
         assert {"test_accuracy", "kept_val_accuracy", "kept_epoch", "epochs_run"} <= set(trial.data.metrics)
         history = sorted(client.get_metric_history(trial.info.run_id, "val_accuracy"), key=lambda m: m.step)
-        kept = int(trial.data.metrics["kept_epoch"])
-        assert trial.data.metrics["kept_val_accuracy"] == max(m.value for m in history) == history[kept].value
+        kept = int(trial.data.metrics["kept_epoch"])  # counted from 1
+        assert trial.data.metrics["kept_val_accuracy"] == max(m.value for m in history) == history[kept - 1].value
         assert (tmp_path / "models" / "first" / f"{trial.info.run_id}.pt").is_file()
     best = max(trials, key=lambda t: (t.data.metrics["kept_val_accuracy"], -int(t.data.tags["trial"])))
     assert parent.data.tags["selected_run_id"] == best.info.run_id

@@ -7,6 +7,7 @@ import yaml
 from typer.testing import CliRunner
 
 from fmnist_hpo.cli import app
+from fmnist_hpo.records import RECORD_VERSION, RECORD_VERSION_TAG
 from fmnist_hpo.tracking import Tracker
 
 runner = CliRunner()
@@ -20,13 +21,14 @@ def log_sweep(uri: str, experiment: str, runs: list[dict], algo: str = "tpe") ->
         child = tracker.start_run(
             f"trial-{number:03d}", params={"search.algo": algo, "search.metric": "val_accuracy"},
             tags={"fmnist.role": "trial", "trial": str(number), "point": str(run.get("point", number)),
-                  "repeat": str(run.get("repeat", 0)), "sampled": yaml.safe_dump(run.get("values", {}))},
+                  "repeat": str(run.get("repeat", 0)), "sampled": yaml.safe_dump(run.get("values", {})),
+                  RECORD_VERSION_TAG: RECORD_VERSION},
             parent_id=parent)
         test = run["test"]
         tracker.log_metrics(child, {"val_accuracy": test + 0.005, "val_loss": 0.3}, step=0)
         tracker.log_metrics(child, {"test_accuracy": test, "kept_val_accuracy": test + 0.005, "kept_val_loss": 0.3,
-                                    "kept_train_accuracy": test + 0.02, "kept_epoch": 0, "epochs_run": 1,
-                                    "train_seconds": run.get("seconds", 10.0),
+                                    "kept_train_accuracy": test + 0.02, "kept_epoch": 1, "epochs_run": 1,
+                                    "trial_seconds": run.get("seconds", 10.0),
                                     "total_parameters": run.get("params", 500_000)})
         tracker.end_run(child)
     tracker.end_run(parent)

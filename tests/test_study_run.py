@@ -42,6 +42,28 @@ def test_every_spec_is_validated_before_anything_runs(tmp_path: Path, data_dir: 
     assert not (tmp_path / "mlflow.db").exists()
 
 
+@pytest.mark.parametrize("dry_run", [[], ["--dry-run"]])
+def test_two_specs_naming_one_experiment_are_refused_in_one_line(tmp_path: Path, data_dir: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch, dry_run: list):
+    monkeypatch.chdir(tmp_path)
+    first = spec(tmp_path, data_dir, "same")
+    copy = tmp_path / "copy.yaml"
+    copy.write_text(first.read_text())
+    result = runner.invoke(app, ["run", str(first), str(copy), *dry_run])
+    assert result.exit_code == 2
+    assert result.stderr == (f"error: {first} and {copy} both name experiment 'same': pass one of them, "
+                             "or give one another `experiment:`\n")
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_the_shipped_specs_name_distinct_experiments():
+    from fmnist_hpo import config as config_module
+    from fmnist_hpo.plan import check_distinct_experiments
+
+    paths = sorted(Path(__file__).parents[1].glob("configs/*.yaml"))
+    check_distinct_experiments([(p, config_module.load(p, [], {})) for p in paths])
+
+
 def test_specs_run_in_order_and_a_rerun_skips_finished_ones(tmp_path: Path, data_dir: Path,
                                                            monkeypatch: pytest.MonkeyPatch):
     monkeypatch.chdir(tmp_path)

@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import write_dataset
 from mlflow.entities import LoggedModelStatus
+from mlflow.tracking import MlflowClient
 
 from fmnist_hpo import config
 from fmnist_hpo.checkpoints import save_checkpoint
@@ -26,7 +27,8 @@ TINY_MODEL = {"num_blocks": 2, "filters": 4, "units1": 8, "units2": 8}
 
 
 @pytest.fixture
-def tracker(tmp_path: Path) -> Tracker:
+def tracker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Tracker:
+    monkeypatch.chdir(tmp_path)  # a SQLite store's artifacts go to ./mlruns: never into the checkout
     return Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "tracked")
 
 
@@ -42,7 +44,7 @@ def tiny_checkpoint(folder: Path, run_id: str) -> tuple[Path, torch.nn.Module]:
     torch.manual_seed(0)
     model = build_model(model_config).eval()
     path = save_checkpoint(folder / f"{run_id}.pt", model, config.to_dict(config.validate({"model": TINY_MODEL}))["model"],
-                           run_id=run_id, best_epoch=0)
+                           run_id=run_id, kept_epoch=1)
     return path, with_normalization(model)
 
 
@@ -62,6 +64,36 @@ def test_a_logged_model_leaves_its_finished_run_as_it_was(tracker: Tracker, fini
     logged = tracker.client.get_logged_model(uri.removeprefix("models:/"))
     assert (logged.source_run_id, logged.status) == (finished_run, LoggedModelStatus.READY)
     assert [o.model_id for o in after.outputs.model_outputs] == [logged.model_id]
+
+
+def test_a_logged_model_is_filed_in_its_runs_experiment(tracker: Tracker, finished_run: str, tmp_path: Path):
+    checkpoint, _ = tiny_checkpoint(tmp_path, finished_run)
+    uri = log_trial_model(tracker, finished_run, checkpoint)
+    client = MlflowClient(tracker.tracking_uri)  # read back as someone who did not write the code would
+    listed = client.search_logged_models(experiment_ids=[tracker.experiment_id])
+    assert [f"models:/{m.model_id}" for m in listed] == [uri]
+    assert listed[0].experiment_id == tracker.experiment_id and listed[0].source_run_id == finished_run
+    assert listed[0].params["model.filters"] == "4"
+    assert [e.name for e in client.search_experiments()] == ["tracked"]  # no empty Default beside it
+
+
+def test_an_interrupted_model_logging_is_cleaned_up_when_logged_again(tracker: Tracker, finished_run: str,
+                                                                      tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    checkpoint, _ = tiny_checkpoint(tmp_path, finished_run)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mlflow.pytorch, "log_model", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        log_trial_model(tracker, finished_run, checkpoint)
+    models = tracker.client.search_logged_models([tracker.experiment_id])
+    assert [m.status for m in models] == [LoggedModelStatus.PENDING]
+    monkeypatch.undo()
+    uri = log_trial_model(tracker, finished_run, checkpoint)
+    models = tracker.client.search_logged_models([tracker.experiment_id])
+    assert [(f"models:/{m.model_id}", m.status) for m in models] == [(uri, LoggedModelStatus.READY)]
+    assert log_trial_model(tracker, finished_run, checkpoint) == uri  # logged once, kept
 
 
 def test_a_logged_model_has_a_signature_and_pinned_requirements(tracker: Tracker, finished_run: str, tmp_path: Path):

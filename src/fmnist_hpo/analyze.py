@@ -13,7 +13,7 @@ import statistics
 from typing import Any
 
 from fmnist_hpo.errors import FmnistError
-from fmnist_hpo.records import LoggedTrial
+from fmnist_hpo.records import TRIAL_SECONDS, LoggedTrial
 from fmnist_hpo.render import Section
 from fmnist_hpo.selection import Selection, select
 from fmnist_hpo.stats import Comparison, compare, summarize
@@ -63,7 +63,7 @@ def summary_row(experiment: str, trials: list[LoggedTrial]) -> dict[str, Any]:
         "val_mean": val.mean, "val_std": val.std, "val_ci95": [val.ci_low, val.ci_high],
         "test_mean": test.mean, "test_std": test.std, "test_ci95": [test.ci_low, test.ci_high],
         "median_parameters": _median(metric_values(done, "total_parameters")),
-        "median_train_seconds": _median(metric_values(done, "train_seconds")),
+        "median_train_seconds": _median(metric_values(done, TRIAL_SECONDS)),
         "median_epochs": _median(metric_values(done, "epochs_run")),
         "mean_gap": statistics.fmean(gaps) if gaps else math.nan,
     }

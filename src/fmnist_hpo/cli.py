@@ -248,6 +248,12 @@ def load_configs(paths: list[Path], overrides: list[str], flags: dict[str, str])
             problems.append(str(exc))
     if problems:
         raise fail("\n".join(problems))
+    from fmnist_hpo.plan import check_distinct_experiments
+
+    try:
+        check_distinct_experiments(list(zip(paths, configs, strict=True)))
+    except FmnistError as exc:
+        raise fail(str(exc)) from None
     return configs
 
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from fmnist_hpo import config as config_module
 from fmnist_hpo.config import Config
+from fmnist_hpo.errors import FmnistError
 from fmnist_hpo.packing import speed_variants
 from fmnist_hpo.records import SpecOutcome, SweepResult
 from fmnist_hpo.space import planned_points
@@ -100,6 +101,20 @@ def duration(seconds: float) -> str:
 
 
 # --- running several specs in order ---------------------------------------------------------------
+
+
+class PlanError(FmnistError):
+    """Specs that cannot run together as one plan."""
+
+
+def check_distinct_experiments(specs: list[tuple[Path, Config]]) -> None:
+    """Each spec of a plan runs into its own experiment: two that name the same one are refused."""
+    first: dict[str, Path] = {}
+    for path, cfg in specs:
+        if cfg.experiment in first:
+            raise PlanError(f"{first[cfg.experiment]} and {path} both name experiment {cfg.experiment!r}: "
+                            "pass one of them, or give one another `experiment:`")
+        first[cfg.experiment] = path
 
 
 def finished_before(cfg: Config) -> SweepResult | None:

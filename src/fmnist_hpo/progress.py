@@ -86,7 +86,7 @@ class SweepProgress:
             self.progress.update(self.epochs_bar, completed=epoch + done / total, status=f"step {done}/{total}")
 
     def epoch_done(self, number: int, m: EpochMetrics) -> None:
-        logger.debug(f"trial {number} epoch {m.epoch}: train_loss={m.train_loss:.4f} "
+        logger.debug(f"trial {number} epoch {m.epoch + 1}: train_loss={m.train_loss:.4f} "
                      f"val_loss={m.val_loss:.4f} val_acc={m.val_accuracy:.4f} ({m.epoch_seconds:.1f}s)")
         if self.progress:
             self.progress.update(self.epochs_bar, completed=m.epoch + 1, status=f"val_acc {m.val_accuracy:.4f}")
@@ -96,7 +96,7 @@ class SweepProgress:
             pruned = f", pruned after epoch {record.pruned_at}" if record.pruned_at is not None else ""
             logger.info(f"trial {record.number} done: val_acc={record.kept_val_accuracy:.4f} "
                         f"test_acc={record.test_accuracy:.4f} epochs={record.epochs_run} "
-                        f"({record.train_seconds:.1f}s{pruned})")
+                        f"({record.trial_seconds:.1f}s{pruned})")
         else:
             logger.warning(f"trial {record.number} failed: {record.reason}")
         if self.progress:
@@ -133,7 +133,7 @@ def results_table(result: SweepResult) -> Table:
             f"{t.kept_val_accuracy:.4f}" if ok and t.kept_val_accuracy == t.kept_val_accuracy else "-",
             f"{t.test_accuracy:.4f}" if ok and t.test_accuracy == t.test_accuracy else "-",
             str(t.epochs_run) if ok else "-",
-            f"{t.train_seconds:.1f}" if ok else "-",
+            f"{t.trial_seconds:.1f}" if ok else "-",
             (f"pruned@{t.pruned_at}" if t.pruned_at is not None else "ok") if ok else f"failed: {t.reason}"[:60],
             style="bold green" if mark else None,
         )

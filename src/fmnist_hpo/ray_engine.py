@@ -74,7 +74,7 @@ def ray_trial(params: dict[str, Any], base: dict[str, Any], dataset: Dataset) ->
     record.total_parameters = outcome.total_parameters
     with tempfile.TemporaryDirectory() as folder:
         save_checkpoint(Path(folder) / MODEL_FILE, outcome.model, config_module.to_dict(cfg)["model"],
-                        best_epoch=outcome.fit.kept_epoch)
+                        kept_epoch=record.kept_epoch)
         tune.report({"final": 1, "objective": best, **{k: getattr(record, k) for k in FINAL_METRICS}},
                     checkpoint=tune.Checkpoint.from_directory(folder))
 
@@ -324,7 +324,7 @@ class _Feed:
             history = self.histories[trial.trial_id]
             if history:
                 record.keep(history[kept_epoch(history, self.runs.cfg.search.metric)], history)
-            record.pruned_at = history[-1].epoch if history else 0
+            record.pruned_at = history[-1].epoch + 1 if history else 0
         else:
             for key in FINAL_METRICS:
                 setattr(record, key, type(getattr(record, key))(final[key]))

@@ -3,6 +3,11 @@
 These are the names every part of the tool uses. A trial's figures are those of its kept epoch
 (selection.py): `kept_val_accuracy`, `kept_val_loss`, `kept_train_accuracy` and `kept_epoch`; its test
 figures (`test_accuracy`, `test_loss`) were scored once, on that epoch's weights.
+
+Epochs a user reads are numbered from 1 (`kept_epoch`, `pruned_at_epoch`); EpochMetrics.epoch and
+MLflow's step are 0-based indices (epoch N is step N-1). A trial's total time is `trial_seconds`;
+`train_seconds` is only ever the training part of one epoch. Stores written before either rule are
+read back under it (LoggedTrial.__post_init__, tracking.logged_trial).
 """
 
 from __future__ import annotations
@@ -17,7 +22,12 @@ from fmnist_hpo.selection import Selection, objective, select
 EPOCH_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds")
 # what a trial's run logs at its end: the kept epoch's figures, its test score, its size and time
 FINAL_METRICS = ("kept_epoch", "kept_train_accuracy", "kept_val_accuracy", "kept_val_loss", "test_accuracy",
-                 "test_loss", "total_parameters", "train_seconds", "epochs_run")
+                 "test_loss", "total_parameters", "trial_seconds", "epochs_run")
+TRIAL_SECONDS = "trial_seconds"  # the trial's epochs end to end (training, validation, the loop's work), summed
+KEPT_EPOCH = "kept_epoch"  # 1-based, as a metric and as a tag
+# a finished trial's run carries it from the record version on which kept_epoch counts from 1 and
+# trial_seconds exists; runs without it are older and are read back under the new rules
+RECORD_VERSION_TAG, RECORD_VERSION = "fmnist.record_version", "2"
 EPOCH_TIMINGS = ("train_seconds", "eval_seconds")  # logged since they were measured apart; older runs lack them
 # metric names of stores written before the kept epoch had one definition
 _LEGACY_NAMES = {"best_val_accuracy": "kept_val_accuracy", "best_val_loss": "kept_val_loss",
@@ -59,16 +69,16 @@ class TrialRecord:
     repeat: int = 0
     status: str = "ok"  # ok | failed
     reason: str | None = None
-    kept_epoch: int = -1
+    kept_epoch: int = 0  # 1-based; 0: none
     kept_train_accuracy: float = math.nan
     kept_val_accuracy: float = math.nan
     kept_val_loss: float = math.nan
     test_accuracy: float = math.nan
     test_loss: float = math.nan
     epochs_run: int = 0
-    train_seconds: float = 0.0
+    trial_seconds: float = 0.0
     total_parameters: int = 0
-    pruned_at: int | None = None
+    pruned_at: int | None = None  # 1-based: the last epoch it ran before a pruner stopped it
     checkpoint: Path | None = None
 
     @property
@@ -84,16 +94,16 @@ class TrialRecord:
 
     def keep(self, kept: EpochMetrics, history: list[EpochMetrics]) -> None:
         """Take the figures of the kept epoch out of the trial's history."""
-        self.kept_epoch = kept.epoch
+        self.kept_epoch = kept.epoch + 1
         self.kept_train_accuracy, self.kept_val_accuracy, self.kept_val_loss = (
             kept.train_accuracy, kept.val_accuracy, kept.val_loss)
         self.epochs_run = len(history)
-        self.train_seconds = sum(m.epoch_seconds for m in history)
+        self.trial_seconds = sum(m.epoch_seconds for m in history)
 
     def final_metrics(self) -> dict[str, float]:
         """What the trial's run logs at its end (NaN, for figures it does not have, left out)."""
         values = {key: getattr(self, key) for key in FINAL_METRICS}
-        return {k: v for k, v in values.items() if math.isfinite(v) and not (k == "kept_epoch" and v < 0)}
+        return {k: v for k, v in values.items() if math.isfinite(v) and not (k == KEPT_EPOCH and v < 1)}
 
     @classmethod
     def from_logged(cls, trial: LoggedTrial, models_dir: Path) -> TrialRecord:
@@ -101,10 +111,10 @@ class TrialRecord:
         return cls(
             number=trial.number, run_id=trial.run_id, values=trial.values, point=trial.point, repeat=trial.repeat,
             status="ok" if trial.status == "FINISHED" else "failed", reason=trial.tags.get("failure_reason"),
-            kept_epoch=int(m.get("kept_epoch", -1)), kept_train_accuracy=m.get("kept_train_accuracy", math.nan),
+            kept_epoch=int(m.get(KEPT_EPOCH, 0)), kept_train_accuracy=m.get("kept_train_accuracy", math.nan),
             kept_val_accuracy=m.get("kept_val_accuracy", math.nan), kept_val_loss=m.get("kept_val_loss", math.nan),
             test_accuracy=m.get("test_accuracy", math.nan), test_loss=m.get("test_loss", math.nan),
-            epochs_run=int(m.get("epochs_run", 0)), train_seconds=m.get("train_seconds", 0.0),
+            epochs_run=int(m.get("epochs_run", 0)), trial_seconds=m.get(TRIAL_SECONDS, 0.0),
             total_parameters=int(m.get("total_parameters", 0)), checkpoint=models_dir / f"{trial.run_id}.pt",
             pruned_at=int(trial.tags["pruned_at_epoch"]) if "pruned_at_epoch" in trial.tags else None,
         )
@@ -169,6 +179,26 @@ class LoggedTrial:
         for old, new in _LEGACY_NAMES.items():
             if old in self.metrics and new not in self.metrics:
                 self.metrics[new] = self.metrics.pop(old)
+        if self.is_legacy_record:  # epochs were counted from 0
+            if KEPT_EPOCH in self.metrics:
+                self.metrics[KEPT_EPOCH] += 1
+            for tag in (KEPT_EPOCH, "pruned_at_epoch"):
+                if self.tags.get(tag, "").lstrip("-").isdigit():
+                    self.tags[tag] = str(int(self.tags[tag]) + 1)
+
+    @property
+    def is_legacy_record(self) -> bool:
+        """A finished trial written before the record version tag (0-based epochs, no trial_seconds)."""
+        return RECORD_VERSION_TAG not in self.tags and KEPT_EPOCH in {*self.metrics, *self.tags}
+
+    @property
+    def kept_epoch(self) -> int:
+        """The kept epoch, counted from 1; 0 where the run has none."""
+        return int(self.metrics.get(KEPT_EPOCH, 0))
+
+    @property
+    def trial_seconds(self) -> float:
+        return self.metrics.get(TRIAL_SECONDS, math.nan)
 
     @property
     def config_key(self) -> tuple[str, int]:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from fmnist_hpo.analyze import finished, metric_values, selection_of, supports_test, tested_comparison
-from fmnist_hpo.records import LoggedTrial
+from fmnist_hpo.records import TRIAL_SECONDS, LoggedTrial
 from fmnist_hpo.stats import ALPHA, summarize
 
 # (best, average) test accuracy the study reported per experiment; exp01-exp05 reported one figure
@@ -66,8 +66,8 @@ def compare_claim(claim: str, study: str, trials: Trials, a: str, b: str, expect
         return Verdict(claim, study, "-", f"not run ({a} and {b} need finished runs)")
     runs_a, runs_b = evidence(trials[a]), evidence(trials[b])
     result = tested_comparison(runs_a, runs_b, key, a, b)
-    unit = "s" if key == "train_seconds" else "points"
-    scale = 1.0 if key == "train_seconds" else 100.0
+    unit = "s" if key == TRIAL_SECONDS else "points"
+    scale = 1.0 if key == TRIAL_SECONDS else 100.0
     ours = f"{a} {result.difference * scale:+.2f} {unit} vs {b}"
     sizes = f"n = {result.a.n} vs {result.b.n}"
     if not math.isfinite(result.p_value):
@@ -151,7 +151,7 @@ CLAIMS: tuple[Callable[[Trials], Verdict], ...] = (
     lambda t: compare_claim("512 filters are not better than 256", "exp08 92.93% vs exp07 93.44%",
                             t, "exp08", "exp07", "not higher"),
     lambda t: compare_claim("512 filters are slower than 256", "exp08 slower than exp07", t, "exp08", "exp07",
-                            "higher", key="train_seconds"),
+                            "higher", key=TRIAL_SECONDS),
     lambda t: compare_claim("100 epochs with early stopping is overkill against 40", "exp11 93.20% vs exp12 94.18%",
                             t, "exp11", "exp12", "not higher"),
     lambda t: spread_claim("residual connections add variance", "exp09 best 91.91 / avg 90.43",

@@ -255,12 +255,12 @@ class Sweep:
         if self.pruner is not None:
             self.pruner.record(self._curve(seen))
         record.keep(outcome.fit.kept, outcome.fit.history)
-        record.pruned_at = outcome.fit.pruned_at
+        record.pruned_at = None if outcome.fit.pruned_at is None else outcome.fit.pruned_at + 1
         record.test_accuracy, record.test_loss = outcome.test_accuracy, outcome.test_loss
         record.total_parameters = outcome.total_parameters
         record.checkpoint = save_checkpoint(self.runs.checkpoint_path(record), outcome.model,
                                             config_module.to_dict(cfg)["model"], run_id=record.run_id,
-                                            best_epoch=outcome.fit.kept_epoch)
+                                            kept_epoch=record.kept_epoch)
         state_path.unlink(missing_ok=True)
         self.tracker.set_tags(record.run_id, {"wall_seconds": f"{time.perf_counter() - start:.1f}"})
 

@@ -21,12 +21,12 @@ import mlflow.artifacts
 import numpy as np
 import yaml
 from loguru import logger
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import LoggedModelStatus, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from fmnist_hpo.errors import FmnistError
-from fmnist_hpo.records import EPOCH_METRICS, EPOCH_TIMINGS, EpochMetrics, LoggedTrial
+from fmnist_hpo.records import EPOCH_METRICS, EPOCH_TIMINGS, TRIAL_SECONDS, EpochMetrics, LoggedTrial
 from fmnist_hpo.selection import select
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -222,7 +222,9 @@ class Tracker:
         if found is None:
             try:
                 # the UI then opens on the training runs rather than the GenAI overview
-                return self.client.create_experiment(name, tags={"mlflow.experimentKind": "custom_model_development"})
+                created = self.client.create_experiment(name, tags={"mlflow.experimentKind": "custom_model_development"})
+                self._hide_unused_default()
+                return created
             except MlflowException:
                 found = self.client.get_experiment_by_name(name)  # created by a concurrent sweep
                 if found is None:
@@ -230,6 +232,21 @@ class Tracker:
         if found.lifecycle_stage == "deleted":
             self.client.restore_experiment(found.experiment_id)
         return found.experiment_id
+
+    def _hide_unused_default(self) -> None:
+        """Delete MLflow's Default experiment in a store that holds nothing else, so the UI lists only sweeps.
+
+        Only a store where Default is empty and no other experiment but ours exists: a store that
+        other tools use keeps it. `mlflow experiments restore --experiment-id 0` brings it back.
+        """
+        from mlflow.entities import ViewType
+
+        experiments = self.client.search_experiments(view_type=ViewType.ALL)
+        default = [e for e in experiments if e.experiment_id == "0" and e.lifecycle_stage == "active"]
+        if (not default or len(experiments) != 2 or self.client.search_runs(["0"], run_view_type=ViewType.ALL, max_results=1)
+                or self.client.search_logged_models(["0"], max_results=1)):
+            return
+        self.client.delete_experiment("0")
 
     def _retry(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         delay = 0.05
@@ -294,7 +311,7 @@ class Tracker:
     def trials_of(self, parent_id: str) -> list[LoggedTrial]:
         runs = self._retry(self.client.search_runs, [self.experiment_id],
                            f"tags.`{PARENT_TAG}` = '{parent_id}'", max_results=50_000)
-        return sorted((logged_trial(r, "") for r in runs), key=lambda t: t.number)
+        return sorted(read_back(self.client, runs, ""), key=lambda t: t.number)
 
     def history(self, run_id: str) -> list[EpochMetrics]:
         """The per-epoch metrics of a trial run."""
@@ -321,7 +338,8 @@ class Tracker:
 
         The run is named, not reopened: reopening a finished run through the fluent API rewrites its
         end time and can leave it FAILED. The signature takes float32 batches shaped like
-        input_example and returns float32 (batch, output_width).
+        input_example and returns float32 (batch, output_width). A run that has its model already
+        (an interrupt after the model was written) keeps it.
         """
         import mlflow.pytorch
         from mlflow.models import ModelSignature
@@ -331,10 +349,16 @@ class Tracker:
             inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *input_example.shape[1:]))]),
             outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, output_width))]))
 
+        run = self._retry(self.client.get_run, run_id)
+        ready = self._retry(self._models_of_run, run)
+        if ready:
+            return f"models:/{ready[0].model_id}"
+
         def log() -> str:
             with _fluent_tracking_uri(self.tracking_uri):  # Model.log resolves its store through the fluent URI
                 return mlflow.pytorch.log_model(
                     model, name="model", run_id=run_id, signature=signature, input_example=input_example,
+                    model_id=self._new_logged_model(run),
                     serialization_format="pt2", pip_requirements=model_requirements(),
                     # serving validation reloads the model in this process and fails on CUDA hosts (the
                     # exported weights are CPU tensors); the pt2 export has already traced the example
@@ -342,6 +366,24 @@ class Tracker:
                 ).model_uri
 
         return self._retry(log)
+
+    def _models_of_run(self, run: Any) -> list[Any]:
+        """The run's READY LoggedModels, newest first; unfinished ones (an interrupt while logging) are deleted."""
+        models = self.client.search_logged_models([run.info.experiment_id], f"source_run_id = '{run.info.run_id}'")
+        for pending in (m for m in models if m.status != LoggedModelStatus.READY):
+            logger.info(f"run {run.info.run_id}: deleting the unfinished model {pending.model_id} an interrupt left")
+            self.client.delete_logged_model(pending.model_id)
+        ready = [m for m in models if m.status == LoggedModelStatus.READY]
+        return sorted(ready, key=lambda m: m.creation_timestamp, reverse=True)
+
+    def _new_logged_model(self, run: Any) -> str:
+        """A PENDING LoggedModel in the run's own experiment, with the run's params.
+
+        Without a model_id, mlflow.pytorch.log_model creates it in the fluent API's experiment
+        (Default), where neither the experiment's Models tab nor its runs table shows it.
+        """
+        return self.client.create_logged_model(run.info.experiment_id, name="model", source_run_id=run.info.run_id,
+                                               params=run.data.params).model_id
 
     def log_datasets(self, run_id: str, digest: str, source: str, split_seed: int, sizes: dict[str, int],
                      name: str = "fashion-mnist") -> None:
@@ -416,6 +458,18 @@ def logged_trial(run: Any, experiment: str) -> LoggedTrial:
     )
 
 
+def read_back(client: MlflowClient, runs: list[Any], experiment: str) -> list[LoggedTrial]:
+    """Trial runs as LoggedTrials; a run from before trial_seconds gets it from its epochs' history."""
+    trials = [logged_trial(r, experiment) for r in runs]
+    for trial in trials:
+        if trial.is_legacy_record and TRIAL_SECONDS not in trial.metrics:
+            # its `train_seconds` holds the last epoch's time (MLflow's latest), not the total logged at step 0
+            last_per_step = {m.step: m.value for m in sorted(client.get_metric_history(trial.run_id, "epoch_seconds"),
+                                                              key=lambda m: (m.step, m.timestamp))}
+            trial.metrics[TRIAL_SECONDS] = sum(last_per_step.values())
+    return trials
+
+
 class RunReader:
     """Reads fmnist sweeps from any tracking URI through MLflow's client API."""
 
@@ -439,7 +493,7 @@ class RunReader:
             known = ", ".join(self.experiments()) or "none"
             raise TrackingError(f"unknown experiment {experiment!r}; known experiments: {known}")
         runs = self.client.search_runs([found.experiment_id], "tags.`fmnist.role` = 'trial'", max_results=50_000)
-        return sorted((logged_trial(r, experiment) for r in runs), key=lambda t: (t.number, t.run_id))
+        return sorted(read_back(self.client, runs, experiment), key=lambda t: (t.number, t.run_id))
 
     def history(self, run_id: str, key: str) -> list[tuple[int, float]]:
         return sorted((m.step, m.value) for m in self.client.get_metric_history(run_id, key))

@@ -20,7 +20,15 @@ from fmnist_hpo import config as config_module
 from fmnist_hpo.config import Config
 from fmnist_hpo.data import Dataset, split_indices
 from fmnist_hpo.errors import DataError
-from fmnist_hpo.records import EpochMetrics, LoggedTrial, SweepResult, TrialRecord
+from fmnist_hpo.records import (
+    KEPT_EPOCH,
+    RECORD_VERSION,
+    RECORD_VERSION_TAG,
+    EpochMetrics,
+    LoggedTrial,
+    SweepResult,
+    TrialRecord,
+)
 from fmnist_hpo.tracking import Tracker, TrackingError
 
 
@@ -178,7 +186,7 @@ class SweepRuns:
         """A trial that trained (to the end, or until pruned): its checkpoint, figures and tags; FINISHED."""
         if record.checkpoint is not None:
             self.tracker.log_file(record.run_id, record.checkpoint, "checkpoint")
-        tags: dict[str, Any] = {"kept_epoch": record.kept_epoch}
+        tags: dict[str, Any] = {KEPT_EPOCH: record.kept_epoch, RECORD_VERSION_TAG: RECORD_VERSION}
         if record.pruned_at is not None:
             tags.update({"pruned": "true", "pruned_at_epoch": record.pruned_at})
         self.tracker.set_tags(record.run_id, tags)
