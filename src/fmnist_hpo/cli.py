@@ -468,6 +468,43 @@ def register(
 
 
 @app.command()
+def verify(
+    experiment: Annotated[list[str] | None, typer.Option("--experiment", "-e", help="experiment to check (repeatable)")] = None,
+    all_experiments: Annotated[bool, typer.Option("--all", help="every experiment with fmnist runs")] = False,
+    tracking_uri: TrackingOption = None,
+    fmt: Annotated[str, typer.Option("--format", help="text or json")] = "text",
+    rescore: Annotated[int | None, typer.Option(
+        help="re-score only this many trials on the test set, best on validation first (default: all)", min=0)] = None,
+    data_root: Annotated[str | None, typer.Option(
+        help="folder of the IDX files (default: each trial's data.root, else $FMNIST_DATA_DIR, else data/)")] = None,
+) -> None:
+    """Check that a store's record still holds: statuses, histories, kept epochs, figures, checkpoints
+    (re-scored on the test set), logged models, dataset digests and each sweep's selection.
+
+    One line per problem, naming the run; a summary last. Exit 0 when everything holds, 1 when
+    anything does not. Nothing is written.
+    """
+    import json
+
+    from fmnist_hpo.tracking import resolve_tracking_uri
+    from fmnist_hpo.verify import Request
+    from fmnist_hpo.verify import verify as verify_store
+
+    if fmt not in ("text", "json"):
+        raise fail(f"--format {fmt!r}: use text or json")
+    if bool(experiment) == all_experiments:
+        raise fail("name the experiments to check (--experiment NAME, repeatable) or pass --all")
+    try:
+        report = verify_store(Request(resolve_tracking_uri(tracking_uri), experiment or [], all_experiments, rescore,
+                                      data_root))
+    except FmnistError as exc:
+        raise fail(str(exc)) from None
+    typer.echo(json.dumps(report.as_json(), indent=2) if fmt == "json" else "\n".join(report.lines()))
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
 def schema(
     output: Annotated[Path | None, typer.Option("--output", "-o", help="write it to this file instead of stdout")] = None,
 ) -> None:

@@ -44,7 +44,7 @@ def reload(logged: list[LoggedTrial], models_dir: Path) -> Reloaded:
     return reloaded
 
 
-def _alive_elsewhere(trial_tags: dict[str, str]) -> bool:
+def alive_elsewhere(trial_tags: dict[str, str]) -> bool:
     """Whether the process that ran a sweep is still running on this host."""
     if trial_tags.get("host") != os.uname().nodename or not trial_tags.get("pid", "").isdigit():
         return False
@@ -76,7 +76,7 @@ def choose_parent(tracker: Tracker, cfg: Config, mode: str, ask: Callable[[str],
         return None
     mode = "resume" if mode == "continue" else mode
     parent = candidates[0]
-    if _alive_elsewhere(parent.tags):
+    if alive_elsewhere(parent.tags):
         raise ResumeError(f"this sweep is still running (pid {parent.tags['pid']}); "
                           "wait for it, or start another with --fresh")
     if mode == "ask":
