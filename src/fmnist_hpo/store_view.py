@@ -8,22 +8,26 @@ Checkpoint artifacts and logged models are read into temporary folders outside t
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import mlflow
-import mlflow.artifacts
 from mlflow.entities import ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from fmnist_hpo.records import LoggedTrial
-from fmnist_hpo.tracking import TrackingError, _fluent_tracking_uri, _quiet_mlflow, logged_trial, read_back
+from fmnist_hpo.tracking import (
+    TrackingError,
+    _fluent_tracking_uri,
+    _quiet_mlflow,
+    download_checkpoint,
+    logged_trial,
+    no_progress_bars,
+    read_back,
+)
 
 
 @dataclass(frozen=True)
@@ -39,20 +43,6 @@ class DatasetInput:
     context: str  # train, validation, test
     digest: str
     profile: dict[str, Any]
-
-
-@contextlib.contextmanager
-def _no_progress_bars() -> Iterator[None]:
-    """MLflow draws a progress bar per artifact download on stderr: not between verify's lines."""
-    saved = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
-    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
-        else:
-            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = saved
 
 
 class StoreView:
@@ -139,22 +129,12 @@ class StoreView:
     def load_logged_model(self, model_uri: str) -> Any:
         import mlflow.pytorch
 
-        with (_fluent_tracking_uri(self.tracking_uri), _no_progress_bars(),
+        with (_fluent_tracking_uri(self.tracking_uri), no_progress_bars(),
               tempfile.TemporaryDirectory(prefix="fmnist-verify-") as folder):
             return mlflow.pytorch.load_model(model_uri, dst_path=folder)
 
     @contextlib.contextmanager
     def checkpoint_artifact(self, run_id: str) -> Iterator[Path | None]:
         """The run's checkpoint artifact in a temporary folder for the block, or None if it has none."""
-        folder = tempfile.mkdtemp(prefix="fmnist-verify-")
-        try:
-            try:
-                with _no_progress_bars():
-                    mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoint", dst_path=folder,
-                                                        tracking_uri=self.tracking_uri)
-            except (MlflowException, OSError):
-                yield None
-                return
-            yield next(iter(sorted(Path(folder).rglob("*.pt"))), None)
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
+        with tempfile.TemporaryDirectory(prefix="fmnist-verify-") as folder:
+            yield download_checkpoint(self.tracking_uri, run_id, Path(folder))

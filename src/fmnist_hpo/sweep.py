@@ -32,6 +32,7 @@ from fmnist_hpo.packing import parallel_for
 from fmnist_hpo.progress import SweepProgress
 from fmnist_hpo.pruning import MedianPruner, best_so_far
 from fmnist_hpo.records import EpochMetrics, LoggedTrial, SweepResult, TrialRecord
+from fmnist_hpo.repair import LostCheckpoint
 from fmnist_hpo.resume import choose_parent, reload
 from fmnist_hpo.selection import objective
 from fmnist_hpo.space import (
@@ -73,6 +74,7 @@ class Sweep:
         self.runs = SweepRuns(cfg, tracker, str(data.device), lineage)
         self.pruner = MedianPruner(cfg.search.grace_epochs) if cfg.search.pruner == "median" else None
         self.interrupted: dict[tuple[int, int], LoggedTrial] = {}  # (point, repeat) -> run to continue
+        self.lost: list[LoggedTrial] = []  # finished trials whose checkpoint is gone: trained again in new runs
         self._points = itertools.count()
 
     def run(self, resume_parent: str | None = None) -> SweepResult:
@@ -100,15 +102,34 @@ class Sweep:
 
     def _reload(self, parent: str, result: SweepResult) -> None:
         """Take back the finished trials of an interrupted sweep and note the ones to continue."""
-        reloaded = reload(self.runs.continue_parent(parent), self.runs.models_dir)
-        result.trials.extend(reloaded.done)
+        logged = self.runs.continue_parent(parent)
+        reloaded = reload(logged, self.runs.models_dir)
+        self.lost = self._lost_checkpoints(reloaded.done, logged)
+        lost_ids = {t.run_id for t in self.lost}
+        result.trials.extend(t for t in reloaded.done if t.run_id not in lost_ids)
         self.interrupted = {(t.point, t.repeat): t for t in reloaded.interrupted}
-        started = [t.point for t in result.trials] + [p for p, _ in self.interrupted]
+        started = [t.point for t in result.trials] + [p for p, _ in self.interrupted] + [t.point for t in self.lost]
         self._points = itertools.count(1 + max(started, default=-1))
         if self.pruner is not None:
             for trial in reloaded.done:
                 if trial.status == "ok":
                     self.pruner.record(self._curve(self.tracker.history(trial.run_id)))
+
+    def _lost_checkpoints(self, done: list[TrialRecord], logged: list[LoggedTrial]) -> list[LoggedTrial]:
+        """Finished trials whose checkpoint neither loads nor can be restored from its artifact copy: closed."""
+        by_id = {t.run_id: t for t in logged}
+        lost = []
+        for record in done:
+            if record.status != "ok" or not np.isfinite(record.test_accuracy):
+                continue  # failed, or stopped by a Ray scheduler before its test: no checkpoint
+            try:
+                record.checkpoint = self.runs.usable_checkpoint(record)
+            except LostCheckpoint as exc:
+                logger.warning(f"trial {record.number}: {exc.damage}, and its run has no intact copy: "
+                               "training its configuration again")
+                self.runs.close_lost(record, exc.damage)
+                lost.append(by_id[record.run_id])
+        return lost
 
     # --- the search ------------------------------------------------------------------------
 
@@ -121,7 +142,8 @@ class Sweep:
             from fmnist_hpo.ray_engine import run_on_ray
 
             with self._system_metrics(result.parent_run_id):  # the workers are other processes: the driver's machine
-                run_on_ray(self.runs, result, progress, self.data.dataset, list(self.interrupted.values()), parallel)
+                run_on_ray(self.runs, result, progress, self.data.dataset, [*self.interrupted.values(), *self.lost],
+                           parallel)
             self.interrupted.clear()
             return
         known = self._finish_started_points(result, progress)
@@ -138,7 +160,8 @@ class Sweep:
 
     def _finish_started_points(self, result: SweepResult, progress: SweepProgress) -> Known:
         """Every configuration started before an interruption, with its missing repeats run (or continued)."""
-        values_of = {t.point: t.values for t in result.trials} | {p: t.values for (p, _), t in self.interrupted.items()}
+        values_of = ({t.point: t.values for t in result.trials} | {p: t.values for (p, _), t in self.interrupted.items()}
+                     | {t.point: t.values for t in self.lost})
         known: Known = {}
         for point in sorted(values_of):
             values = values_of[point]

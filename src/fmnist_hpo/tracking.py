@@ -470,6 +470,31 @@ def read_back(client: MlflowClient, runs: list[Any], experiment: str) -> list[Lo
     return trials
 
 
+@contextlib.contextmanager
+def no_progress_bars() -> Iterator[None]:
+    """MLflow draws a progress bar per artifact download on stderr: not between our one-line messages."""
+    saved = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = saved
+
+
+def download_checkpoint(tracking_uri: str, run_id: str, folder: Path) -> Path | None:
+    """The run's checkpoint artifact, downloaded into folder; None if the run has none."""
+    try:
+        with no_progress_bars():
+            mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoint", dst_path=str(folder),
+                                                tracking_uri=tracking_uri)
+    except (MlflowException, OSError):
+        return None
+    return next(iter(sorted(folder.rglob("*.pt"))), None)
+
+
 class RunReader:
     """Reads fmnist sweeps from any tracking URI through MLflow's client API."""
 
@@ -541,20 +566,17 @@ class ModelStore(RunReader):
             raise TrackingError(f"{run_id!r} is neither a checkpoint file nor a run in {self.client.tracking_uri}") from None
         experiment = self.client.get_experiment(run.info.experiment_id).name
         local = Path(run.data.params.get("models_dir", "models")) / experiment / f"{run_id}.pt"
-        if local.is_file():
-            return local
+        if local.is_file():  # a damaged one is restored from the artifact copy
+            from fmnist_hpo.repair import usable_checkpoint
+
+            return usable_checkpoint(local, run_id, lambda folder: download_checkpoint(self.client.tracking_uri,
+                                                                                     run_id, folder))
         import tempfile
 
-        try:
-            folder = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoint",
-                                                         dst_path=tempfile.mkdtemp(prefix="fmnist-"),
-                                                         tracking_uri=self.client.tracking_uri)
-        except (MlflowException, OSError):
-            raise TrackingError(f"run {run_id} has no checkpoint (not under models/, no artifact)") from None
-        found = sorted(Path(folder).glob("*.pt"))
-        if not found:
-            raise TrackingError(f"run {run_id} has no checkpoint artifact")
-        return found[0]
+        found = download_checkpoint(self.client.tracking_uri, run_id, Path(tempfile.mkdtemp(prefix="fmnist-")))
+        if found is None:
+            raise TrackingError(f"run {run_id} has no checkpoint (not under models/, no artifact)")
+        return found
 
     def attach(self, run_id: str, metrics: dict[str, float], files: list[Path]) -> None:
         stamp = _now_ms()

@@ -213,4 +213,18 @@ class SweepRuns:
     def log_model(self, record: TrialRecord) -> str:
         from fmnist_hpo.modelops import log_trial_model
 
-        return log_trial_model(self.tracker, record.run_id, record.checkpoint)
+        return log_trial_model(self.tracker, record.run_id, self.usable_checkpoint(record))
+
+    def usable_checkpoint(self, record: TrialRecord) -> Path:
+        """The trial's checkpoint, restored from its run's artifact copy if damaged; LostCheckpoint if it cannot be."""
+        from fmnist_hpo.repair import usable_checkpoint
+        from fmnist_hpo.tracking import download_checkpoint
+
+        return usable_checkpoint(record.checkpoint or self.checkpoint_path(record), record.run_id,
+                                 lambda folder: download_checkpoint(self.tracker.tracking_uri, record.run_id, folder))
+
+    def close_lost(self, record: TrialRecord, reason: str) -> None:
+        """A finished trial whose checkpoint is gone for good: closed like a cut-off trial; its configuration runs again."""
+        self.tracker.set_tags(record.run_id, {"interrupted": "true", "checkpoint_lost": reason,
+                                              "failure_reason": "its checkpoint was lost; its configuration is trained again"})
+        self.tracker.end_run(record.run_id, "FAILED")
