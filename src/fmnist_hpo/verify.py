@@ -368,7 +368,7 @@ class Verifier:
                              f"{self.view.experiment_name(m.experiment_id)!r}, not in {self._experiment!r}")
             if m.status != "READY":
                 self.problem(label, trial.run_id, "logged model", f"its model {m.model_id} is {m.status}: a logging cut off "
-                             "by an interrupt; resuming the sweep deletes it")
+                             "by an interrupt; logging this run's model again (a resumed sweep does) deletes it")
 
     def check_logged_model(self, label: str, trial: LoggedTrial, checkpoint_model: torch.nn.Module | None) -> None:
         uri = trial.tags["model_uri"]
