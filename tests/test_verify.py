@@ -115,6 +115,15 @@ def test_an_intact_sweep_holds_and_verify_writes_nothing(store: Store):
     assert snapshot(store.folder) == before  # no lock file, no artifact, no row changed
 
 
+def test_verify_from_another_folder_creates_nothing_there(store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # models/ is not here: the artifact copies are what is checked
+    result = verify(store, "--rescore", "1")
+    assert result.exit_code == 0, result.stdout
+    assert list(elsewhere.iterdir()) == []
+
+
 def test_json_names_every_problem_with_its_run(store: Store):
     store.client.log_metric(store.other, "kept_val_loss", 123.0)
     result = verify(store, "--format", "json", "--rescore", "1")
