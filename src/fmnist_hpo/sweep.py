@@ -112,7 +112,7 @@ class Sweep:
         self._points = itertools.count(1 + max(started, default=-1))
         if self.pruner is not None:
             for trial in reloaded.done:
-                if trial.status == "ok":
+                if trial.status == "ok" and trial.run_id not in lost_ids:  # a lost one is trained again
                     self.pruner.record(self._curve(self.tracker.history(trial.run_id)))
 
     def _lost_checkpoints(self, done: list[TrialRecord], logged: list[LoggedTrial]) -> list[LoggedTrial]:
