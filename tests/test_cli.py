@@ -94,7 +94,7 @@ def children_of(client: MlflowClient, experiment: str):
 def test_run_end_to_end_into_sqlite(tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.chdir(tmp_path)
     raw = tiny_raw(data_dir, search={"max_evals": 2, "space": {"model.filters": {"choice": [4, 8]}}},
-                   mlflow={"log_model": "best"})
+                   mlflow={"log_model": "best", "time_to_accuracy": [0.05, 0.999]})
     result = runner.invoke(app, ["run", str(write_config(tmp_path, raw)), "--experiment", "e2e"])
     assert result.exit_code == 0, result.output + result.stderr
     assert "best trial" in result.output
@@ -114,6 +114,11 @@ def test_run_end_to_end_into_sqlite(tmp_path: Path, data_dir: Path, monkeypatch:
         for key in ("kept_val_accuracy", "kept_epoch", "test_accuracy", "test_loss", "total_parameters",
                     "train_seconds", "epochs_run"):
             assert key in child.data.metrics
+        # time to accuracy: 5% is reached in the first (only) epoch, 99.9% never, so it is not logged
+        assert child.data.metrics["epochs_to_val_acc_5"] == 1
+        assert child.data.metrics["seconds_to_val_acc_5"] == client.get_metric_history(child.info.run_id,
+                                                                                        "epoch_seconds")[0].value
+        assert "seconds_to_val_acc_99_9" not in child.data.metrics
         assert {"config.yaml", "checkpoint"} <= {a.path for a in client.list_artifacts(child.info.run_id)}
         inputs = client.get_run(child.info.run_id).inputs.dataset_inputs  # dataset lineage: the three splits
         contexts = {tag.value for i in inputs for tag in i.tags if tag.key == "mlflow.data.context"}

@@ -114,6 +114,9 @@ class MlflowConfig:
     tracking_uri: str | None = setting(None, "null: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
     log_model: Literal["best", "all", "none"] = setting("best", "trials whose model is logged as an MLflow model")
     system_metrics: bool = setting(False, "record CPU/GPU utilisation and memory with MLflow's system metrics")
+    time_to_accuracy: list[float] = setting(
+        [0.85, 0.90, 0.92], "validation accuracies whose first reaching each trial logs, as training seconds and "
+        "epochs (seconds_to_val_acc_90, epochs_to_val_acc_90)", gt=0, le=1)
 
 
 @dataclass(frozen=True)

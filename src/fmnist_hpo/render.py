@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import math
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,7 +39,10 @@ HEADERS = {
     "total_parameters": "params",
     "difference_ci95": "difference 95% CI",
     "p_value": "p",
+    "r_squared": "R²",
+    "cut_off": "cut off",
 }
+TARGET_COLUMN = re.compile(r"^to_(\d+)(?:_(\d+))?_(seconds|epochs)$")  # time to a validation accuracy (costs.py)
 COUNT_NAMES = ("finished", "failed", "n", "n_a", "n_b", "trial", "repeat")
 POINTS_COLUMNS = ("mean_gap", "difference", "difference_ci95")  # differences of accuracies: percentage points
 COUNT_SUFFIXES = ("_runs", "epochs", "epochs_run", "parameters")
@@ -64,6 +68,10 @@ def is_config_key(column: str) -> bool:
 def header(column: str) -> str:
     if is_config_key(column):
         return column
+    target = TARGET_COLUMN.match(column)
+    if target:
+        percent = target[1] + (f".{target[2]}" if target[2] else "")
+        return f"{'s' if target[3] == 'seconds' else 'epochs'} to {percent}%"
     return HEADERS.get(column, column.replace("_", " "))
 
 
