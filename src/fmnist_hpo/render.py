@@ -43,8 +43,9 @@ HEADERS = {
     "cut_off": "cut off",
 }
 TARGET_COLUMN = re.compile(r"^to_(\d+)(?:_(\d+))?_(seconds|epochs)$")  # time to a validation accuracy (costs.py)
-COUNT_NAMES = ("finished", "failed", "n", "n_a", "n_b", "trial", "repeat")
-POINTS_COLUMNS = ("mean_gap", "difference", "difference_ci95")  # differences of accuracies: percentage points
+COUNT_NAMES = ("finished", "pruned", "failed", "cut_off", "n", "n_a", "n_b", "trial", "repeat")
+POINTS_COLUMNS = ("mean_gap", "difference", "difference_ci95", "slope")  # differences of accuracies: percentage points
+COEFFICIENTS = ("rho", "r_squared")  # statistics in [-1, 1], shown as they are, never as percentages
 COUNT_SUFFIXES = ("_runs", "epochs", "epochs_run", "parameters")
 
 
@@ -100,7 +101,8 @@ def format_value(column: str, value: Any, percent: bool = False) -> str:
 
 def is_fraction(column: str) -> bool:
     """Whether a numeric column holds an accuracy (or a difference or spread of accuracies)."""
-    return not (is_count(column) or is_config_key(column) or column.endswith("_seconds") or column == "p_value")
+    return not (is_count(column) or is_config_key(column) or column.endswith("_seconds") or column == "p_value"
+                or column in COEFFICIENTS)
 
 
 def unit_of(column: str) -> str:
@@ -114,6 +116,8 @@ def _format_number(column: str, value: float) -> str:
         return f"{value:.1f}"
     if column == "p_value":
         return f"{value:.3g}"
+    if column in COEFFICIENTS:
+        return f"{value:.2f}"
     if is_config_key(column):
         return str(value) if isinstance(value, int) else f"{value:.4g}"
     if isinstance(value, int):
