@@ -205,6 +205,18 @@ def test_flags_show_no_type_in_help():
         assert flag_lines and not [line for line in flag_lines if "<bool>" in line or "--no-" in line]
 
 
+def test_help_uses_conventional_metavars():
+    for command in ("", "run", "validate", "analyze", "serve-ui", "evaluate", "predict", "register", "schema"):
+        result = runner.invoke(app, [*command.split(), "--help"], env={"COLUMNS": "160"})
+        assert result.exit_code == 0
+        assert not [line for line in result.output.splitlines() if "<" in line or "{" in line], result.output
+    usage = {c: runner.invoke(app, [c, "--help"], prog_name="fmnist").output.split("Usage: ")[1].splitlines()[0].strip()
+             for c in ("run", "predict", "evaluate")}
+    assert usage == {"run": "fmnist run [OPTIONS] SPEC...", "predict": "fmnist predict [OPTIONS] MODEL [IMAGE]...",
+                     "evaluate": "fmnist evaluate [OPTIONS] [TARGET]"}
+    assert "KEY=VALUE" in runner.invoke(app, ["run", "--help"], env={"COLUMNS": "160"}).output
+
+
 def test_version():
     from importlib.metadata import version
 

@@ -6,6 +6,7 @@ Heavy modules (torch, mlflow, hyperopt) are imported inside commands so `fmnist 
 from __future__ import annotations
 
 import contextlib
+import functools
 import shlex
 import signal
 import sys
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from fmnist_hpo.cli_help import ConventionalGroup, ConventionalHelp
 from fmnist_hpo.errors import FmnistError, Terminated
 
 if TYPE_CHECKING:
@@ -26,12 +28,14 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=ConventionalGroup,
 )
+app.command = functools.partial(app.command, cls=ConventionalHelp)  # every command: SPEC..., not <list[Path]>
 
-ConfigArg = Annotated[Path, typer.Argument(help="experiment spec (YAML), e.g. configs/exp12.yaml")]
+ConfigArg = Annotated[Path, typer.Argument(metavar="SPEC", help="experiment spec (YAML), e.g. configs/exp12.yaml")]
 SetOption = Annotated[
     list[str] | None,
-    typer.Option("--set", "-s", help="override a key, e.g. --set train.epochs=3 (repeatable)"),
+    typer.Option("--set", "-s", metavar="KEY=VALUE", help="override a key, e.g. --set train.epochs=3 (repeatable)"),
 ]
 
 
@@ -104,6 +108,7 @@ def checked(cfg: Config) -> Resolved:
 
 
 ConfigsArg = Annotated[list[Path], typer.Argument(
+    metavar="SPEC...",
     help="experiment spec(s) (YAML), e.g. configs/exp12.yaml; several run in order, each into its own experiment")]
 
 
@@ -281,6 +286,7 @@ def analyze(
     experiment: Annotated[list[str] | None, typer.Option("--experiment", "-e", help="experiment to analyse (repeatable)")] = None,
     all_experiments: Annotated[bool, typer.Option("--all", help="every experiment with fmnist runs")] = False,
     compare: Annotated[tuple[str, str] | None, typer.Option(
+        metavar="A B",
         help="two groups to test: EXPERIMENT or EXPERIMENT:KEY=VALUE (e.g. exp13:model.dropout_placement=late)")] = None,
     metric: Annotated[str, typer.Option(help="metric for --compare: test_accuracy or kept_val_accuracy")] = "test_accuracy",
     fmt: Annotated[str, typer.Option("--format", help="table, markdown, csv or json")] = "table",
@@ -405,7 +411,8 @@ def evaluate(
 @app.command()
 def predict(
     model: Annotated[str, typer.Argument(help="a run id or a checkpoint file")],
-    images: Annotated[list[Path] | None, typer.Argument(help="PNG/JPEG files, any size, colour or grayscale")] = None,
+    images: Annotated[list[Path] | None, typer.Argument(
+        metavar="IMAGE...", help="PNG/JPEG files, any size, colour or grayscale")] = None,
     idx: Annotated[Path | None, typer.Option(help="an IDX image file (gzipped or not) to predict instead")] = None,
     tracking_uri: TrackingOption = None,
 ) -> None:
