@@ -205,6 +205,21 @@ def test_flags_show_no_type_in_help():
         assert flag_lines and not [line for line in flag_lines if "<bool>" in line or "--no-" in line]
 
 
+def test_a_finished_single_spec_is_not_retrained_silently(tmp_path: Path, data_dir: Path,
+                                                          monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)
+    spec = str(write_config(tmp_path, tiny_raw(data_dir, mlflow={"log_model": "none"})))
+    assert runner.invoke(app, ["run", spec, "-q", "--experiment", "again"]).exit_code == 0
+    second = runner.invoke(app, ["run", spec, "--experiment", "again"])
+    assert second.exit_code == 0, second.output + second.stderr
+    assert "again: finished before (sweep " in second.output and "--fresh to rerun" in second.output
+    assert "best trial 0" in second.output  # its results, as the first run printed them
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert len(children_of(client, "again")[0]) == 1
+    assert runner.invoke(app, ["run", spec, "-q", "--experiment", "again", "--fresh"]).exit_code == 0
+    assert len(children_of(client, "again")[0]) == 2
+
+
 def test_help_uses_conventional_metavars():
     for command in ("", "run", "validate", "analyze", "serve-ui", "evaluate", "predict", "register", "schema"):
         result = runner.invoke(app, [*command.split(), "--help"], env={"COLUMNS": "160"})

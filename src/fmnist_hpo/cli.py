@@ -183,10 +183,14 @@ def run_one(cfg: Config, mode: str, quiet: bool, resume_command: str, register_a
         from fmnist_hpo.sweep import SweepFailed, run_from_config
     if not quiet:
         typer.echo(f"{cfg.experiment}: {'; '.join(resolved.describe())}")
+    result = finished_before_or_fail(cfg) if mode == "ask" else None
+    if result is not None:
+        typer.echo(f"{cfg.experiment}: finished before (sweep {result.parent_run_id}); --fresh to rerun")
     try:
-        with terminate_as_interrupt(), preparing("loading the data and opening the store", not quiet) as ready:
-            result = run_from_config(cfg, show_bars=False if quiet else None, resume=mode, ask=ask_on_terminal(),
-                                     on_ready=ready)
+        if result is None:
+            with terminate_as_interrupt(), preparing("loading the data and opening the store", not quiet) as ready:
+                result = run_from_config(cfg, show_bars=False if quiet else None, resume=mode, ask=ask_on_terminal(),
+                                         on_ready=ready)
     except SweepFailed as exc:
         console.print(results_table(exc.result))
         raise fail(str(exc), code=1) from None
@@ -210,6 +214,16 @@ def run_one(cfg: Config, mode: str, quiet: bool, resume_command: str, register_a
             raise fail(str(exc)) from None
         done = "already registered as" if registered["registered"] == "existing" else "registered"
         typer.echo(f"{done} {register_as} version {registered['version']} (alias champion)")
+
+
+def finished_before_or_fail(cfg: Config) -> object:
+    """The finished sweep of exactly this config (like several specs, one is not retrained silently), or None."""
+    from fmnist_hpo.plan import finished_before
+
+    try:
+        return finished_before(cfg)
+    except FmnistError as exc:
+        raise fail(str(exc)) from None
 
 
 def run_several(cfgs: list[Config], mode: str, quiet: bool, resume_command: str) -> None:
