@@ -274,18 +274,20 @@ def print_estimates(cfgs: list[Config]) -> None:
     """Planned runs and epochs per experiment, and a wall-time estimate from a short timing probe."""
     import torch
 
-    from fmnist_hpo.plan import duration, estimate
+    from fmnist_hpo.plan import SWEEP_FIXED_SECONDS, duration, estimate
 
     resolved = [checked(cfg) for cfg in cfgs]
     cache: dict = {}
-    estimates = [estimate(cfg, torch.device(where.device), cache) for cfg, where in zip(cfgs, resolved, strict=True)]
+    estimates = [estimate(cfg, torch.device(where.device), cache, on_probe=lambda text: typer.echo(f"# {text} ...", err=True))
+                 for cfg, where in zip(cfgs, resolved, strict=True)]
     devices = ", ".join(dict.fromkeys(where.device for where in resolved))
-    typer.echo(f"\n# estimate on {devices}, from a short timing probe of each model (an upper bound: early "
-               "stopping and pruning only shorten it)")
+    typer.echo(f"\n# rough estimate on {devices}, from a short timing probe of each model: every epoch run (early "
+               "stopping and pruning only shorten it), plus per run its test pass, warm-up and logging, and "
+               f"~{SWEEP_FIXED_SECONDS:.0f} s per experiment to start; a busy machine takes longer")
     for e in estimates:
-        typer.echo(f"#   {e.experiment}: {e.runs} run(s) x up to {e.epochs} epoch(s), {e.epoch_seconds:.1f} s/epoch: "
-                   f"{duration(e.total_seconds)}")
-    typer.echo(f"#   total: {duration(sum(e.total_seconds for e in estimates))}")
+        typer.echo(f"#   {e.experiment}: {e.runs} run(s) x up to {e.epochs} epoch(s), {e.epoch_seconds:.1f} s/epoch "
+                   f"+ {e.fixed_seconds:.1f} s per run: about {duration(e.total_seconds)}")
+    typer.echo(f"#   total: about {duration(sum(e.total_seconds for e in estimates))}")
 
 
 @app.command()
