@@ -183,14 +183,13 @@ def run_one(cfg: Config, mode: str, quiet: bool, resume_command: str, register_a
         from fmnist_hpo.sweep import SweepFailed, run_from_config
     if not quiet:
         typer.echo(f"{cfg.experiment}: {'; '.join(resolved.describe())}")
-    result = finished_before_or_fail(cfg) if mode == "ask" else None
-    if result is not None:
-        typer.echo(f"{cfg.experiment}: finished before (sweep {result.parent_run_id}); --fresh to rerun")
+    earlier = finished_before_or_fail(cfg) if mode == "ask" else None
+    if earlier is not None:
+        typer.echo(f"{cfg.experiment}: finished before (sweep {earlier.parent_run_id}); --fresh to rerun")
     try:
-        if result is None:
-            with terminate_as_interrupt(), preparing("loading the data and opening the store", not quiet) as ready:
-                result = run_from_config(cfg, show_bars=False if quiet else None, resume=mode, ask=ask_on_terminal(),
-                                         on_ready=ready)
+        with terminate_as_interrupt(), preparing("loading the data and opening the store", not quiet) as ready:
+            result = earlier or run_from_config(cfg, show_bars=False if quiet else None, resume=mode,
+                                                ask=ask_on_terminal(), on_ready=ready)
     except SweepFailed as exc:
         console.print(results_table(exc.result))
         raise fail(str(exc), code=1) from None
@@ -400,6 +399,7 @@ def evaluate(
 ) -> None:
     """Score a trained model on the test set: accuracy, per-class precision/recall, confusion matrix."""
     from fmnist_hpo.data import CLASSES
+    from fmnist_hpo.inference import confusion_lines
     from fmnist_hpo.modelops import evaluate_and_report, resolve_model
     from fmnist_hpo.tracking import resolve_tracking_uri
 
@@ -418,9 +418,8 @@ def evaluate(
     typer.echo(f"{'class':<12}{'precision':>10}{'recall':>8}")
     for i, cls in enumerate(CLASSES):
         typer.echo(f"{cls:<12}{evaluation.precision[i]:>10.4f}{evaluation.recall[i]:>8.4f}")
-    typer.echo("confusion matrix (rows: true, columns: predicted)")
-    for row in evaluation.confusion:
-        typer.echo(" ".join(f"{count:5d}" for count in row))
+    typer.echo("confusion matrix (rows: true class, columns: predicted class)")
+    typer.echo("\n".join(confusion_lines(evaluation.confusion)))
     typer.echo(f"wrote {written}" + (" and attached it to the run" if log else ""))
 
 
@@ -430,36 +429,53 @@ def predict(
     images: Annotated[list[Path] | None, typer.Argument(
         metavar="IMAGE...", help="PNG/JPEG files, any size, colour or grayscale")] = None,
     idx: Annotated[Path | None, typer.Option(help="an IDX image file (gzipped or not) to predict instead")] = None,
+    labels: Annotated[Path | None, typer.Option(
+        help="IDX labels for --idx, to print the accuracy (default: the labels file beside it, if any)")] = None,
+    limit: Annotated[int, typer.Option(min=0, help="--idx: print this many predictions (0: all)")] = 10,
     tracking_uri: TrackingOption = None,
 ) -> None:
-    """Class name and top-3 probabilities for images."""
+    """Class name and top-3 probabilities for images; with --idx and its labels, the accuracy."""
     import numpy as np
 
     from fmnist_hpo.data import read_idx
-    from fmnist_hpo.inference import load_image, top_k
+    from fmnist_hpo.inference import accuracy_line, labels_beside, load_image, read_labels, top_k
     from fmnist_hpo.modelops import resolve_model
     from fmnist_hpo.tracking import resolve_tracking_uri
 
     if not images and idx is None:
         raise fail("give image files, or --idx FILE")
-    for path in [*(images or []), *([idx] if idx is not None else [])]:
+    if labels is not None and idx is None:
+        raise fail("--labels goes with --idx FILE")
+    for path in [*(images or []), *([idx] if idx is not None else []), *([labels] if labels is not None else [])]:
         if not path.is_file():
             raise fail(f"{path}: {'is a directory, not an image file' if path.is_dir() else 'no such file'}")
+    truth = None
     try:
         resolved = resolve_model(model, resolve_tracking_uri(tracking_uri))
         if idx is not None:
             batch = read_idx(idx)
             if batch.ndim != 3 or batch.shape[1:] != (28, 28):
                 raise FmnistError(f"{idx}: expected 28x28 images, got shape {batch.shape}")
+            labels = labels or labels_beside(idx)
+            truth = read_labels(labels, len(batch)) if labels is not None else None
+            total = len(batch)
+            if truth is None and limit:
+                batch = batch[:limit]  # nothing to score: predict only what is printed
             names = [f"{idx.name}[{i}]" for i in range(len(batch))]
         else:
             batch = np.stack([load_image(path) for path in images])
             names = [str(path) for path in images]
+            total = len(names)
     except FmnistError as exc:
         raise fail(str(exc)) from None
-    for name, ranked in zip(names, top_k(resolved.model, batch), strict=True):
-        shown = ", ".join(f"{cls} {p:.3f}" for cls, p in ranked)
-        typer.echo(f"{name}: {ranked[0][0]}  ({shown})")
+    ranked_all = top_k(resolved.model, batch)
+    shown = len(names) if idx is None or not limit else min(limit, len(names))
+    for name, ranked in zip(names[:shown], ranked_all, strict=False):
+        typer.echo(f"{name}: {ranked[0][0]}  ({', '.join(f'{cls} {p:.3f}' for cls, p in ranked)})")
+    if shown < total:
+        typer.echo(f"... {total - shown} more not shown (--limit 0 prints all)")
+    if truth is not None:
+        typer.echo(accuracy_line(ranked_all, truth, labels))
 
 
 @app.command()
