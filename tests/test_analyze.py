@@ -207,7 +207,7 @@ def test_plots_are_real_pngs(store: str, tmp_path: Path):
     assert result.exit_code == 0, result.stderr
     names = sorted(p.name for p in (tmp_path / "plots").iterdir())
     assert names == ["beta_by_model.filters.png", "beta_learning_curves.png",
-                     "beta_optimisation_history.png", "beta_parameters_vs_accuracy.png"]
+                     "beta_optimisation_history.png", "beta_pareto.png"]
     for path in (tmp_path / "plots").iterdir():
         image = Image.open(path)
         assert image.format == "PNG"
@@ -237,6 +237,9 @@ def test_report_has_units_even_headings_and_the_plots_file_mode(store: str, tmp_
     assert "Round" not in text and "gap (train accuracy at the kept epoch minus test accuracy) +5.00 points" in text
     png = next((tmp_path / "plots").iterdir())
     assert stat.S_IMODE(report.stat().st_mode) == stat.S_IMODE(png.stat().st_mode)
+    for plot in (tmp_path / "plots").iterdir():  # the report stands alone: every plot it was written with
+        assert f"](plots/{plot.name})" in text
+    assert "from 5 trial runs (4 finished, 0 pruned, 1 failed, 0 cut off)" in text  # as the tables count them
 
 
 def test_unknown_experiment_lists_the_known_ones(store: str):

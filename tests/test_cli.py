@@ -94,7 +94,7 @@ def children_of(client: MlflowClient, experiment: str):
 def test_run_end_to_end_into_sqlite(tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.chdir(tmp_path)
     raw = tiny_raw(data_dir, search={"max_evals": 2, "space": {"model.filters": {"choice": [4, 8]}}},
-                   mlflow={"log_model": "best"})
+                   mlflow={"log_model": "best", "time_to_accuracy": [0.05, 0.999]})
     result = runner.invoke(app, ["run", str(write_config(tmp_path, raw)), "--experiment", "e2e"])
     assert result.exit_code == 0, result.output + result.stderr
     assert "best trial" in result.output
@@ -117,6 +117,11 @@ def test_run_end_to_end_into_sqlite(tmp_path: Path, data_dir: Path, monkeypatch:
         epochs = client.get_metric_history(child.info.run_id, "epoch_seconds")
         assert child.data.metrics["trial_seconds"] == pytest.approx(sum(m.value for m in epochs))
         assert child.data.metrics["kept_epoch"] == 1 == int(child.data.tags["kept_epoch"])  # epochs count from 1
+        # time to accuracy: 5% is reached in the first (only) epoch, 99.9% never, so it is not logged
+        assert child.data.metrics["epochs_to_val_acc_5"] == 1
+        assert child.data.metrics["seconds_to_val_acc_5"] == client.get_metric_history(child.info.run_id,
+                                                                                        "epoch_seconds")[0].value
+        assert "seconds_to_val_acc_99_9" not in child.data.metrics
         assert {"config.yaml", "checkpoint"} <= {a.path for a in client.list_artifacts(child.info.run_id)}
         inputs = client.get_run(child.info.run_id).inputs.dataset_inputs  # dataset lineage: the three splits
         contexts = {tag.value for i in inputs for tag in i.tags if tag.key == "mlflow.data.context"}
@@ -201,6 +206,33 @@ def test_flags_show_no_type_in_help():
         flag_lines = [line for line in result.output.splitlines()
                       if any(f"{flag} " in line for flag in ("--dry-run", "--resume", "--fresh", "--quiet", "--best", "--log"))]
         assert flag_lines and not [line for line in flag_lines if "<bool>" in line or "--no-" in line]
+
+
+def test_a_finished_single_spec_is_not_retrained_silently(tmp_path: Path, data_dir: Path,
+                                                          monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)
+    spec = str(write_config(tmp_path, tiny_raw(data_dir, mlflow={"log_model": "none"})))
+    assert runner.invoke(app, ["run", spec, "-q", "--experiment", "again"]).exit_code == 0
+    second = runner.invoke(app, ["run", spec, "--experiment", "again"])
+    assert second.exit_code == 0, second.output + second.stderr
+    assert "again: finished before (sweep " in second.output and "--fresh to rerun" in second.output
+    assert "best trial 0" in second.output  # its results, as the first run printed them
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert len(children_of(client, "again")[0]) == 1
+    assert runner.invoke(app, ["run", spec, "-q", "--experiment", "again", "--fresh"]).exit_code == 0
+    assert len(children_of(client, "again")[0]) == 2
+
+
+def test_help_uses_conventional_metavars():
+    for command in ("", "run", "validate", "analyze", "serve-ui", "evaluate", "predict", "register", "schema"):
+        result = runner.invoke(app, [*command.split(), "--help"], env={"COLUMNS": "160"})
+        assert result.exit_code == 0
+        assert not [line for line in result.output.splitlines() if "<" in line or "{" in line], result.output
+    usage = {c: runner.invoke(app, [c, "--help"], prog_name="fmnist").output.split("Usage: ")[1].splitlines()[0].strip()
+             for c in ("run", "predict", "evaluate")}
+    assert usage == {"run": "fmnist run [OPTIONS] SPEC...", "predict": "fmnist predict [OPTIONS] MODEL [IMAGE]...",
+                     "evaluate": "fmnist evaluate [OPTIONS] [TARGET]"}
+    assert "KEY=VALUE" in runner.invoke(app, ["run", "--help"], env={"COLUMNS": "160"}).output
 
 
 def test_version():

@@ -65,6 +65,21 @@ def test_missing_file():
         config.load("does/not/exist.yaml")
 
 
+def test_a_missing_spec_suggests_the_one_it_probably_meant(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs").mkdir()
+    for name in ("quick.yaml", "exp01_baseline_batchnorm.yaml", "exp12.yaml"):
+        (tmp_path / "configs" / name).write_text("experiment: x\n")
+    for given, meant in (("quick", "configs/quick.yaml"), ("configs/quick.yml", "configs/quick.yaml"),
+                         ("exp01", "configs/exp01_baseline_batchnorm.yaml"), ("configs/quik.yaml", "configs/quick.yaml")):
+        with pytest.raises(ConfigError) as info:
+            config.load(given)
+        assert str(info.value) == f"{given}: no such file (did you mean {meant}?)"
+    with pytest.raises(ConfigError) as info:
+        config.load("configs/zzzz.yaml")
+    assert str(info.value) == "configs/zzzz.yaml: no such file"
+
+
 def test_overrides_are_typed_and_validated(tmp_path: Path):
     path = tmp_path / "x.yaml"
     path.write_text("train:\n  epochs: 5\n")

@@ -69,6 +69,11 @@ def test_evaluate_matches_a_direct_computation(in_sweep_folder: dict, tmp_path: 
     assert f"test accuracy {accuracy:.4f}" in result.stdout
     recall_0 = float((predicted[labels == 0] == 0).mean())
     assert f"{CLASSES[0]:<12}" in result.stdout and f"{recall_0:>8.4f}" in result.stdout
+    matrix = result.stdout.split("columns: predicted class)\n")[1].splitlines()
+    assert matrix[0].split() == ["T-shirt", "Trouser", "Pullove", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                                 "Bag", "Ankle", "b"]  # every column named, every row too
+    assert [line[:12].strip() for line in matrix[1:11]] == list(CLASSES)
+    assert int(matrix[1].split()[1]) == int(((labels == 0) & (predicted == 0)).sum())
     assert Image.open(png).format == "PNG"
     run = sweep["client"].get_run(sweep["best"])
     assert run.data.metrics["eval_test_accuracy"] == pytest.approx(accuracy)
@@ -102,9 +107,17 @@ def test_predict_images_and_idx(in_sweep_folder: dict, tmp_path: Path):
     assert lines[0].startswith(f"{gray}: {CLASSES[top[0]]}")
     assert f"{CLASSES[top[0]]} {expected[0].max():.3f}" in lines[0]
     assert lines[1].startswith(f"{colour}: {CLASSES[top[1]]}")
-    idx = runner.invoke(app, ["predict", sweep["best"], "--idx", str(next(sweep["data_dir"].glob(FILES["test_images"] + "*"))),
-                              "--tracking-uri", sweep["uri"]])
-    assert idx.exit_code == 0 and len(idx.stdout.strip().splitlines()) == len(images)
+    idx_file = str(next(sweep["data_dir"].glob(FILES["test_images"] + "*")))
+    idx = runner.invoke(app, ["predict", sweep["best"], "--idx", idx_file, "--tracking-uri", sweep["uri"], "--limit", "3"])
+    assert idx.exit_code == 0, idx.stderr
+    lines = idx.stdout.strip().splitlines()
+    assert [line.split(":")[0] for line in lines[:3]] == [f"{Path(idx_file).name}[{i}]" for i in range(3)]
+    assert lines[3] == f"... {len(images) - 3} more not shown (--limit 0 prints all)"
+    labels = read_idx(next(sweep["data_dir"].glob(FILES["test_labels"] + "*")))  # found beside the images
+    right = int((predict_logits(load_model(checkpoint), images).argmax(1).numpy() == labels).sum())
+    assert lines[4].startswith(f"accuracy {right / len(images):.4f} ({right} of {len(images)} images right; labels: ")
+    everything = runner.invoke(app, ["predict", str(checkpoint), "--idx", idx_file, "--limit", "0"])
+    assert len(everything.stdout.strip().splitlines()) == len(images) + 1  # every image, then the accuracy
     not_image = tmp_path / "notes.png"
     not_image.write_text("hello")
     bad = runner.invoke(app, ["predict", str(checkpoint), str(not_image)])

@@ -89,5 +89,6 @@ def test_the_report_has_the_study_shape(report: str):
     assert "### exp13: dropout placement (selected on validation: all)" in report
     assert "| all | 2 | 93.60% | 93.10% ± 0.14 points |" in report
     assert "300K-800K parameters is the efficient range" in report and "exploratory" in report
-    assert "## Plots" in report and "](plots/exp01_learning_curves.png)" in report
     assert "## Each experiment" in report
+    exp01 = report[report.index("## exp01"):report.index("## exp02")]
+    assert "![exp01_learning_curves](plots/exp01_learning_curves.png)" in exp01  # each plot beside its tables

@@ -108,7 +108,31 @@ def test_a_dry_run_estimates_each_experiment(tmp_path: Path, data_dir: Path, mon
                                                                model={"filters": 16}))]
     result = runner.invoke(app, ["run", *paths, "--dry-run"])
     assert result.exit_code == 0, result.stderr
-    assert "# estimate on cpu" in result.stdout
+    assert "# rough estimate on cpu" in result.stdout and "test pass, warm-up and logging" in result.stdout
     assert "#   small: 2 run(s) x up to 1 epoch(s)" in result.stdout
-    assert "#   large: 2 run(s) x up to 3 epoch(s)" in result.stdout and "#   total:" in result.stdout
+    assert "#   large: 2 run(s) x up to 3 epoch(s)" in result.stdout and "#   total: about" in result.stdout
+    assert "# timing small: model 1 of 1 ..." in result.stderr  # progress while the probe runs
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_the_estimate_adds_fixed_costs_to_the_epochs(monkeypatch: pytest.MonkeyPatch):
+    from fmnist_hpo import config as config_module
+    from fmnist_hpo import plan
+
+    monkeypatch.setattr(plan, "probe", lambda cfg, device: plan.Probe(epoch_seconds=2.0, test_seconds=0.5,
+                                                                      warmup_seconds=1.5))
+    cfg = config_module.validate({"train": {"epochs": 4}, "search": {"max_evals": 3, "space": {
+        "train.lr": {"loguniform": [1e-4, 1e-2]}}}})
+    said = []
+    result = plan.estimate(cfg, "cpu", on_probe=said.append)
+    assert result.run_seconds == pytest.approx(4 * 2.0 + 0.5 + 1.5 + plan.TRIAL_FIXED_SECONDS)
+    assert result.total_seconds == pytest.approx(3 * result.run_seconds + plan.SWEEP_FIXED_SECONDS)
+    assert said == ["timing default: model 1 of 1"]
+
+
+def test_a_step_costs_the_median_of_its_rounds(monkeypatch: pytest.MonkeyPatch):
+    from fmnist_hpo import plan
+
+    rounds = iter([0.1, 5.0, 0.12])  # one round slowed by a busy core: three rounds, then the budget is spent
+    monkeypatch.setattr(plan, "_timed", lambda fn: next(rounds))
+    assert plan._median_seconds(lambda: None) == pytest.approx(0.12)

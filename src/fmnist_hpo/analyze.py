@@ -8,6 +8,7 @@ accuracy is only ever reported. Significance verdicts are given only where the d
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import statistics
 from typing import Any
@@ -16,9 +17,12 @@ from fmnist_hpo.errors import FmnistError
 from fmnist_hpo.records import TRIAL_SECONDS, LoggedTrial
 from fmnist_hpo.render import Section
 from fmnist_hpo.selection import Selection, select
-from fmnist_hpo.stats import Comparison, compare, summarize
+from fmnist_hpo.stats import Comparison, Trend, compare, summarize, trend
 
 MAX_GROUPS = 8  # more distinct values (more than 4 for a continuous one) are grouped into quartile ranges
+# space primitives whose values are numbers on a line: analysed as a trend, not as groups of one run each
+CONTINUOUS_PRIMITIVES = ("uniform", "loguniform", "quniform", "qloguniform", "normal", "randint")
+LOG_PRIMITIVES = ("loguniform", "qloguniform")
 
 
 class AnalysisError(FmnistError):
@@ -47,6 +51,23 @@ def has_repeats(trials: list[LoggedTrial]) -> bool:
     return any(t.repeat for t in trials)
 
 
+def outcome_of(trial: LoggedTrial) -> str:
+    """finished, pruned, failed or cut off (interrupted: killed, left running, or closed to be run again)."""
+    if trial.tags.get("interrupted") == "true" or trial.status in ("KILLED", "RUNNING"):
+        return "cut off"
+    if trial.status == "FAILED":  # abandoned: interrupted, then a fresh sweep of its config was started instead
+        return "cut off" if trial.tags.get("failure_reason", "").startswith("abandoned") else "failed"
+    if trial.tags.get("pruned") == "true":
+        return "pruned"
+    return "finished" if "test_accuracy" in trial.metrics else "cut off"
+
+
+def outcome_counts(trials: list[LoggedTrial]) -> dict[str, int]:
+    """Every trial run in exactly one outcome, so the counts add up to the runs read."""
+    outcomes = [outcome_of(t) for t in trials]
+    return {name.replace(" ", "_"): outcomes.count(name) for name in ("finished", "pruned", "failed", "cut off")}
+
+
 def summary_row(experiment: str, trials: list[LoggedTrial]) -> dict[str, Any]:
     done = finished(trials)
     chosen = selection_of(trials)
@@ -54,8 +75,7 @@ def summary_row(experiment: str, trials: list[LoggedTrial]) -> dict[str, Any]:
     gaps = [t.metrics["kept_train_accuracy"] - t.metrics["test_accuracy"] for t in done if "kept_train_accuracy" in t.metrics]
     return {
         "experiment": experiment,
-        "finished": len(done),
-        "failed": sum(t.status == "FAILED" for t in trials),
+        **outcome_counts(trials),
         "selected_runs": len(chosen.runs) if chosen else 0,
         "selected_val_accuracy": chosen.mean(lambda t: t.metrics["kept_val_accuracy"]) if chosen else math.nan,
         "selected_test_accuracy": chosen.mean(lambda t: t.metrics["test_accuracy"]) if chosen else math.nan,
@@ -103,6 +123,49 @@ def searched_keys(trials: list[LoggedTrial]) -> list[str]:
     return list(dict.fromkeys(k for t in trials for k in t.values))
 
 
+def space_of(trials: list[LoggedTrial]) -> dict[str, str]:
+    """Searched key -> its space primitive (loguniform, choice, ...), as the sweeps logged their space;
+    for a key no logged space names, inferred from its values: many distinct numbers are continuous,
+    and positive ones over two decades or more are taken as log-scaled."""
+    kinds: dict[str, str] = {}
+    for raw in dict.fromkeys(t.params.get("search.space", "") for t in trials):
+        try:
+            space = json.loads(raw) if raw else {}
+        except ValueError:
+            continue  # a space too long for MLflow's param limit was cut off: infer from the values
+        for key, entry in space.items() if isinstance(space, dict) else ():
+            if isinstance(entry, dict) and len(entry) == 1:
+                kinds.setdefault(key, next(iter(entry)))
+    for key in searched_keys(trials):
+        kinds.setdefault(key, _inferred_kind([t.values[key] for t in trials if key in t.values]))
+    return kinds
+
+
+def _inferred_kind(values: list[Any]) -> str:
+    distinct = {_hashable(v) for v in values}
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in distinct):
+        return "choice"
+    if len(distinct) <= MAX_GROUPS and all(float(v).is_integer() for v in distinct):
+        return "choice"
+    if min(distinct) > 0 and max(distinct) / min(distinct) >= 100:
+        return "loguniform"
+    return "uniform"
+
+
+def continuous_keys(trials: list[LoggedTrial]) -> list[str]:
+    kinds = space_of(trials)
+    return [k for k in searched_keys(trials) if kinds.get(k) in CONTINUOUS_PRIMITIVES]
+
+
+def discrete_keys(trials: list[LoggedTrial]) -> list[str]:
+    continuous = continuous_keys(trials)
+    return [k for k in searched_keys(trials) if k not in continuous]
+
+
+def is_log_scaled(trials: list[LoggedTrial], key: str) -> bool:
+    return space_of(trials).get(key) in LOG_PRIMITIVES
+
+
 def parameter_groups(trials: list[LoggedTrial], key: str) -> list[tuple[str, list[LoggedTrial]]]:
     """(label, trials) per value of key; many distinct numbers are binned into quartile ranges."""
     with_key = [t for t in finished(trials) if key in t.values]
@@ -141,12 +204,33 @@ def _label(value: Any) -> str:
 def by_parameter(experiment: str, trials: list[LoggedTrial]) -> Section:
     section = Section(f"{experiment}: accuracy by value of each searched parameter",
                       ["parameter", "value", "n", "val_mean", "val_std", "test_mean", "test_std"])
-    for key in searched_keys(trials):
+    for key in discrete_keys(trials):
         for label, members in parameter_groups(trials, key):
             val = summarize(metric_values(members, "kept_val_accuracy"))
             test = summarize(metric_values(members, "test_accuracy"))
             section.rows.append({"parameter": key, "value": label, "n": val.n, "val_mean": val.mean,
                                  "val_std": val.std, "test_mean": test.mean, "test_std": test.std})
+    return section
+
+
+def trend_of(trials: list[LoggedTrial], key: str, metric: str = "kept_val_accuracy") -> Trend:
+    done = [t for t in finished(trials) if key in t.values and metric in t.metrics]
+    return trend([float(t.values[key]) for t in done], [t.metrics[metric] for t in done], is_log_scaled(trials, key))
+
+
+def trends(experiment: str, trials: list[LoggedTrial]) -> Section:
+    """Per continuous searched key: how validation accuracy moves with it, over every finished run."""
+    section = Section(f"{experiment}: validation accuracy against continuous parameters (Spearman's rho; "
+                      "line slope, per decade on a log scale)",
+                      ["parameter", "scale", "range", "n", "rho", "p_value", "slope", "r_squared"])
+    for key in continuous_keys(trials):
+        values = [t.values[key] for t in finished(trials) if key in t.values]
+        log = is_log_scaled(trials, key)
+        result = trend_of(trials, key)
+        section.rows.append({"parameter": key, "scale": "log" if log else "linear",
+                             "range": f"{_label(float(min(values)))}–{_label(float(max(values)))}" if values else "-",
+                             "n": result.n, "rho": result.rho, "p_value": result.p_value, "slope": result.slope,
+                             "r_squared": result.r_squared})
     return section
 
 
@@ -211,16 +295,3 @@ def select_group(trials: list[LoggedTrial], key: str | None, value: str | None) 
     if key is None:
         return finished(trials)
     return [t for t in finished(trials) if key in t.values and _label(_hashable(t.values[key])) == value]
-
-
-def analysis_sections(trials_by_experiment: dict[str, list[LoggedTrial]]) -> list[Section]:
-    summary = Section("Summary", SUMMARY_COLUMNS,
-                      [summary_row(name, trials) for name, trials in trials_by_experiment.items()])
-    sections = [summary]
-    for name, trials in trials_by_experiment.items():
-        if not finished(trials):
-            continue
-        sections.append(top_trials(name, trials))
-        if searched_keys(trials):
-            sections.append(by_parameter(name, trials))
-    return sections

@@ -5,9 +5,24 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fmnist_hpo.analyze import AnalysisError, analysis_sections, comparison_section, finished, parse_group, select_group
+from fmnist_hpo.analyze import (
+    SUMMARY_COLUMNS,
+    AnalysisError,
+    by_parameter,
+    comparison_section,
+    continuous_keys,
+    discrete_keys,
+    finished,
+    parse_group,
+    select_group,
+    summary_row,
+    top_trials,
+    trends,
+)
+from fmnist_hpo.costs import cost_sections, pareto_section
 from fmnist_hpo.records import LoggedTrial
 from fmnist_hpo.render import Section
+from fmnist_hpo.spec_diff import spec_difference
 
 COMPARE_METRICS = ("test_accuracy", "kept_val_accuracy")
 
@@ -44,12 +59,14 @@ def run_analysis(request: AnalysisRequest) -> AnalysisResult:
         raise AnalysisError(f"{', '.join(names)}: no finished runs yet")
     sections = analysis_sections(trials)
     if request.compare:
-        sections.append(_comparison(request, trials))
+        sections += _comparison(request, trials)
     result = AnalysisResult(sections)
+    plots: dict[str, list[Path]] = {}
     if request.plots_dir:
         from fmnist_hpo.plots import write_plots
 
-        result.plots = [str(p) for p in write_plots(reader, trials, Path(request.plots_dir))]
+        plots = write_plots(reader, trials, Path(request.plots_dir))
+        result.plots = [str(p) for paths in plots.values() for p in paths]
     if request.report_path:
         from fmnist_hpo.report import build_report, write_report
         from fmnist_hpo.study import is_study
@@ -58,15 +75,34 @@ def run_analysis(request: AnalysisRequest) -> AnalysisResult:
         descriptions = {n: reader.sweep_description(n) for n in names}
         report_path = Path(request.report_path)
         if is_study(names):
-            text = build_study_report(trials, descriptions, request.tracking_uri, report_path, result.plots)
+            text = build_study_report(trials, descriptions, request.tracking_uri, report_path, plots)
         else:
-            text = build_report(trials, descriptions, request.tracking_uri)
+            text = build_report(trials, descriptions, request.tracking_uri, report_path, plots)
         write_report(report_path, text)
         result.report = request.report_path
     return result
 
 
-def _comparison(request: AnalysisRequest, trials: dict[str, list[LoggedTrial]]) -> Section:
+def analysis_sections(trials_by_experiment: dict[str, list[LoggedTrial]]) -> list[Section]:
+    summary = Section("Summary", SUMMARY_COLUMNS,
+                      [summary_row(name, trials) for name, trials in trials_by_experiment.items()])
+    sections = [summary]
+    for name, trials in trials_by_experiment.items():
+        if not finished(trials):
+            continue
+        sections.append(top_trials(name, trials))
+        if discrete_keys(trials):
+            sections.append(by_parameter(name, trials))
+        if continuous_keys(trials):
+            sections.append(trends(name, trials))
+        sections += cost_sections(name, trials)
+    if sum(bool(finished(t)) for t in trials_by_experiment.values()) > 1:
+        sections.append(pareto_section("All experiments", trials_by_experiment))
+    return sections
+
+
+def _comparison(request: AnalysisRequest, trials: dict[str, list[LoggedTrial]]) -> list[Section]:
+    """The test of the difference, and beside it what differs between the groups' specs and machines."""
     if len(request.compare) != 2:
         raise AnalysisError("--compare takes exactly two groups: --compare A B")
     (a_spec, b_spec) = request.compare
@@ -77,4 +113,5 @@ def _comparison(request: AnalysisRequest, trials: dict[str, list[LoggedTrial]]) 
         if not members:
             raise AnalysisError(f"--compare {spec!r}: no finished runs match")
         groups.append(members)
-    return comparison_section(a_spec, groups[0], b_spec, groups[1], request.metric)
+    return [comparison_section(a_spec, groups[0], b_spec, groups[1], request.metric),
+            spec_difference(a_spec, groups[0], b_spec, groups[1])]

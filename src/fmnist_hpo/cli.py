@@ -6,6 +6,7 @@ Heavy modules (torch, mlflow, hyperopt) are imported inside commands so `fmnist 
 from __future__ import annotations
 
 import contextlib
+import functools
 import shlex
 import signal
 import sys
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from fmnist_hpo.cli_help import ConventionalGroup, ConventionalHelp
 from fmnist_hpo.errors import FmnistError, Terminated
 
 if TYPE_CHECKING:
@@ -26,12 +28,14 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=ConventionalGroup,
 )
+app.command = functools.partial(app.command, cls=ConventionalHelp)  # every command: SPEC..., not <list[Path]>
 
-ConfigArg = Annotated[Path, typer.Argument(help="experiment spec (YAML), e.g. configs/exp12.yaml")]
+ConfigArg = Annotated[Path, typer.Argument(metavar="SPEC", help="experiment spec (YAML), e.g. configs/exp12.yaml")]
 SetOption = Annotated[
     list[str] | None,
-    typer.Option("--set", "-s", help="override a key, e.g. --set train.epochs=3 (repeatable)"),
+    typer.Option("--set", "-s", metavar="KEY=VALUE", help="override a key, e.g. --set train.epochs=3 (repeatable)"),
 ]
 
 
@@ -104,6 +108,7 @@ def checked(cfg: Config) -> Resolved:
 
 
 ConfigsArg = Annotated[list[Path], typer.Argument(
+    metavar="SPEC...",
     help="experiment spec(s) (YAML), e.g. configs/exp12.yaml; several run in order, each into its own experiment")]
 
 
@@ -178,10 +183,13 @@ def run_one(cfg: Config, mode: str, quiet: bool, resume_command: str, register_a
         from fmnist_hpo.sweep import SweepFailed, run_from_config
     if not quiet:
         typer.echo(f"{cfg.experiment}: {'; '.join(resolved.describe())}")
+    earlier = finished_before_or_fail(cfg) if mode == "ask" else None
+    if earlier is not None:
+        typer.echo(f"{cfg.experiment}: finished before (sweep {earlier.parent_run_id}); --fresh to rerun")
     try:
         with terminate_as_interrupt(), preparing("loading the data and opening the store", not quiet) as ready:
-            result = run_from_config(cfg, show_bars=False if quiet else None, resume=mode, ask=ask_on_terminal(),
-                                     on_ready=ready)
+            result = earlier or run_from_config(cfg, show_bars=False if quiet else None, resume=mode,
+                                                ask=ask_on_terminal(), on_ready=ready)
     except SweepFailed as exc:
         console.print(results_table(exc.result))
         raise fail(str(exc), code=1) from None
@@ -205,6 +213,16 @@ def run_one(cfg: Config, mode: str, quiet: bool, resume_command: str, register_a
             raise fail(str(exc)) from None
         done = "already registered as" if registered["registered"] == "existing" else "registered"
         typer.echo(f"{done} {register_as} version {registered['version']} (alias champion)")
+
+
+def finished_before_or_fail(cfg: Config) -> object:
+    """The finished sweep of exactly this config (like several specs, one is not retrained silently), or None."""
+    from fmnist_hpo.plan import finished_before
+
+    try:
+        return finished_before(cfg)
+    except FmnistError as exc:
+        raise fail(str(exc)) from None
 
 
 def run_several(cfgs: list[Config], mode: str, quiet: bool, resume_command: str) -> None:
@@ -261,18 +279,20 @@ def print_estimates(cfgs: list[Config]) -> None:
     """Planned runs and epochs per experiment, and a wall-time estimate from a short timing probe."""
     import torch
 
-    from fmnist_hpo.plan import duration, estimate
+    from fmnist_hpo.plan import SWEEP_FIXED_SECONDS, duration, estimate
 
     resolved = [checked(cfg) for cfg in cfgs]
     cache: dict = {}
-    estimates = [estimate(cfg, torch.device(where.device), cache) for cfg, where in zip(cfgs, resolved, strict=True)]
+    estimates = [estimate(cfg, torch.device(where.device), cache, on_probe=lambda text: typer.echo(f"# {text} ...", err=True))
+                 for cfg, where in zip(cfgs, resolved, strict=True)]
     devices = ", ".join(dict.fromkeys(where.device for where in resolved))
-    typer.echo(f"\n# estimate on {devices}, from a short timing probe of each model (an upper bound: early "
-               "stopping and pruning only shorten it)")
+    typer.echo(f"\n# rough estimate on {devices}, from a short timing probe of each model: every epoch run (early "
+               "stopping and pruning only shorten it), plus per run its test pass, warm-up and logging, and "
+               f"~{SWEEP_FIXED_SECONDS:.0f} s per experiment to start; a busy machine takes longer")
     for e in estimates:
-        typer.echo(f"#   {e.experiment}: {e.runs} run(s) x up to {e.epochs} epoch(s), {e.epoch_seconds:.1f} s/epoch: "
-                   f"{duration(e.total_seconds)}")
-    typer.echo(f"#   total: {duration(sum(e.total_seconds for e in estimates))}")
+        typer.echo(f"#   {e.experiment}: {e.runs} run(s) x up to {e.epochs} epoch(s), {e.epoch_seconds:.1f} s/epoch "
+                   f"+ {e.fixed_seconds:.1f} s per run: about {duration(e.total_seconds)}")
+    typer.echo(f"#   total: about {duration(sum(e.total_seconds for e in estimates))}")
 
 
 @app.command()
@@ -287,6 +307,7 @@ def analyze(
     experiment: Annotated[list[str] | None, typer.Option("--experiment", "-e", help="experiment to analyse (repeatable)")] = None,
     all_experiments: Annotated[bool, typer.Option("--all", help="every experiment with fmnist runs")] = False,
     compare: Annotated[tuple[str, str] | None, typer.Option(
+        metavar="A B",
         help="two groups to test: EXPERIMENT or EXPERIMENT:KEY=VALUE (e.g. exp13:model.dropout_placement=late)")] = None,
     metric: Annotated[str, typer.Option(help="metric for --compare: test_accuracy or kept_val_accuracy")] = "test_accuracy",
     fmt: Annotated[str, typer.Option("--format", help="table, markdown, csv or json")] = "table",
@@ -384,6 +405,7 @@ def evaluate(
 ) -> None:
     """Score a trained model on the test set: accuracy, per-class precision/recall, confusion matrix."""
     from fmnist_hpo.data import CLASSES
+    from fmnist_hpo.inference import confusion_lines
     from fmnist_hpo.modelops import evaluate_and_report, resolve_model
     from fmnist_hpo.tracking import resolve_tracking_uri
 
@@ -402,47 +424,64 @@ def evaluate(
     typer.echo(f"{'class':<12}{'precision':>10}{'recall':>8}")
     for i, cls in enumerate(CLASSES):
         typer.echo(f"{cls:<12}{evaluation.precision[i]:>10.4f}{evaluation.recall[i]:>8.4f}")
-    typer.echo("confusion matrix (rows: true, columns: predicted)")
-    for row in evaluation.confusion:
-        typer.echo(" ".join(f"{count:5d}" for count in row))
+    typer.echo("confusion matrix (rows: true class, columns: predicted class)")
+    typer.echo("\n".join(confusion_lines(evaluation.confusion)))
     typer.echo(f"wrote {written}" + (" and attached it to the run" if log else ""))
 
 
 @app.command()
 def predict(
     model: Annotated[str, typer.Argument(help="a run id or a checkpoint file")],
-    images: Annotated[list[Path] | None, typer.Argument(help="PNG/JPEG files, any size, colour or grayscale")] = None,
+    images: Annotated[list[Path] | None, typer.Argument(
+        metavar="IMAGE...", help="PNG/JPEG files, any size, colour or grayscale")] = None,
     idx: Annotated[Path | None, typer.Option(help="an IDX image file (gzipped or not) to predict instead")] = None,
+    labels: Annotated[Path | None, typer.Option(
+        help="IDX labels for --idx, to print the accuracy (default: the labels file beside it, if any)")] = None,
+    limit: Annotated[int, typer.Option(min=0, help="--idx: print this many predictions (0: all)")] = 10,
     tracking_uri: TrackingOption = None,
 ) -> None:
-    """Class name and top-3 probabilities for images."""
+    """Class name and top-3 probabilities for images; with --idx and its labels, the accuracy."""
     import numpy as np
 
     from fmnist_hpo.data import read_idx
-    from fmnist_hpo.inference import load_image, top_k
+    from fmnist_hpo.inference import accuracy_line, labels_beside, load_image, read_labels, top_k
     from fmnist_hpo.modelops import resolve_model
     from fmnist_hpo.tracking import resolve_tracking_uri
 
     if not images and idx is None:
         raise fail("give image files, or --idx FILE")
-    for path in [*(images or []), *([idx] if idx is not None else [])]:
+    if labels is not None and idx is None:
+        raise fail("--labels goes with --idx FILE")
+    for path in [*(images or []), *([idx] if idx is not None else []), *([labels] if labels is not None else [])]:
         if not path.is_file():
             raise fail(f"{path}: {'is a directory, not an image file' if path.is_dir() else 'no such file'}")
+    truth = None
     try:
         resolved = resolve_model(model, resolve_tracking_uri(tracking_uri))
         if idx is not None:
             batch = read_idx(idx)
             if batch.ndim != 3 or batch.shape[1:] != (28, 28):
                 raise FmnistError(f"{idx}: expected 28x28 images, got shape {batch.shape}")
+            labels = labels or labels_beside(idx)
+            truth = read_labels(labels, len(batch)) if labels is not None else None
+            total = len(batch)
+            if truth is None and limit:
+                batch = batch[:limit]  # nothing to score: predict only what is printed
             names = [f"{idx.name}[{i}]" for i in range(len(batch))]
         else:
             batch = np.stack([load_image(path) for path in images])
             names = [str(path) for path in images]
+            total = len(names)
     except FmnistError as exc:
         raise fail(str(exc)) from None
-    for name, ranked in zip(names, top_k(resolved.model, batch), strict=True):
-        shown = ", ".join(f"{cls} {p:.3f}" for cls, p in ranked)
-        typer.echo(f"{name}: {ranked[0][0]}  ({shown})")
+    ranked_all = top_k(resolved.model, batch)
+    shown = len(names) if idx is None or not limit else min(limit, len(names))
+    for name, ranked in zip(names[:shown], ranked_all, strict=False):
+        typer.echo(f"{name}: {ranked[0][0]}  ({', '.join(f'{cls} {p:.3f}' for cls, p in ranked)})")
+    if shown < total:
+        typer.echo(f"... {total - shown} more not shown (--limit 0 prints all)")
+    if truth is not None:
+        typer.echo(accuracy_line(ranked_all, truth, labels))
 
 
 @app.command()

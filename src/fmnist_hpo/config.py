@@ -114,6 +114,9 @@ class MlflowConfig:
     tracking_uri: str | None = setting(None, "null: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
     log_model: Literal["best", "all", "none"] = setting("best", "trials whose model is logged as an MLflow model")
     system_metrics: bool = setting(False, "record CPU/GPU utilisation and memory with MLflow's system metrics")
+    time_to_accuracy: list[float] = setting(
+        [0.85, 0.90, 0.92], "validation accuracies whose first reaching each trial logs, as training seconds and "
+        "epochs (seconds_to_val_acc_90, epochs_to_val_acc_90)", gt=0, le=1)
 
 
 @dataclass(frozen=True)
@@ -165,7 +168,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if path.is_dir():
         raise ConfigError(["is a directory; give the experiment spec file (YAML) inside it"], str(path))
     if not path.is_file():
-        raise ConfigError(["no such file"], str(path))
+        suggestion = spec_like(path)
+        raise ConfigError([f"no such file{f' (did you mean {suggestion}?)' if suggestion else ''}"], str(path))
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.MarkedYAMLError as exc:
@@ -179,6 +183,26 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ConfigError([f"must be a mapping of sections, got {type(raw).__name__}"], str(path))
     return raw
+
+
+SPEC_SUFFIXES = (".yaml", ".yml")
+SPEC_FOLDER = Path("configs")
+
+
+def spec_like(path: Path) -> str | None:
+    """The existing spec a missing path most likely meant: the other YAML suffix, a bare name in
+    configs/, else a spec whose name starts with it or is close to it, beside it (or in configs/)."""
+    stem = path.stem if path.suffix in SPEC_SUFFIXES else path.name
+    folders = [path.parent] + ([SPEC_FOLDER] if path.parent == Path(".") else [])
+    for folder in folders:
+        for suffix in SPEC_SUFFIXES:
+            if (folder / f"{stem}{suffix}").is_file():
+                return str(folder / f"{stem}{suffix}")
+    specs = {p.stem: p for folder in folders if folder.is_dir() for suffix in SPEC_SUFFIXES
+             for p in sorted(folder.glob(f"*{suffix}"))}
+    close = sorted(name for name in specs if name.startswith(stem)) or difflib.get_close_matches(stem, specs, n=1,
+                                                                                                   cutoff=0.6)
+    return str(specs[close[0]]) if close else None
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -82,3 +82,41 @@ def top_k(model: nn.Module, images: np.ndarray, k: int = 3) -> list[list[tuple[s
     values, indices = probabilities.topk(k, dim=1)
     return [[(CLASSES[i], float(p)) for p, i in zip(row_p.tolist(), row_i.tolist(), strict=True)]
             for row_p, row_i in zip(values, indices, strict=True)]
+
+
+def labels_beside(images: Path) -> Path | None:
+    """The label file that goes with an IDX image file: t10k-images-idx3-ubyte.gz -> t10k-labels-idx1-ubyte(.gz)."""
+    name = images.name.replace("images-idx3", "labels-idx1")
+    if name == images.name:
+        return None
+    stem = name.removesuffix(".gz")
+    return next((images.with_name(n) for n in (name, stem, f"{stem}.gz") if images.with_name(n).is_file()), None)
+
+
+def read_labels(path: Path, count: int) -> np.ndarray:
+    """An IDX label file for count images: one class index per image, each a known class."""
+    from fmnist_hpo.data import read_idx
+
+    labels = read_idx(path)
+    if labels.ndim != 1 or len(labels) != count:
+        raise FmnistError(f"{path}: expected {count} labels (one per image), got shape {labels.shape}")
+    if labels.size and int(labels.max()) >= len(CLASSES):
+        raise FmnistError(f"{path}: label {int(labels.max())} is not a class (0-{len(CLASSES) - 1})")
+    return labels
+
+
+def accuracy_line(ranked: list[list[tuple[str, float]]], labels: np.ndarray, source: Path) -> str:
+    correct = sum(row[0][0] == CLASSES[label] for row, label in zip(ranked, labels.tolist(), strict=True))
+    return f"accuracy {correct / len(labels):.4f} ({correct} of {len(labels)} images right; labels: {source})"
+
+
+CONFUSION_CELL = 8  # columns wide enough for the class names' first 7 letters
+
+
+def confusion_lines(confusion: np.ndarray) -> list[str]:
+    """The confusion matrix as text, each row and column named by its class (columns by its first 7 letters)."""
+    row_width = max(len(name) for name in CLASSES) + 1
+    lines = [" " * row_width + "".join(f"{name[:CONFUSION_CELL - 1]:>{CONFUSION_CELL}}" for name in CLASSES)]
+    for name, row in zip(CLASSES, confusion, strict=True):
+        lines.append(f"{name:<{row_width}}" + "".join(f"{int(count):>{CONFUSION_CELL}d}" for count in row))
+    return lines

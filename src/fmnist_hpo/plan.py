@@ -1,9 +1,10 @@
 """Several specs as one plan: validated together before anything runs, timed before they start,
 then run in order, each into its own experiment (a spec whose sweep finished before is skipped).
 
-The estimate comes from a short probe: a few training steps and evaluation batches of each distinct
-model (and batch size) on the chosen device, scaled to the planned trials, epochs and split sizes.
-It is an upper bound in epochs: early stopping and pruning can only shorten a sweep.
+The estimate comes from a short probe: rounds of a few training steps and evaluation batches of each
+distinct model (and batch size) on the chosen device, scaled to the planned trials, epochs and split
+sizes, plus each trial's warm-up and fixed costs. It is rough (the machine's load moves it) and
+counts every epoch: early stopping and pruning can only shorten a sweep.
 """
 
 from __future__ import annotations
@@ -27,6 +28,20 @@ if TYPE_CHECKING:
     import torch
 
 TRAIN_IMAGES, TEST_IMAGES = 60_000, 10_000
+# fixed costs no probe of the model sees, measured on a busy 2-core CPU with an SQLite store: a trial's
+# run opened, logged and closed with its checkpoint; a sweep's start-up (imports, reading the data,
+# opening the store) and its selected model logged as an MLflow model
+TRIAL_FIXED_SECONDS = 1.0
+SWEEP_FIXED_SECONDS = 20.0
+PROBE_ROUNDS = (3, 7)  # timed rounds of steps, at least and at most: their median is a step's cost
+PROBE_BUDGET_SECONDS = 1.5  # rounds stop once they took this long (after the minimum)
+
+
+@dataclass(frozen=True)
+class Probe:
+    epoch_seconds: float  # training plus validation
+    test_seconds: float  # one pass over the test set
+    warmup_seconds: float  # what a trial's first step costs beyond a steady one (allocation, kernel choice)
 
 
 @dataclass(frozen=True)
@@ -35,33 +50,50 @@ class Estimate:
     runs: int  # trained configurations x repeats
     epochs: int  # at most, per run
     epoch_seconds: float  # training plus validation, from the probe
-    run_seconds: float  # every epoch, plus the one test pass
+    run_seconds: float  # every epoch, the test pass, the warm-up and the run's fixed cost
+
+    @property
+    def fixed_seconds(self) -> float:
+        """Per run: everything but its epochs."""
+        return self.run_seconds - self.epochs * self.epoch_seconds
 
     @property
     def total_seconds(self) -> float:
-        return self.runs * self.run_seconds
+        return self.runs * self.run_seconds + SWEEP_FIXED_SECONDS
 
 
-def estimate(cfg: Config, device: torch.device, probe_cache: dict[str, tuple[float, float]] | None = None) -> Estimate:
+def estimate(cfg: Config, device: torch.device, probe_cache: dict[str, Probe] | None = None,
+             on_probe: Callable[[str], None] | None = None) -> Estimate:
+    """on_probe(text) is told before each model is timed (the probe takes seconds per model)."""
     search = cfg.search
     runs = planned_points(search.space, search.algo, search.max_evals) * search.repeats
     cache = {} if probe_cache is None else probe_cache
     variants = speed_variants(cfg)
-    epoch, test = zip(*(probe_cached(v, device, cache) for v in variants), strict=True)
-    epoch_seconds, test_seconds = statistics.fmean(epoch), statistics.fmean(test)
-    return Estimate(cfg.experiment, runs, cfg.train.epochs, epoch_seconds, epoch_seconds * cfg.train.epochs + test_seconds)
+    probes = []
+    for i, variant in enumerate(variants, start=1):
+        if on_probe is not None and _probe_key(variant) not in cache:
+            on_probe(f"timing {cfg.experiment}: model {i} of {len(variants)}")
+        probes.append(probe_cached(variant, device, cache))
+    epoch_seconds = statistics.fmean(p.epoch_seconds for p in probes)
+    fixed = statistics.fmean(p.test_seconds + p.warmup_seconds for p in probes) + TRIAL_FIXED_SECONDS
+    return Estimate(cfg.experiment, runs, cfg.train.epochs, epoch_seconds, epoch_seconds * cfg.train.epochs + fixed)
 
 
-def probe_cached(cfg: Config, device: torch.device, cache: dict[str, tuple[float, float]]) -> tuple[float, float]:
+def _probe_key(cfg: Config) -> str:
     raw = config_module.to_dict(cfg)
-    key = config_module.hash_of({"model": raw["model"], "train": raw["train"], "data": raw["data"]})
+    return config_module.hash_of({"model": raw["model"], "train": raw["train"], "data": raw["data"]})
+
+
+def probe_cached(cfg: Config, device: torch.device, cache: dict[str, Probe]) -> Probe:
+    key = _probe_key(cfg)
     if key not in cache:
         cache[key] = probe(cfg, device)
     return cache[key]
 
 
-def probe(cfg: Config, device: torch.device, steps: int = 3) -> tuple[float, float]:
-    """(seconds per epoch, seconds per test pass) of cfg's model on device, from a few timed steps."""
+def probe(cfg: Config, device: torch.device, steps: int = 2) -> Probe:
+    """The cost of cfg's model on device: rounds of a few timed steps and evaluation batches, each
+    figure the median of its rounds, so one round slowed by a busy core does not set the estimate."""
     import torch
 
     from fmnist_hpo.data import Split, steps_per_epoch
@@ -69,21 +101,31 @@ def probe(cfg: Config, device: torch.device, steps: int = 3) -> tuple[float, flo
 
     model, engine = prepare_trial(cfg, device)
     optimizer = make_optimizer(model, cfg.train, engine)  # capturable under CUDA graphs, as a real run's
-    _, step_scheduler = make_schedulers(optimizer, cfg.train, steps + 1, cycle_momentum=not engine.cuda_graphs)
+    _, step_scheduler = make_schedulers(optimizer, cfg.train, steps * PROBE_ROUNDS[1] + 1,
+                                        cycle_momentum=not engine.cuda_graphs)
 
     def split(n: int) -> Split:
         images = torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, device=device)
         return Split(images, torch.randint(0, 10, (n,), device=device))
 
     batch, eval_batch = cfg.train.batch_size, cfg.train.eval_batch_size
-    train_epoch(model, split(batch), optimizer, engine, cfg.train, cfg.data, step_scheduler)  # warm-up
-    step = _timed(lambda: train_epoch(model, split(batch * steps), optimizer, engine, cfg.train, cfg.data,
-                                      step_scheduler)) / steps
-    evaluate(model, split(eval_batch), engine, eval_batch)
-    eval_batch_seconds = _timed(lambda: evaluate(model, split(eval_batch * 2), engine, eval_batch)) / 2
+    train_split, eval_split = split(batch * steps), split(eval_batch)
+    first = _timed(lambda: train_epoch(model, split(batch), optimizer, engine, cfg.train, cfg.data, step_scheduler))
+    step = _median_seconds(lambda: train_epoch(model, train_split, optimizer, engine, cfg.train, cfg.data,
+                                               step_scheduler)) / steps
+    evaluate(model, eval_split, engine, eval_batch)
+    eval_batch_seconds = _median_seconds(lambda: evaluate(model, eval_split, engine, eval_batch))
     train_images = cfg.data.train_subset or TRAIN_IMAGES - cfg.data.val_size
     epoch = steps_per_epoch(train_images, batch) * step + math.ceil(cfg.data.val_size / eval_batch) * eval_batch_seconds
-    return epoch, math.ceil(TEST_IMAGES / eval_batch) * eval_batch_seconds
+    return Probe(epoch, math.ceil(TEST_IMAGES / eval_batch) * eval_batch_seconds, max(0.0, first - step))
+
+
+def _median_seconds(fn) -> float:  # type: ignore[no-untyped-def]
+    least, most = PROBE_ROUNDS
+    rounds: list[float] = []
+    while len(rounds) < least or (len(rounds) < most and sum(rounds) < PROBE_BUDGET_SECONDS):
+        rounds.append(_timed(fn))
+    return statistics.median(rounds)
 
 
 def _timed(fn) -> float:  # type: ignore[no-untyped-def]

@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import math
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,9 +39,13 @@ HEADERS = {
     "total_parameters": "params",
     "difference_ci95": "difference 95% CI",
     "p_value": "p",
+    "r_squared": "R²",
+    "cut_off": "cut off",
 }
-COUNT_NAMES = ("finished", "failed", "n", "n_a", "n_b", "trial", "repeat")
-POINTS_COLUMNS = ("mean_gap", "difference", "difference_ci95")  # differences of accuracies: percentage points
+TARGET_COLUMN = re.compile(r"^to_(\d+)(?:_(\d+))?_(seconds|epochs)$")  # time to a validation accuracy (costs.py)
+COUNT_NAMES = ("finished", "pruned", "failed", "cut_off", "n", "n_a", "n_b", "trial", "repeat")
+POINTS_COLUMNS = ("mean_gap", "difference", "difference_ci95", "slope")  # differences of accuracies: percentage points
+COEFFICIENTS = ("rho", "r_squared")  # statistics in [-1, 1], shown as they are, never as percentages
 COUNT_SUFFIXES = ("_runs", "epochs", "epochs_run", "parameters")
 
 
@@ -64,6 +69,10 @@ def is_config_key(column: str) -> bool:
 def header(column: str) -> str:
     if is_config_key(column):
         return column
+    target = TARGET_COLUMN.match(column)
+    if target:
+        percent = target[1] + (f".{target[2]}" if target[2] else "")
+        return f"{'s' if target[3] == 'seconds' else 'epochs'} to {percent}%"
     return HEADERS.get(column, column.replace("_", " "))
 
 
@@ -92,7 +101,8 @@ def format_value(column: str, value: Any, percent: bool = False) -> str:
 
 def is_fraction(column: str) -> bool:
     """Whether a numeric column holds an accuracy (or a difference or spread of accuracies)."""
-    return not (is_count(column) or is_config_key(column) or column.endswith("_seconds") or column == "p_value")
+    return not (is_count(column) or is_config_key(column) or column.endswith("_seconds") or column == "p_value"
+                or column in COEFFICIENTS)
 
 
 def unit_of(column: str) -> str:
@@ -106,6 +116,8 @@ def _format_number(column: str, value: float) -> str:
         return f"{value:.1f}"
     if column == "p_value":
         return f"{value:.3g}"
+    if column in COEFFICIENTS:
+        return f"{value:.2f}"
     if is_config_key(column):
         return str(value) if isinstance(value, int) else f"{value:.4g}"
     if isinstance(value, int):

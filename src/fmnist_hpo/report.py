@@ -13,8 +13,12 @@ from pathlib import Path
 
 from fmnist_hpo.analyze import (
     by_parameter,
+    continuous_keys,
+    discrete_keys,
     finished,
+    is_log_scaled,
     metric_values,
+    outcome_counts,
     parameter_groups,
     searched_keys,
     selection_of,
@@ -22,14 +26,34 @@ from fmnist_hpo.analyze import (
     supports_test,
     tested_comparison,
     top_trials,
+    trend_of,
+    trends,
 )
 from fmnist_hpo.checkpoints import atomic_write
+from fmnist_hpo.costs import ACROSS_EXPERIMENTS, FRONT_RULE, cost_sections, pareto_section
 from fmnist_hpo.records import LoggedTrial
 from fmnist_hpo.render import Section, format_value, to_markdown
-from fmnist_hpo.stats import summarize
+from fmnist_hpo.stats import describe_trend, summarize
 
-OVERVIEW_COLUMNS = ["experiment", "finished", "failed", "selected_runs", "selected_val_accuracy", "selected_test_accuracy",
-                    "selected_test_std", "test_mean", "test_std", "test_ci95", "median_parameters", "median_epochs"]
+OVERVIEW_COLUMNS = ["experiment", "finished", "pruned", "failed", "cut_off", "selected_runs", "selected_val_accuracy",
+                    "selected_test_accuracy", "selected_test_std", "test_mean", "test_std", "test_ci95",
+                    "median_parameters", "median_epochs"]
+
+
+def runs_line(trials_by_experiment: dict[str, list[LoggedTrial]]) -> str:
+    """'12 trial runs (10 finished, 1 pruned, 1 failed, 0 cut off)': the same counts as the tables."""
+    counts = outcome_counts([t for trials in trials_by_experiment.values() for t in trials])
+    total = sum(counts.values())
+    return f"{total} trial run{'s' if total != 1 else ''} ({counts_text(counts)})"
+
+
+def counts_text(counts: dict[str, int]) -> str:
+    return ", ".join(f"{n} {name.replace('_', ' ')}" for name, n in counts.items())
+
+
+def plot_lines(paths: list[Path] | None, report_path: Path) -> list[str]:
+    """Each plot embedded by its path relative to the report, so the report and its folder travel together."""
+    return [f"![{p.stem}]({os.path.relpath(p, report_path.parent)})" for p in paths or []]
 
 
 def _pct(value: float) -> str:
@@ -55,7 +79,7 @@ def selection_line(trials: list[LoggedTrial]) -> str:
             f"test {_pct(test)} ± {spread:.2f} points (std).")
 
 
-def experiment_section(name: str, description: str, trials: list[LoggedTrial]) -> str:
+def experiment_section(name: str, description: str, trials: list[LoggedTrial], figures: list[str] | None = None) -> str:
     lines = [f"## {name}", ""]
     if description:
         lines += [f"_{description}_", ""]
@@ -65,7 +89,7 @@ def experiment_section(name: str, description: str, trials: list[LoggedTrial]) -
     row = summary_row(name, trials)
     test = summarize(metric_values(done, "test_accuracy"))
     lines += [
-        f"- {row['finished']} runs finished, {row['failed']} failed.",
+        f"- {len(trials)} trial runs: {counts_text(outcome_counts(trials))}.",
         f"- {selection_line(trials)}",
         f"- Test accuracy over all runs: {_pct(test.mean)}"
         + (f" ± {test.std * 100:.2f} points (95% CI {_pct(test.ci_low)} to {_pct(test.ci_high)})" if test.n > 1 else "")
@@ -77,15 +101,26 @@ def experiment_section(name: str, description: str, trials: list[LoggedTrial]) -
     ]
     lines += [f"- {finding}" for finding in parameter_findings(trials)]
     lines += ["", to_markdown([top_trials(name, trials)], percent=True)]
-    if searched_keys(trials):
+    if discrete_keys(trials):
         lines.append(to_markdown([by_parameter(name, trials)], percent=True))
+    if continuous_keys(trials):
+        lines.append(to_markdown([trends(name, trials)], percent=True))
+    lines += [to_markdown(cost_sections(name, trials), percent=True), f"_Pareto fronts: {FRONT_RULE}._", ""]
+    if figures:
+        lines += [*figures, ""]
     return "\n".join(lines)
 
 
 def parameter_findings(trials: list[LoggedTrial]) -> list[str]:
     """Per searched key: the value with the best mean validation accuracy, against the runner-up."""
     findings = []
-    for key in searched_keys(trials):
+    others_vary = len(searched_keys(trials)) > 1
+    for key in continuous_keys(trials):
+        scale = "per tenfold change" if is_log_scaled(trials, key) else "per unit"
+        text = describe_trend(trend_of(trials, key), "validation accuracy", scale)
+        findings.append(f"{key}: {text}" + ("; exploratory, since the other searched keys vary too" if others_vary
+                                            and "cannot" not in text else "") + ".")
+    for key in discrete_keys(trials):
         groups = [(label, members) for label, members in parameter_groups(trials, key) if members]
         if len(groups) < 2:
             continue
@@ -117,14 +152,16 @@ def conclusions(trials_by_experiment: dict[str, list[LoggedTrial]]) -> list[str]
 
 
 def build_report(trials_by_experiment: dict[str, list[LoggedTrial]], descriptions: dict[str, str],
-                 tracking_uri: str) -> str:
-    total = sum(len(t) for t in trials_by_experiment.values())
+                 tracking_uri: str, report_path: Path | None = None, plots: dict[str, list[Path]] | None = None) -> str:
+    plots = plots or {}
+    where = report_path or Path("report.md")
     overview = Section("Overview", OVERVIEW_COLUMNS,
                        [summary_row(name, trials) for name, trials in trials_by_experiment.items()])
     parts = [
         f"# Findings: {', '.join(trials_by_experiment)}",
         "",
-        f"Generated by `fmnist analyze` on {time.strftime('%Y-%m-%d')} from {total} runs in `{tracking_uri}`. "
+        f"Generated by `fmnist analyze` on {time.strftime('%Y-%m-%d')} from {runs_line(trials_by_experiment)} "
+        f"in `{tracking_uri}`. "
         "Each trial kept the epoch its sweep's metric chose on a validation split, and each sweep selected the "
         "configuration with the best mean validation result; the test set was scored once per trial and never "
         "used to choose or rank anything. Accuracies are percentages; differences are percentage points.",
@@ -132,8 +169,11 @@ def build_report(trials_by_experiment: dict[str, list[LoggedTrial]], description
         to_markdown([overview], level=2, percent=True),
     ]
     for name, trials in trials_by_experiment.items():
-        parts.append(experiment_section(name, descriptions.get(name, ""), trials))
+        parts.append(experiment_section(name, descriptions.get(name, ""), trials, plot_lines(plots.get(name), where)))
     parts += ["## Conclusions", "", *conclusions(trials_by_experiment), ""]
+    if sum(bool(finished(t)) for t in trials_by_experiment.values()) > 1:
+        parts += [to_markdown([pareto_section("All experiments", trials_by_experiment)], level=2, percent=True),
+                  f"_{FRONT_RULE}._", "", *plot_lines(plots.get(ACROSS_EXPERIMENTS), where), ""]
     return "\n".join(parts)
 
 

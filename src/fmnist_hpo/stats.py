@@ -94,3 +94,44 @@ def _verdict(a_name: str, b_name: str, diff: float, low: float, high: float, p: 
     if n_min < FEW_RUNS:
         text += f", and with only {n_min} runs in a group a real difference of this size could be missed"
     return text
+
+
+@dataclass(frozen=True)
+class Trend:
+    """How a metric moves with a continuous value: Spearman's rank correlation and a least-squares line
+    (on log10 of the value where its space is logarithmic: the slope is then per tenfold change)."""
+
+    n: int
+    rho: float  # Spearman's rank correlation; nan for n < 3 or a constant side
+    p_value: float  # two-sided, for rho = 0
+    slope: float  # metric per unit of the value (per decade on a log scale)
+    intercept: float
+    r_squared: float  # of the straight line
+
+
+def trend(values: Sequence[float], metric: Sequence[float], log: bool = False) -> Trend:
+    pairs = [(x, y) for x, y in zip(values, metric, strict=True)
+             if x is not None and y is not None and math.isfinite(x) and math.isfinite(y) and (x > 0 or not log)]
+    n = len(pairs)
+    x = np.asarray([math.log10(p[0]) if log else p[0] for p in pairs], dtype=float)
+    y = np.asarray([p[1] for p in pairs], dtype=float)
+    if n < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return Trend(n, math.nan, math.nan, math.nan, math.nan, math.nan)
+    rank = scipy_stats.spearmanr(x, y)
+    line = scipy_stats.linregress(x, y)
+    return Trend(n, float(rank.statistic), float(rank.pvalue), float(line.slope), float(line.intercept),
+                 float(line.rvalue**2))
+
+
+def describe_trend(result: Trend, what: str, per: str) -> str:
+    """One line a reader can act on: direction, strength, slope; never more than the sample allows."""
+    if not math.isfinite(result.rho):
+        return f"cannot estimate a trend (n = {result.n}; at least 3 runs with different values are needed)"
+    direction = "rises" if result.rho > 0 else "falls"
+    strength = next(word for bound, word in ((0.7, "strongly"), (0.4, "moderately"), (0.0, "weakly"))
+                    if abs(result.rho) >= bound)
+    text = (f"{what} {strength} {direction} with it (Spearman rho {result.rho:+.2f}, p={result.p_value:.3g}, "
+            f"n = {result.n}; {result.slope * 100:+.2f} points {per}, R² {result.r_squared:.2f})")
+    if result.p_value >= ALPHA:
+        text += "; not significant at the 5% level"
+    return text

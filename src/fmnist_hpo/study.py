@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from fmnist_hpo.analyze import finished, metric_values, selection_of, supports_test, tested_comparison
+from fmnist_hpo.costs import configurations, front
 from fmnist_hpo.records import TRIAL_SECONDS, LoggedTrial
 from fmnist_hpo.stats import ALPHA, summarize
 
@@ -119,6 +120,10 @@ def parameters_claim(trials: Trials) -> Verdict:
         return Verdict(claim, study, "-", "not run (needs runs inside and above the range)")
     result = tested_comparison(inside, larger, "test_accuracy", "inside", "larger")
     ours = f"inside {_pct(result.a.mean)} (n = {result.a.n}) vs larger {_pct(result.b.mean)} (n = {result.b.n})"
+    efficient = front([c for name, runs in trials.items() for c in configurations(name, runs)], lambda c: c.parameters)
+    if efficient:  # what the tool shows, beside what the study claimed: the sizes no cheaper model matches
+        ours += (f"; the validation-accuracy/parameters Pareto front runs from {efficient[0].parameters / 1000:.0f}K to "
+                 f"{efficient[-1].parameters / 1000:.0f}K ({len(efficient)} configurations)")
     # models of every size were sampled across experiments that differ in much else: never more than exploratory
     agrees = not (result.difference < 0 and result.p_value < ALPHA)
     return Verdict(claim, study, ours, f"exploratory (n = {result.a.n} vs {result.b.n}): "

@@ -454,7 +454,7 @@ def logged_trial(run: Any, experiment: str) -> LoggedTrial:
         run_id=run.info.run_id, experiment=experiment, number=number, point=int(tags.get("point", number)),
         repeat=int(tags.get("repeat", 0)), status=run.info.status,
         values=yaml.safe_load(tags.get("sampled", "{}")) or {},
-        metrics=dict(run.data.metrics), params=dict(run.data.params), tags=dict(tags),
+        metrics=dict(run.data.metrics), params=dict(run.data.params), tags={**_data_digest(run), **tags},
     )
 
 
@@ -493,6 +493,16 @@ def download_checkpoint(tracking_uri: str, run_id: str, folder: Path) -> Path | 
     except (MlflowException, OSError):
         return None
     return next(iter(sorted(folder.rglob("*.pt"))), None)
+
+
+def _data_digest(run: Any) -> dict[str, str]:
+    """{'data_digest': ...}: the IDX files' digest that log_datasets recorded with the run's inputs."""
+    for item in getattr(getattr(run, "inputs", None), "dataset_inputs", None) or []:
+        with contextlib.suppress(TypeError, ValueError):
+            digest = json.loads(item.dataset.profile or "{}").get("files_digest")
+            if digest:
+                return {"data_digest": digest}
+    return {}
 
 
 class RunReader:

@@ -20,6 +20,7 @@ from fmnist_hpo import config as config_module
 from fmnist_hpo.config import Config
 from fmnist_hpo.data import Dataset, split_indices
 from fmnist_hpo.errors import DataError
+from fmnist_hpo.milestones import reached
 from fmnist_hpo.records import (
     KEPT_EPOCH,
     RECORD_VERSION,
@@ -190,10 +191,14 @@ class SweepRuns:
         if record.pruned_at is not None:
             tags.update({"pruned": "true", "pruned_at_epoch": record.pruned_at})
         self.tracker.set_tags(record.run_id, tags)
-        self.tracker.log_metrics(record.run_id, record.final_metrics())
+        self.tracker.log_metrics(record.run_id, {**record.final_metrics(), **self._time_to_accuracy(record)})
         if self.cfg.mlflow.log_model == "all" and record.checkpoint is not None:
             self.log_model(record)
         self._close(record, "FINISHED")
+
+    def _time_to_accuracy(self, record: TrialRecord) -> dict[str, float]:
+        """Read from the logged epochs, so a resumed trial counts the epochs before its interruption too."""
+        return reached(self.tracker.history(record.run_id), self.cfg.mlflow.time_to_accuracy)
 
     def close_cut_off(self, logged: LoggedTrial) -> None:
         """A Ray trial cut off by an interruption: closed FAILED and tagged; its configuration runs again."""
