@@ -6,6 +6,7 @@ weights_only=True)` reads it and a file that tries to run code on load is refuse
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -32,9 +33,31 @@ def atomic_write(path: Path, write: Any) -> None:
     try:
         write(Path(tmp))
         os.replace(tmp, path)
+    except OSError as exc:  # a full disk or a read-only folder: name the file being written, not its temporary
+        Path(tmp).unlink(missing_ok=True)
+        if exc.errno is None:
+            raise
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def torch_save(obj: Any, path: Path) -> None:
+    """torch.save, with a failed write raised as the OSError it is (ENOSPC on a full disk).
+
+    torch's zip writer reports any failed write as "[enforce fail at inline_container.cc] unexpected pos",
+    and even swallows the OSError of a Python file object; the free space then says what happened.
+    """
+    try:
+        torch.save(obj, path)
+    except RuntimeError as exc:
+        if "inline_container" not in str(exc) and "PytorchStreamWriter" not in str(exc):
+            raise
+        stats = os.statvfs(path.parent)
+        if stats.f_bavail * stats.f_frsize < 4 * 2**20:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from exc
+        raise OSError(errno.EIO, f"write failed ({str(exc).strip()[:120]})", str(path)) from exc
 
 
 def save_checkpoint(path: Path, model: nn.Module, model_config: dict[str, Any], **extra: Any) -> Path:
@@ -46,7 +69,7 @@ def save_checkpoint(path: Path, model: nn.Module, model_config: dict[str, Any], 
         "normalization": {"mean": FMNIST_MEAN, "std": FMNIST_STD},
         **extra,
     }
-    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    atomic_write(path, lambda tmp: torch_save(payload, tmp))
     return path
 
 
@@ -84,7 +107,7 @@ def load_model(path: str | Path) -> nn.Module:
 
 def save_training_state(path: Path, state: dict[str, Any]) -> None:
     """The per-epoch state of a running trial (see train.training_state), replaced atomically."""
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    atomic_write(path, lambda tmp: torch_save(state, tmp))
 
 
 def read_training_state(path: Path) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from fmnist_hpo.errors import FmnistError, Terminated
+from fmnist_hpo.errors import FmnistError, MachineFailure, Terminated
 
 if TYPE_CHECKING:
     from fmnist_hpo.config import Config
@@ -166,6 +166,8 @@ def ask_on_terminal() -> object:
 
 
 def interrupted(exc: BaseException, resume_command: str) -> typer.Exit:
+    if isinstance(exc, MachineFailure):  # EX_TEMPFAIL: nothing is lost, the same command works once it is fixed
+        return fail(f"{exc.cause}; {exc.fix}, then: {resume_command}", code=75)
     code = 143 if isinstance(exc, Terminated) else 130
     return fail(f"interrupted; finished trials are kept, continue with: {resume_command}", code=code)
 
@@ -185,6 +187,8 @@ def run_one(cfg: Config, mode: str, quiet: bool, resume_command: str, register_a
     except SweepFailed as exc:
         console.print(results_table(exc.result))
         raise fail(str(exc), code=1) from None
+    except MachineFailure as exc:
+        raise interrupted(exc, resume_command) from None
     except FmnistError as exc:
         raise fail(str(exc)) from None
     except (KeyboardInterrupt, Terminated) as exc:
@@ -224,6 +228,8 @@ def run_several(cfgs: list[Config], mode: str, quiet: bool, resume_command: str)
                     typer.echo(f"{cfg.experiment}: {'; '.join(where.describe())}")
                 with preparing("loading the data and opening the store", not quiet) as ready:
                     outcomes.append(run_spec(cfg, mode, ask_on_terminal(), False if quiet else None, ready))
+    except MachineFailure as exc:
+        raise interrupted(exc, resume_command) from None
     except FmnistError as exc:
         raise fail(str(exc)) from None
     except (KeyboardInterrupt, Terminated) as exc:

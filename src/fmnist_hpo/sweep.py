@@ -27,6 +27,7 @@ from fmnist_hpo.checkpoints import CheckpointError, read_training_state, save_ch
 from fmnist_hpo.config import Config
 from fmnist_hpo.data import SplitCache, load_dataset
 from fmnist_hpo.errors import FmnistError, OutputError
+from fmnist_hpo.faults import machine_failure
 from fmnist_hpo.lineage import idx_digest
 from fmnist_hpo.packing import parallel_for
 from fmnist_hpo.progress import SweepProgress
@@ -209,6 +210,9 @@ class Sweep:
         except (KeyboardInterrupt, SystemExit, CheckpointError, TrackingError):
             raise  # a corrupt state file or a lost store is the user's to look at, not a trial failure
         except Exception as exc:  # a trial's failure (an invalid sampled point too) is data for the sweep
+            failure = machine_failure(exc)
+            if failure is not None:  # a full disk or a read-only folder: the sweep stops, resumable
+                raise failure from exc
             (self.runs.models_dir / f"{record.run_id}.state.pt").unlink(missing_ok=True)
             self.runs.close_failed(record, _reason(exc))
             _free_device_memory(self.device)

@@ -25,7 +25,8 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from fmnist_hpo.errors import FmnistError
+from fmnist_hpo.errors import FmnistError, MachineFailure
+from fmnist_hpo.faults import machine_failure
 from fmnist_hpo.records import EPOCH_METRICS, EPOCH_TIMINGS, EpochMetrics, LoggedTrial
 from fmnist_hpo.selection import select
 
@@ -39,6 +40,37 @@ class TrackingError(FmnistError):
     """The tracking store cannot be opened or written."""
 
 
+class StoreFailure(TrackingError, MachineFailure):
+    """The store stopped taking writes mid-sweep (disk full, read-only, removed, locked past the wait, a server
+    gone): an interruption of the sweep, to resume once fixed, never a failed trial."""
+
+
+# SQLite's words for a store that stopped taking writes -> (what happened, what the user does about it)
+_STORE_FAULTS = {
+    "database or disk is full": ("no space left on device for the MLflow store {store}", "free space"),
+    "readonly database": ("the MLflow store {store} is read-only", "make it writable"),
+    "unable to open database file": ("cannot open the MLflow store {store} (removed, or its folder not writable)",
+                                     "restore it"),
+    "no such table": ("the MLflow store {store} was removed or replaced during the sweep", "restore it"),
+    "disk i/o error": ("disk I/O error on the MLflow store {store}", "check the disk"),
+    "database disk image is malformed": ("the MLflow store {store} is corrupt", "restore it from a backup"),
+    "file is not a database": ("the MLflow store {store} is corrupt", "restore it from a backup"),
+    "database is locked": ("the MLflow store {store} stayed locked by another process", "let that process finish"),
+}
+
+
+def store_failure(tracking_uri: str, exc: BaseException) -> MachineFailure | None:
+    """The machine's failure behind an exception of a store write, or None (then it is a bug, not the machine)."""
+    if _is_unreachable(exc):
+        return StoreFailure(f"the tracking server {tracking_uri} does not answer", "start it again")
+    text = str(exc).lower()
+    store = tracking_uri.removeprefix("sqlite:///")
+    for words, (cause, fix) in _STORE_FAULTS.items():
+        if words in text:
+            return StoreFailure(cause.format(store=store), fix)
+    return machine_failure(exc)
+
+
 def resolve_tracking_uri(configured: str | None) -> str:
     """The URI to use, with a relative SQLite path made absolute (MLflow caches stores by URI text)."""
     uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
@@ -50,6 +82,8 @@ def resolve_tracking_uri(configured: str | None) -> str:
 def _quiet_mlflow() -> None:
     for name in ("alembic", "mlflow"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # it logs every SQLite error with its traceback before raising it; we retry, wait or report it in one line
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 
 def check_sqlite_location(uri: str) -> None:
@@ -232,18 +266,23 @@ class Tracker:
         return found.experiment_id
 
     def _retry(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """fn's result, retried while SQLite is busy (each try already waits up to 20 s for a lock);
+        a store that stops taking writes raises StoreFailure, an OSError of ours MachineFailure."""
         delay = 0.05
         for attempt in range(self.RETRIES):
             try:
                 return fn(*args, **kwargs)
             except Exception as exc:
-                if _is_unreachable(exc):
-                    raise TrackingError(f"{self.tracking_uri}: the tracking server does not answer; what was logged is "
-                                        "kept: start it again and rerun with --resume") from None
-                if attempt == self.RETRIES - 1 or not _is_contention(exc):
+                if attempt < self.RETRIES - 1 and _is_contention(exc) and not _is_unreachable(exc):
+                    if "locked" in str(exc).lower():
+                        _say_once(f"the MLflow store {self.tracking_uri} is locked by another process; waiting for it")
+                    time.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+                    continue
+                failure = store_failure(self.tracking_uri, exc)
+                if failure is None:
                     raise
-                time.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                raise failure from None
         raise AssertionError("unreachable")
 
     # --- runs -----------------------------------------------------------------------------

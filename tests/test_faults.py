@@ -1,0 +1,175 @@
+"""Faults of the machine, injected: a full disk, a read-only folder, a store that stops taking writes.
+
+Each is an interruption (one line naming the cause and the fix, exit 75, the runs KILLED where the
+store still takes writes), never a failed trial; `--resume` trains what it cut off.
+"""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import tiny_raw
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from fmnist_hpo import checkpoints
+from fmnist_hpo.cli import app
+from fmnist_hpo.faults import machine_failure
+
+runner = CliRunner()
+
+
+def sweep_spec(folder: Path, data_dir: Path, experiment: str = "faults") -> Path:
+    raw = tiny_raw(data_dir, experiment=experiment, train={"epochs": 2, "patience": None},
+                   search={"max_evals": 3, "algo": "tpe", "space": {"train.lr": {"loguniform": [1e-3, 1e-2]}}})
+    path = folder / f"{experiment}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def runs_of(folder: Path, experiment: str) -> tuple[list, list]:
+    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    return ([r for r in runs if r.data.tags.get("fmnist.role") == "sweep"],
+            [r for r in runs if r.data.tags.get("fmnist.role") == "trial"])
+
+
+def test_oserrors_are_the_machines_and_model_errors_the_trials():
+    full = machine_failure(OSError(errno.ENOSPC, "No space left on device", "models/quick/x.pt"))
+    assert (full.cause, full.fix) == ("no space left on device: models/quick/x.pt", "free space")
+    assert machine_failure(PermissionError(errno.EACCES, "Permission denied", "m/x.tmp")).fix == "make it writable"
+    assert machine_failure(RuntimeError("shapes do not match")) is None
+    assert machine_failure(torch.OutOfMemoryError("CUDA out of memory")) is None
+
+
+def test_a_full_disk_names_the_file_python_leaves_out(tmp_path: Path):
+    def full(tmp: Path) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError) as raised:
+        checkpoints.atomic_write(tmp_path / "x.pt", full)
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(tmp_path / "x.pt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def interrupted_then_resumed(folder: Path, spec: Path, monkeypatch: pytest.MonkeyPatch, inject) -> str:
+    """Run the sweep with a fault injected after the first trial; check it stops resumable, then resume it."""
+    undo = inject()
+    result = runner.invoke(app, ["run", str(spec), "--quiet"])
+    undo()
+    assert result.exit_code == 75, result.output + result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert result.stderr.rstrip().endswith("--resume")
+    parents, trials = runs_of(folder, "faults")
+    assert parents[0].info.status == "KILLED"
+    assert "FAILED" not in {t.info.status for t in trials}  # TPE is never told about it
+
+    resumed = runner.invoke(app, ["run", str(spec), "--resume", "--quiet"])
+    assert resumed.exit_code == 0, resumed.stderr
+    parents, trials = runs_of(folder, "faults")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert sorted(t.info.status for t in trials) == ["FINISHED"] * 3
+    assert parents[0].data.metrics["trials_failed"] == 0
+    return result.stderr
+
+
+def test_a_full_disk_under_models_interrupts_the_sweep(tmp_path: Path, data_dir: Path,
+                                                       monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)
+    spec = sweep_spec(tmp_path, data_dir)
+    real = checkpoints.torch_save
+    written = []
+
+    def inject():
+        def fill_up(obj, path: Path) -> None:
+            written.append(path)
+            if len(written) > 3:  # trial 0: two states and its checkpoint; then the disk is full
+                raise OSError(errno.ENOSPC, "No space left on device")
+            real(obj, path)
+
+        monkeypatch.setattr(checkpoints, "torch_save", fill_up)
+        return lambda: monkeypatch.setattr(checkpoints, "torch_save", real)
+
+    stderr = interrupted_then_resumed(tmp_path, spec, monkeypatch, inject)
+    assert stderr.startswith("error: no space left on device: models/faults/")
+    assert "; free space, then: fmnist run " in stderr
+
+
+def test_a_read_only_models_folder_interrupts_the_sweep(tmp_path: Path, data_dir: Path,
+                                                        monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)
+    spec = sweep_spec(tmp_path, data_dir)
+    real = checkpoints.atomic_write
+    calls = []
+
+    def inject():
+        def read_only(path: Path, write) -> None:
+            calls.append(path)
+            if len(calls) > 3:
+                raise PermissionError(errno.EACCES, "Permission denied", str(path.with_suffix(".pt.tmp")))
+            real(path, write)
+
+        monkeypatch.setattr(checkpoints, "atomic_write", read_only)
+        return lambda: monkeypatch.setattr(checkpoints, "atomic_write", real)
+
+    stderr = interrupted_then_resumed(tmp_path, spec, monkeypatch, inject)
+    assert "error: permission denied: " in stderr and "; make it writable, then: fmnist run" in stderr
+
+
+def test_a_store_that_stops_taking_writes_interrupts_the_sweep(tmp_path: Path, data_dir: Path,
+                                                               monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)
+    spec = sweep_spec(tmp_path, data_dir)
+    real = MlflowClient.log_batch
+    batches = []
+
+    def inject():
+        def disk_full(self, run_id, metrics=(), params=(), tags=(), **kwargs):
+            batches.append(run_id)
+            if metrics and len(batches) > 12:  # past the first trial; closing the runs still works
+                raise MlflowException("(sqlite3.OperationalError) database or disk is full")
+            return real(self, run_id, metrics=metrics, params=params, tags=tags, **kwargs)
+
+        monkeypatch.setattr(MlflowClient, "log_batch", disk_full)
+        return lambda: monkeypatch.setattr(MlflowClient, "log_batch", real)
+
+    stderr = interrupted_then_resumed(tmp_path, spec, monkeypatch, inject)
+    assert stderr.startswith(f"error: no space left on device for the MLflow store {tmp_path / 'mlflow.db'}; "
+                             "free space, then: fmnist run ")
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 2 MB tmpfs, where this machine lets the tests mount one (root on Linux); else the test is skipped."""
+    import subprocess
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_real_full_disk_interrupts_and_resumes(tmp_path: Path, data_dir: Path, small_disk: Path,
+                                                monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)
+    raw = yaml.safe_load(sweep_spec(tmp_path, data_dir).read_text())
+    raw["models_dir"] = str(small_disk / "models")
+    raw["model"].update(filters=32, units1=64)  # a training state of about 0.3 MB
+    spec = tmp_path / "faults.yaml"
+    spec.write_text(yaml.safe_dump(raw))
+    filler = small_disk / "filler"
+    filler.write_bytes(bytes(2 * 2**20 - 150_000))
+    result = runner.invoke(app, ["run", str(spec), "--quiet"])
+    assert result.exit_code == 75, result.stderr
+    assert result.stderr.startswith(f"error: no space left on device: {small_disk / 'models' / 'faults'}/")
+    filler.unlink()
+    assert runner.invoke(app, ["run", str(spec), "--resume", "--quiet"]).exit_code == 0
+    _, trials = runs_of(tmp_path, "faults")
+    assert sorted(t.info.status for t in trials) == ["FINISHED"] * 3
