@@ -7,6 +7,11 @@ store still takes writes), never a failed trial; `--resume` trains what it cut o
 from __future__ import annotations
 
 import errno
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +25,7 @@ from typer.testing import CliRunner
 from fmnist_hpo import checkpoints
 from fmnist_hpo.cli import app
 from fmnist_hpo.faults import machine_failure
+from fmnist_hpo.trial_runs import SweepRuns
 
 runner = CliRunner()
 
@@ -146,8 +152,6 @@ def test_a_store_that_stops_taking_writes_interrupts_the_sweep(tmp_path: Path, d
 @pytest.fixture
 def small_disk(tmp_path: Path):
     """A 2 MB tmpfs, where this machine lets the tests mount one (root on Linux); else the test is skipped."""
-    import subprocess
-
     mount = tmp_path / "disk"
     mount.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True).returncode:
@@ -173,3 +177,61 @@ def test_a_real_full_disk_interrupts_and_resumes(tmp_path: Path, data_dir: Path,
     assert runner.invoke(app, ["run", str(spec), "--resume", "--quiet"]).exit_code == 0
     _, trials = runs_of(tmp_path, "faults")
     assert sorted(t.info.status for t in trials) == ["FINISHED"] * 3
+
+
+# --- signals ------------------------------------------------------------------------------------
+
+
+class SignalsWhenCollected:
+    """Sends a signal from a garbage-collection callback, where Python ignores the exception it raises."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+
+    def __del__(self) -> None:
+        os.kill(os.getpid(), self.signum)
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_swallowed_where_it_landed_still_stops_the_sweep(tmp_path: Path, data_dir: Path, signum: int,
+                                                                  code: int, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)
+    spec = sweep_spec(tmp_path, data_dir)
+    real = SweepRuns.log_epoch
+
+    def log_epoch(self, record, metrics):
+        real(self, record, metrics)
+        SignalsWhenCollected(signum)  # collected at once: "Exception ignored in ... __del__"
+
+    monkeypatch.setattr(SweepRuns, "log_epoch", log_epoch)
+    result = runner.invoke(app, ["run", str(spec), "--quiet"])
+    assert result.exit_code == code, result.stderr
+    assert "interrupted; finished trials are kept" in result.stderr
+    parents, trials = runs_of(tmp_path, "faults")
+    assert parents[0].info.status == "KILLED" and [t.info.status for t in trials] == ["KILLED"]
+
+
+def test_signals_land_at_every_moment(tmp_path: Path, data_dir: Path):
+    """SIGINT and SIGTERM sent at many moments of a sweep (start-up, store creation, early in a trial, mid-epoch):
+    each stops the process promptly, with the exit code of its signal."""
+    raw = tiny_raw(data_dir, experiment="signals", train={"epochs": 50, "patience": None},
+                   search={"max_evals": 50, "algo": "tpe", "space": {"train.lr": {"loguniform": [1e-3, 1e-2]}}})
+    moments = [0.5, 3.0, 6.0, 9.0, 12.0, 15.0, 18.0, 21.0, 25.0, 30.0]
+    processes = []
+    for i, delay in enumerate(moments):
+        folder = tmp_path / f"run{i}"
+        folder.mkdir()
+        (folder / "spec.yaml").write_text(yaml.safe_dump(raw))
+        process = subprocess.Popen([sys.executable, "-m", "fmnist_hpo", "run", "spec.yaml", "--quiet"], cwd=folder,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        processes.append((process, delay, signal.SIGINT if i % 2 else signal.SIGTERM))
+    started = time.monotonic()
+    for process, delay, signum in processes:
+        time.sleep(max(0.0, started + delay - time.monotonic()))
+        process.send_signal(signum)
+    for process, delay, signum in processes:
+        _, stderr = process.communicate(timeout=120)
+        # before the handler is installed (imports) Python's own default applies: killed by the signal
+        expected = {signal.SIGINT: (130, -signal.SIGINT), signal.SIGTERM: (143, -signal.SIGTERM)}[signum]
+        assert process.returncode in expected, f"{signum!r} at {delay} s: exit {process.returncode}: {stderr[-2000:]}"
+        assert "Traceback" not in stderr or process.returncode < 0, stderr[-2000:]

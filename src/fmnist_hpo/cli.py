@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import shlex
-import signal
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -60,16 +58,11 @@ def main(
     """Reproducible hyperparameter sweeps of BatchNorm CNNs on Fashion-MNIST, tracked in MLflow."""
 
 
-@contextlib.contextmanager
-def terminate_as_interrupt() -> Iterator[None]:
-    def handler(signum: int, frame: object) -> None:
-        raise Terminated()
+def terminate_as_interrupt() -> contextlib.AbstractContextManager:
+    """Ctrl-C and SIGTERM unwind the sweep, even when the signal lands where Python ignores exceptions."""
+    from fmnist_hpo.interrupts import stop_on_signals
 
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    return stop_on_signals()
 
 
 def collect_overrides(overrides: list[str] | None, **shortcuts: object) -> list[str]:
@@ -154,10 +147,14 @@ def run(
     configure_logging(-1 if quiet else (1 if verbose else 0))
     mode = "resume" if resume else "fresh" if fresh else "ask"
     resume_command = shlex.join(["fmnist", "run", *map(str, configs), *(f"--set={o}" for o in all_overrides), "--resume"])
-    if len(cfgs) == 1:
-        run_one(cfgs[0], mode, quiet, resume_command, register_as)
-    else:
-        run_several(cfgs, "continue" if resume else mode, quiet, resume_command)
+    try:
+        with terminate_as_interrupt():  # from the start: a signal during store creation lands cleanly too
+            if len(cfgs) == 1:
+                run_one(cfgs[0], mode, quiet, resume_command, register_as)
+            else:
+                run_several(cfgs, "continue" if resume else mode, quiet, resume_command)
+    except (KeyboardInterrupt, Terminated) as exc:  # the sweep had not started: nothing to resume
+        raise fail("interrupted before the sweep started", code=143 if isinstance(exc, Terminated) else 130) from None
 
 
 def ask_on_terminal() -> object:

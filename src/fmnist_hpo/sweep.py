@@ -28,6 +28,7 @@ from fmnist_hpo.config import Config
 from fmnist_hpo.data import SplitCache, load_dataset
 from fmnist_hpo.errors import FmnistError, OutputError
 from fmnist_hpo.faults import machine_failure
+from fmnist_hpo.interrupts import raise_if_requested
 from fmnist_hpo.lineage import idx_digest
 from fmnist_hpo.packing import parallel_for
 from fmnist_hpo.progress import SweepProgress
@@ -90,6 +91,7 @@ class Sweep:
             with SweepProgress(total, cfg.train.epochs, self.show_bars) as progress:
                 progress.skip(len(result.trials))
                 self._search(result, progress)
+            raise_if_requested()  # a signal Hyperopt or a garbage-collection callback swallowed
             if result.note:
                 logger.info(result.note)
                 self.tracker.set_tags(result.parent_run_id, {"search_note": result.note})
@@ -198,6 +200,7 @@ class Sweep:
     # --- one trial -------------------------------------------------------------------------
 
     def run_trial(self, point: int, values: dict[str, Any], repeat: int, progress: SweepProgress) -> TrialRecord:
+        raise_if_requested()
         interrupted = self.interrupted.pop((point, repeat), None)
         record = self.runs.reopen_trial(interrupted) if interrupted else self.runs.open_trial(point, values, repeat)
         progress.trial_started(record.number, values)
@@ -241,6 +244,7 @@ class Sweep:
         def on_epoch(m: EpochMetrics) -> None:
             nonlocal logged_from
             logged_from = time.perf_counter()
+            raise_if_requested()
             seen.append(m)
             self.runs.log_epoch(record, m)
             progress.epoch_done(record.number, m)
@@ -249,13 +253,17 @@ class Sweep:
             save_training_state(state_path, state)
             self.runs.log_bookkeeping(record, seen[-1].epoch, time.perf_counter() - logged_from)
 
+        def steps_done(done: int, total: int) -> None:
+            raise_if_requested()
+            progress.steps_done(len(seen), done, total)
+
         def should_prune(_: EpochMetrics) -> bool:
             return self.pruner is not None and self.pruner.should_prune(self._curve(seen))
 
         start = time.perf_counter()
         outcome = train_and_test(cfg, splits, self.device, on_epoch, resume, save_state=save_state,
                                  should_prune=should_prune,
-                                 on_steps=lambda done, total: progress.steps_done(len(seen), done, total))
+                                 on_steps=steps_done)
         if self.pruner is not None:
             self.pruner.record(self._curve(seen))
         record.keep(outcome.fit.kept, outcome.fit.history)
