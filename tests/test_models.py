@@ -288,4 +288,4 @@ def test_serve_ui_on_a_file_that_is_no_store_is_one_line(tmp_path: Path):
     (tmp_path / "notes.db").write_text("not a database")
     result = runner.invoke(app, ["serve-ui", "--tracking-uri", f"sqlite:///{tmp_path}/notes.db", "--port", str(free_port())])
     assert result.exit_code == 2 and result.stderr.count("\n") == 1
-    assert "cannot read the MLflow store" in result.stderr
+    assert "not a readable MLflow store" in result.stderr

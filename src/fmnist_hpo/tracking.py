@@ -25,6 +25,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from fmnist_hpo import sqlite_store
 from fmnist_hpo.errors import FmnistError, MachineFailure
 from fmnist_hpo.faults import machine_failure
 from fmnist_hpo.records import EPOCH_METRICS, EPOCH_TIMINGS, EpochMetrics, LoggedTrial
@@ -121,17 +122,99 @@ def _fluent_tracking_uri(uri: str) -> Iterator[None]:
 
 
 def open_client(tracking_uri: str) -> MlflowClient:
-    """A client whose store exists; SQLite stores are created (and migrated) by one process at a time,
-    since two processes running MLflow's schema migrations on a new file at once corrupt it."""
+    """A client whose store exists, for writing. A new SQLite store is built by one process at a time, in a
+    temporary file linked into place when complete (sqlite_store.py), so that neither a kill -9 nor another
+    MLflow client building the same file at once can leave a half-built schema behind."""
     if not tracking_uri.startswith("sqlite:///"):
         return MlflowClient(tracking_uri)
     from filelock import FileLock
 
     db = Path(tracking_uri.removeprefix("sqlite:///"))
+    head = _schema_head()
     with FileLock(str(db.parent / f".{db.name}.lock"), timeout=120):
+        state, runs = _settled(db, head)
+        new = state in (sqlite_store.State.MISSING, sqlite_store.State.EMPTY)
+        if new and not sqlite_store.build_beside(db, _build_store, replace=state is sqlite_store.State.EMPTY):
+            state, runs = _settled(db, head)  # another MLflow client put its own there meanwhile
+        _refuse(db, state, runs)
         client = MlflowClient(tracking_uri)
-        client.search_experiments(max_results=1)  # builds the store now, inside the lock
+        client.search_experiments(max_results=1)
     return client
+
+
+def open_reader(tracking_uri: str) -> MlflowClient:
+    """A client of an existing store, for reading: no lock file, no creation, no write access needed."""
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri.removeprefix("sqlite:///"))
+        if not db.is_file():
+            raise TrackingError(f"{tracking_uri}: no MLflow store here yet (run `fmnist run` first)")
+        _refuse(db, *_inspected(db, _schema_head()), reading=True)
+    try:
+        client = MlflowClient(tracking_uri)
+        client.search_experiments(max_results=1)
+    except Exception as exc:  # MLflow, SQLAlchemy and OS errors of a store that cannot be read
+        raise TrackingError(f"{tracking_uri}: cannot read the MLflow store ({_first_line(exc)})") from None
+    return _ReadingClient(client)
+
+
+class _ReadingClient:
+    """An MlflowClient whose failures (a store locked past SQLite's wait, or broken) are one-line TrackingErrors."""
+
+    def __init__(self, client: MlflowClient) -> None:
+        self._client = client
+        self.tracking_uri = client.tracking_uri
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._client, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return method(*args, **kwargs)
+            except MlflowException as exc:
+                failure = store_failure(self.tracking_uri, exc)
+                if failure is None:
+                    raise
+                raise TrackingError(str(failure)) from None
+
+        return call
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+
+
+def _schema_head() -> str:
+    from mlflow.store.db.utils import _get_latest_schema_revision
+
+    return _get_latest_schema_revision()
+
+
+def _build_store(uri: str) -> None:
+    client = MlflowClient(uri)
+    client.search_experiments(max_results=1)  # builds every table, and the default experiment
+    client._tracking_client.store.engine.dispose()  # its file is about to be renamed
+
+
+def _inspected(db: Path, head: str) -> tuple[sqlite_store.State, int]:
+    try:
+        return sqlite_store.inspect(db, head)
+    except sqlite_store.StoreFileError as exc:
+        raise TrackingError(str(exc)) from None
+
+
+def _settled(db: Path, head: str) -> tuple[sqlite_store.State, int]:
+    try:
+        return sqlite_store.settle(db, head, logger.info)
+    except sqlite_store.StoreFileError as exc:
+        raise TrackingError(str(exc)) from None
+
+
+def _refuse(db: Path, state: sqlite_store.State, runs: int, reading: bool = False) -> None:
+    problem = sqlite_store.refusal(db, state, runs)
+    if problem is None and reading and state is sqlite_store.State.EMPTY:
+        problem = f"{db}: an empty file, not an MLflow store yet (run `fmnist run` first)"
+    if problem is not None:
+        raise TrackingError(problem)
 
 
 def create_store(tracking_uri: str) -> None:
@@ -147,7 +230,7 @@ def experiment_to_show(tracking_uri: str, name: str | None) -> str | None:
     """The id of experiment `name`, else of the most recent sweep's experiment; None in a store without sweeps."""
     _quiet_mlflow()
     try:
-        client = MlflowClient(tracking_uri)  # the store exists already, so no creation lock (nor a writable folder)
+        client = open_reader(tracking_uri)
         if name is not None:
             found = client.get_experiment_by_name(name)
             if found is None:
@@ -246,6 +329,10 @@ class Tracker:
         try:
             self.client = open_client(tracking_uri)
             self.experiment_id = self._retry(self._experiment_id, experiment)
+        except TrackingError as exc:
+            if not isinstance(exc, StoreFailure):
+                raise  # its own one line already (a half-built, corrupt or foreign store)
+            raise TrackingError(f"{tracking_uri}: cannot open the MLflow store ({exc})") from None
         except MlflowException as exc:
             raise TrackingError(f"{tracking_uri}: cannot open experiment {experiment!r} ({exc.message})") from None
         except Exception as exc:  # SQLAlchemy and OS errors on a broken store
@@ -460,9 +547,7 @@ class RunReader:
 
     def __init__(self, tracking_uri: str) -> None:
         _quiet_mlflow()
-        if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
-            raise TrackingError(f"{tracking_uri}: no MLflow store here yet (run `fmnist run` first)")
-        self.client = open_client(tracking_uri)
+        self.client = open_reader(tracking_uri)
 
     def experiments(self) -> list[str]:
         """Names of the experiments that hold at least one fmnist trial, sorted."""
