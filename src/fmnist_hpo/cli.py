@@ -428,7 +428,7 @@ def predict(
     try:
         resolved = resolve_model(model, resolve_tracking_uri(tracking_uri))
         if idx is not None:
-            batch = read_idx(idx)
+            batch = read_idx(idx, item_shape=(28, 28))  # the header is checked before the data is inflated
             if batch.ndim != 3 or batch.shape[1:] != (28, 28):
                 raise FmnistError(f"{idx}: expected 28x28 images, got shape {batch.shape}")
             names = [f"{idx.name}[{i}]" for i in range(len(batch))]
