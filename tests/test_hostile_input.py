@@ -171,3 +171,26 @@ def test_a_checkpoint_with_code_is_refused_without_suggesting_weights_only_false
     with pytest.raises(CheckpointError) as raised:
         load_model(path)
     assert "weights_only" not in str(raised.value) and "could run code when loaded; refused" in str(raised.value)
+
+
+# --- a model too large for the machine ---------------------------------------------------------------
+
+
+def test_a_model_too_large_for_the_machine_says_so_before_training(tmp_path: Path, data_dir: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch):
+    from fmnist_hpo import fits
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(fits, "available_bytes", lambda device: 2 * 2**30)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(tiny_raw(data_dir)))
+    assert runner.invoke(app, ["validate", str(spec)]).exit_code == 0
+    huge = ["--set", "model.num_blocks=6", "--set", "model.filters=4096"]
+    for command in (["validate", str(spec), *huge], ["run", str(spec), *huge]):
+        result = runner.invoke(app, command)
+        assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert "parameters at batch size 32) needs at least" in result.stderr and "2.0 GB free" in result.stderr
+    searched = ["--set", "search.space={model.filters: {choice: [8, 4096]}}", "--set", "model.num_blocks=6"]
+    result = runner.invoke(app, ["validate", str(spec), *searched])
+    assert result.exit_code == 2 and "needs at least" in result.stderr, result.stderr
+    assert not (tmp_path / "mlflow.db").exists()
