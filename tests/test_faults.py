@@ -235,3 +235,56 @@ def test_signals_land_at_every_moment(tmp_path: Path, data_dir: Path):
         expected = {signal.SIGINT: (130, -signal.SIGINT), signal.SIGTERM: (143, -signal.SIGTERM)}[signum]
         assert process.returncode in expected, f"{signum!r} at {delay} s: exit {process.returncode}: {stderr[-2000:]}"
         assert "Traceback" not in stderr or process.returncode < 0, stderr[-2000:]
+
+
+# --- serve-ui dies with its parent ------------------------------------------------------------------
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def answers(url: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def start_serve_ui(folder: Path, host: str) -> tuple[subprocess.Popen, str]:
+    port = free_port(host if host != "::" else "::1")
+    process = subprocess.Popen([sys.executable, "-m", "fmnist_hpo", "serve-ui", "--create", "--host", host,
+                                "--port", str(port), "--tracking-uri", f"sqlite:///{folder / 'ui.db'}"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in process.stdout:
+        if line.startswith("MLflow UI at "):
+            return process, line.split()[3].split("/#/")[0]
+    pytest.fail(f"serve-ui did not start: exit {process.wait()}")
+
+
+@pytest.mark.parametrize(("host", "ending"), [("::", signal.SIGKILL), ("127.0.0.1", signal.SIGHUP)])
+def test_the_mlflow_server_dies_with_serve_ui(tmp_path: Path, host: str, ending: int):
+    import socket
+
+    if ":" in host and not socket.has_ipv6:
+        pytest.skip("no IPv6 here")
+    process, url = start_serve_ui(tmp_path, host)
+    assert answers(url) and (url.startswith("http://[::1]:") if host == "::" else True)
+    process.send_signal(ending)  # kill -9, or the terminal closing
+    process.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while answers(url) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not answers(url), "the mlflow server outlived serve-ui"
+
+
+def test_an_empty_host_is_refused_at_once(tmp_path: Path):
+    result = runner.invoke(app, ["serve-ui", "--host", "", "--tracking-uri", f"sqlite:///{tmp_path / 'x.db'}"])
+    assert result.exit_code == 2 and "--host '': give an address to bind" in result.stderr
