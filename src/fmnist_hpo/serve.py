@@ -129,7 +129,7 @@ def _interrupt(signum: int, frame: object) -> None:
 
 # Kills the server's process group once its parent (fmnist serve-ui) is gone, however it went: SIGKILL
 # and a closed terminal included. It waits for the end of its stdin, a pipe only the parent holds open.
-WATCHDOG = """
+WATCHDOG = """# fmnist serve-ui watchdog
 import os, select, signal, sys, time
 group = int(sys.argv[1])
 def alive():
