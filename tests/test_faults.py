@@ -288,3 +288,31 @@ def test_the_mlflow_server_dies_with_serve_ui(tmp_path: Path, host: str, ending:
 def test_an_empty_host_is_refused_at_once(tmp_path: Path):
     result = runner.invoke(app, ["serve-ui", "--host", "", "--tracking-uri", f"sqlite:///{tmp_path / 'x.db'}"])
     assert result.exit_code == 2 and "--host '': give an address to bind" in result.stderr
+
+
+def test_a_sweep_still_running_is_refused_without_advising_fresh(tmp_path: Path, data_dir: Path):
+    from fmnist_hpo import config
+    from fmnist_hpo.resume import ResumeError, choose_parent
+    from fmnist_hpo.tracking import Tracker
+    from fmnist_hpo.trial_runs import SweepRuns
+
+    cfg = config.validate(tiny_raw(data_dir, models_dir=str(tmp_path / "models")))
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", cfg.experiment)
+    runs = SweepRuns(cfg, tracker, "cpu")
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        runs.start_parent()
+        tracker.set_tags(runs.parent_id, {"pid": str(alive.pid)})
+        for mode in ("resume", "fresh", "ask"):
+            with pytest.raises(ResumeError) as refused:
+                choose_parent(tracker, cfg, mode)
+            assert f"still running (pid {alive.pid} on this host)" in str(refused.value)
+            assert "--fresh" not in str(refused.value) and f"kill {alive.pid}" in str(refused.value)
+    finally:
+        alive.kill()
+
+
+def test_a_bad_experiment_name_is_reported_once(tmp_path: Path):
+    spec = Path(__file__).parents[1] / "configs" / "quick.yaml"
+    result = runner.invoke(app, ["validate", str(spec), "--set", "experiment=a/b"])
+    assert result.exit_code == 2 and result.stderr.count("must be 1-100 letters") == 1, result.stderr

@@ -150,3 +150,32 @@ def test_a_locked_store_is_waited_for_in_one_line(tmp_path: Path, caplog: pytest
     assert MlflowClient(uri).get_run(run_id).data.tags["after"] == "the lock"
     assert [line for line in said if "locked by another process; waiting" in line] == [said[0]]
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+def test_a_registered_name_may_hold_a_quote(finished_store: Path):
+    uri = f"sqlite:///{finished_store / 'mlflow.db'}"
+    first = runner.invoke(app, ["register", "--experiment", "tiny", "--name", "o'neil's cnn", "--tracking-uri", uri])
+    assert first.exit_code == 0, first.stderr
+    again = runner.invoke(app, ["register", "--experiment", "tiny", "--name", "o'neil's cnn", "--tracking-uri", uri])
+    assert again.exit_code == 0 and again.output.startswith("already registered as o'neil's cnn version 1")
+
+
+def test_evaluate_removes_the_checkpoint_it_downloaded(tmp_path: Path, finished_store: Path, data_dir: Path,
+                                                      monkeypatch: pytest.MonkeyPatch):
+    import tempfile
+
+    copy = tmp_path / "copy"
+    shutil.copytree(finished_store, copy, ignore=shutil.ignore_patterns("models"))  # only the artifact is left
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    monkeypatch.chdir(tmp_path)
+    models = finished_store / "models"
+    models.rename(finished_store / "models.away")  # the run's models_dir param names it
+    try:
+        result = runner.invoke(app, ["evaluate", "--experiment", "tiny", "--data-root", str(data_dir),
+                                     "--tracking-uri", f"sqlite:///{copy / 'mlflow.db'}"])
+    finally:
+        (finished_store / "models.away").rename(models)
+    assert result.exit_code == 0, result.stderr
+    assert list(scratch.iterdir()) == []

@@ -404,6 +404,7 @@ def check_space(cfg: Config) -> list[str]:
                      for key, spec in cfg.search.space.items() if not (isinstance(spec, dict) and "choice" in spec)]
     base = to_dict(cfg)
     base["search"]["space"] = {}
+    base_problems = _problems_of(base) if cfg.search.space else set()  # reported once, for the spec itself
     known = field_docs()
     for key, spec in cfg.search.space.items():
         where = f"search.space.{key}"
@@ -423,10 +424,21 @@ def check_space(cfg: Config) -> list[str]:
             try:
                 validate(raw)
             except ConfigError as exc:
-                detail = exc.problems[0].split(": ", 1)[-1]
+                new = [problem for problem in exc.problems if problem not in base_problems]
+                if not new:
+                    continue
+                detail = new[0].split(": ", 1)[-1]
                 problems.append(f"{where}: value {value!r} is invalid for {key}: {detail}")
                 break
     return problems
+
+
+def _problems_of(raw: dict[str, Any]) -> set[str]:
+    try:
+        validate(raw)
+    except ConfigError as exc:
+        return set(exc.problems)
+    return set()
 
 
 def _suggest(key: str, known: dict[str, str]) -> str:

@@ -9,7 +9,9 @@ import json
 import logging
 import os
 import platform
+import shutil
 import subprocess
+import tempfile
 import time
 import warnings
 from collections.abc import Iterator
@@ -591,6 +593,10 @@ def best_of(trials: list[LoggedTrial]) -> LoggedTrial | None:
 class ModelStore(RunReader):
     """The trained models of logged trials: their checkpoints, evaluations and registry entries."""
 
+    def __init__(self, tracking_uri: str) -> None:
+        super().__init__(tracking_uri)
+        self.downloads: dict[Path, Path] = {}  # a downloaded checkpoint -> its temporary folder
+
     def best_trial(self, experiment: str) -> LoggedTrial:
         best = best_of(self.trials(experiment))
         if best is None:
@@ -613,18 +619,30 @@ class ModelStore(RunReader):
         local = Path(run.data.params.get("models_dir", "models")) / experiment / f"{run_id}.pt"
         if local.is_file():
             return local
-        import tempfile
-
+        download = Path(tempfile.mkdtemp(prefix="fmnist-"))
         try:
             folder = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoint",
-                                                         dst_path=tempfile.mkdtemp(prefix="fmnist-"),
-                                                         tracking_uri=self.client.tracking_uri)
+                                                         dst_path=str(download), tracking_uri=self.client.tracking_uri)
         except (MlflowException, OSError):
+            shutil.rmtree(download, ignore_errors=True)
             raise TrackingError(f"run {run_id} has no checkpoint (not under models/, no artifact)") from None
         found = sorted(Path(folder).glob("*.pt"))
         if not found:
+            shutil.rmtree(download, ignore_errors=True)
             raise TrackingError(f"run {run_id} has no checkpoint artifact")
+        self.downloads[found[0]] = download
         return found[0]
+
+    @contextlib.contextmanager
+    def local_checkpoint(self, run_id: str) -> Iterator[Path]:
+        """The run's checkpoint as a local file for the block; a downloaded copy is removed after it."""
+        path = self.checkpoint(run_id)
+        try:
+            yield path
+        finally:
+            download = self.downloads.pop(path, None)
+            if download is not None:
+                shutil.rmtree(download, ignore_errors=True)
 
     def attach(self, run_id: str, metrics: dict[str, float], files: list[Path]) -> None:
         stamp = _now_ms()
@@ -660,8 +678,8 @@ class ModelStore(RunReader):
 
     def _version_of_run(self, name: str, run_id: str) -> Any:
         """The newest version of registered model `name` made from run_id, or None."""
-        versions = self.client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
-        return max(versions, key=lambda v: int(v.version), default=None)
+        versions = [v for v in self.client.search_model_versions(f"run_id = '{run_id}'") if v.name == name]
+        return max(versions, key=lambda v: int(v.version), default=None)  # a name may hold quotes: not in the filter
 
     def _new_version(self, name: str, model_uri: str, run_id: str, tags: dict[str, Any]) -> Any:
         try:
