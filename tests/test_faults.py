@@ -316,3 +316,19 @@ def test_a_bad_experiment_name_is_reported_once(tmp_path: Path):
     spec = Path(__file__).parents[1] / "configs" / "quick.yaml"
     result = runner.invoke(app, ["validate", str(spec), "--set", "experiment=a/b"])
     assert result.exit_code == 2 and result.stderr.count("must be 1-100 letters") == 1, result.stderr
+
+
+def test_a_store_removed_mid_sweep_is_one_line(tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)
+    spec = sweep_spec(tmp_path, data_dir)
+    real = SweepRuns.close_finished
+
+    def then_removed(self, record):
+        real(self, record)
+        (tmp_path / "mlflow.db").unlink(missing_ok=True)
+
+    monkeypatch.setattr(SweepRuns, "close_finished", then_removed)
+    result = runner.invoke(app, ["run", str(spec), "--quiet"])
+    assert result.exit_code == 75 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(f"error: the MLflow store {tmp_path / 'mlflow.db'} was removed during the sweep; "
+                                    "restore it, then: fmnist run ")

@@ -68,6 +68,8 @@ def store_failure(tracking_uri: str, exc: BaseException) -> MachineFailure | Non
         return StoreFailure(f"the tracking server {tracking_uri} does not answer", "start it again")
     text = str(exc).lower()
     store = tracking_uri.removeprefix("sqlite:///")
+    if tracking_uri.startswith("sqlite:///") and "database" in text and not Path(store).exists():
+        return StoreFailure(f"the MLflow store {store} was removed during the sweep", "restore it")  # SQLite: 'readonly'
     for words, (cause, fix) in _STORE_FAULTS.items():
         if words in text:
             return StoreFailure(cause.format(store=store), fix)
