@@ -8,8 +8,10 @@ aliases expand to are checked on the composed node graph, before any Python obje
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
+import numpy as np
 import yaml
 
 MAX_SPEC_BYTES = 1_000_000  # the largest shipped spec is about 5 KB
@@ -69,10 +71,22 @@ def _check_expansion(root: yaml.Node) -> None:
     size(root)
 
 
+def _bracket_depth(text: str) -> int:
+    """How deep [ and { nest, at most (brackets inside strings count too): checked before parsing, since
+    PyYAML's scanner reads a deep flow collection ahead in time quadratic in its depth."""
+    brackets = np.frombuffer(re.sub(r"[^\[\]{}]+", "", text).encode(), dtype=np.uint8)
+    if not brackets.size:
+        return 0
+    steps = np.where((brackets == ord("[")) | (brackets == ord("{")), 1, -1)
+    return int(np.cumsum(steps).max())  # a stray closer lowers it: the composer's own depth check remains
+
+
 def load(text: str) -> Any:
     """The document in text, read like yaml.safe_load within the bounds above."""
     if len(text) > MAX_SPEC_BYTES:
         raise SpecTooLarge(f"{len(text)} characters, more than a spec may have ({MAX_SPEC_BYTES})")
+    if _bracket_depth(text) > MAX_DEPTH:
+        raise SpecTooLarge(f"nested more than {MAX_DEPTH} levels deep")
     loader = _BoundedLoader(text)
     try:
         return loader.get_single_data()

@@ -187,6 +187,7 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
+@functools.cache  # parsing MLflow's migration scripts takes a moment
 def _schema_head() -> str:
     from mlflow.store.db.utils import _get_latest_schema_revision
 
