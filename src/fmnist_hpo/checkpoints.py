@@ -6,7 +6,9 @@ weights_only=True)` reads it and a file that tries to run code on load is refuse
 
 from __future__ import annotations
 
+import errno
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -32,9 +34,31 @@ def atomic_write(path: Path, write: Any) -> None:
     try:
         write(Path(tmp))
         os.replace(tmp, path)
+    except OSError as exc:  # a full disk or a read-only folder: name the file being written, not its temporary
+        Path(tmp).unlink(missing_ok=True)
+        if exc.errno is None:
+            raise
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def torch_save(obj: Any, path: Path) -> None:
+    """torch.save, with a failed write raised as the OSError it is (ENOSPC on a full disk).
+
+    torch's zip writer reports any failed write as "[enforce fail at inline_container.cc] unexpected pos",
+    and even swallows the OSError of a Python file object; the free space then says what happened.
+    """
+    try:
+        torch.save(obj, path)
+    except RuntimeError as exc:
+        if "inline_container" not in str(exc) and "PytorchStreamWriter" not in str(exc):
+            raise
+        stats = os.statvfs(path.parent)
+        if stats.f_bavail * stats.f_frsize < 4 * 2**20:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from exc
+        raise OSError(errno.EIO, f"write failed ({str(exc).strip()[:120]})", str(path)) from exc
 
 
 def save_checkpoint(path: Path, model: nn.Module, model_config: dict[str, Any], **extra: Any) -> Path:
@@ -46,7 +70,7 @@ def save_checkpoint(path: Path, model: nn.Module, model_config: dict[str, Any], 
         "normalization": {"mean": FMNIST_MEAN, "std": FMNIST_STD},
         **extra,
     }
-    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    atomic_write(path, lambda tmp: torch_save(payload, tmp))
     return path
 
 
@@ -57,11 +81,19 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError for code, RuntimeError/EOFError for corrupt zips
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: not a loadable checkpoint ({first_line[:200]})") from None
+        raise CheckpointError(f"{path}: not a loadable checkpoint ({load_failure(exc)})") from None
     if not isinstance(payload, dict) or "state_dict" not in payload or "model_config" not in payload:
         raise CheckpointError(f"{path}: not an fmnist-hpo checkpoint (no state_dict/model_config)")
     return payload
+
+
+def load_failure(exc: BaseException) -> str:
+    """Why torch.load refused a file, in one line; never torch's advice to retry with weights_only=False,
+    which would run whatever code the file holds."""
+    text = str(exc).strip()
+    if isinstance(exc, pickle.UnpicklingError) or "weights_only" in text or "Weights only load failed" in text:
+        return "it holds objects other than tensors and plain values, which could run code when loaded; refused"
+    return (text.splitlines() or [type(exc).__name__])[0][:200]
 
 
 def load_model(path: str | Path) -> nn.Module:
@@ -74,6 +106,7 @@ def load_model(path: str | Path) -> nn.Module:
         model_cfg = validate({"model": payload["model_config"]}).model
     except ConfigError as exc:
         raise CheckpointError(f"{path}: its model config is invalid ({exc})") from None
+    _check_shapes(path, build_model, model_cfg, payload["state_dict"])  # before allocating what the config declares
     model = build_model(model_cfg)
     try:
         model.load_state_dict(payload["state_dict"])
@@ -82,17 +115,29 @@ def load_model(path: str | Path) -> nn.Module:
     return model.eval()
 
 
+def _check_shapes(path: Path, build: Any, model_cfg: Any, weights: Any) -> None:
+    """The weights fit the model the config declares, checked on the meta device (which allocates nothing),
+    so a tiny file declaring a huge model costs nothing."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in build(model_cfg).state_dict().items()}
+    given = {k: tuple(v.shape) for k, v in weights.items() if isinstance(v, torch.Tensor)} \
+        if isinstance(weights, dict) else {}
+    if given != expected:
+        wrong = sorted(k for k in expected if given.get(k) != expected[k])
+        raise CheckpointError(f"{path}: weights do not fit its model config ({len(wrong)} of {len(expected)} tensors "
+                              f"missing or of another shape, e.g. {wrong[0] if wrong else 'an extra one'})")
+
+
 def save_training_state(path: Path, state: dict[str, Any]) -> None:
     """The per-epoch state of a running trial (see train.training_state), replaced atomically."""
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    atomic_write(path, lambda tmp: torch_save(state, tmp))
 
 
 def read_training_state(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: corrupt training state ({first_line[:200]}); "
+        raise CheckpointError(f"{path}: corrupt training state ({load_failure(exc)}); "
                               "move it away to restart that trial from scratch") from None
     if not isinstance(state, dict) or "next_epoch" not in state:
         raise CheckpointError(f"{path}: not an fmnist-hpo training state")

@@ -8,16 +8,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import shlex
-import signal
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from fmnist_hpo.cli_help import ConventionalGroup, ConventionalHelp
-from fmnist_hpo.errors import FmnistError, Terminated
+from fmnist_hpo.errors import FmnistError, MachineFailure, Terminated
 
 if TYPE_CHECKING:
     from fmnist_hpo.config import Config
@@ -64,16 +62,11 @@ def main(
     """Reproducible hyperparameter sweeps of BatchNorm CNNs on Fashion-MNIST, tracked in MLflow."""
 
 
-@contextlib.contextmanager
-def terminate_as_interrupt() -> Iterator[None]:
-    def handler(signum: int, frame: object) -> None:
-        raise Terminated()
+def terminate_as_interrupt() -> contextlib.AbstractContextManager:
+    """Ctrl-C and SIGTERM unwind the sweep, even when the signal lands where Python ignores exceptions."""
+    from fmnist_hpo.interrupts import stop_on_signals
 
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    return stop_on_signals()
 
 
 def collect_overrides(overrides: list[str] | None, **shortcuts: object) -> list[str]:
@@ -159,10 +152,14 @@ def run(
     configure_logging(-1 if quiet else (1 if verbose else 0))
     mode = "resume" if resume else "fresh" if fresh else "ask"
     resume_command = shlex.join(["fmnist", "run", *map(str, configs), *(f"--set={o}" for o in all_overrides), "--resume"])
-    if len(cfgs) == 1:
-        run_one(cfgs[0], mode, quiet, resume_command, register_as)
-    else:
-        run_several(cfgs, "continue" if resume else mode, quiet, resume_command)
+    try:
+        with terminate_as_interrupt():  # from the start: a signal during store creation lands cleanly too
+            if len(cfgs) == 1:
+                run_one(cfgs[0], mode, quiet, resume_command, register_as)
+            else:
+                run_several(cfgs, "continue" if resume else mode, quiet, resume_command)
+    except (KeyboardInterrupt, Terminated) as exc:  # the sweep had not started: nothing to resume
+        raise fail("interrupted before the sweep started", code=143 if isinstance(exc, Terminated) else 130) from None
 
 
 def ask_on_terminal() -> object:
@@ -171,6 +168,8 @@ def ask_on_terminal() -> object:
 
 
 def interrupted(exc: BaseException, resume_command: str) -> typer.Exit:
+    if isinstance(exc, MachineFailure):  # EX_TEMPFAIL: nothing is lost, the same command works once it is fixed
+        return fail(f"{exc.cause}; {exc.fix}, then: {resume_command}", code=75)
     code = 143 if isinstance(exc, Terminated) else 130
     return fail(f"interrupted; finished trials are kept, continue with: {resume_command}", code=code)
 
@@ -193,6 +192,8 @@ def run_one(cfg: Config, mode: str, quiet: bool, resume_command: str, register_a
     except SweepFailed as exc:
         console.print(results_table(exc.result))
         raise fail(str(exc), code=1) from None
+    except MachineFailure as exc:
+        raise interrupted(exc, resume_command) from None
     except FmnistError as exc:
         raise fail(str(exc)) from None
     except (KeyboardInterrupt, Terminated) as exc:
@@ -242,6 +243,8 @@ def run_several(cfgs: list[Config], mode: str, quiet: bool, resume_command: str)
                     typer.echo(f"{cfg.experiment}: {'; '.join(where.describe())}")
                 with preparing("loading the data and opening the store", not quiet) as ready:
                     outcomes.append(run_spec(cfg, mode, ask_on_terminal(), False if quiet else None, ready))
+    except MachineFailure as exc:
+        raise interrupted(exc, resume_command) from None
     except FmnistError as exc:
         raise fail(str(exc)) from None
     except (KeyboardInterrupt, Terminated) as exc:
@@ -459,7 +462,7 @@ def predict(
     try:
         resolved = resolve_model(model, resolve_tracking_uri(tracking_uri))
         if idx is not None:
-            batch = read_idx(idx)
+            batch = read_idx(idx, item_shape=(28, 28))  # the header is checked before the data is inflated
             if batch.ndim != 3 or batch.shape[1:] != (28, 28):
                 raise FmnistError(f"{idx}: expected 28x28 images, got shape {batch.shape}")
             labels = labels or labels_beside(idx)

@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
+from fmnist_hpo import spec_yaml
 from fmnist_hpo.errors import ConfigError
 from fmnist_hpo.space import FIXED_KEYS, FIXED_SECTIONS, parse_entry, probe_values
 
@@ -32,12 +33,17 @@ def setting(default: Any, doc: str, **bounds: float) -> Any:
     return field(default=default, metadata={"doc": doc, **bounds})
 
 
+MAX_SEED = 2**32 - 1  # what numpy's and torch's generators take from every platform
+MAX_DESCRIPTION = 10_000  # characters; it is logged as the sweep's note and param
+
+
 @dataclass(frozen=True)
 class DataConfig:
     root: str | None = setting(None, "folder holding the four IDX files; null: $FMNIST_DATA_DIR, else data/")
     download: bool = setting(True, "download the files with torchvision when they are missing")
     val_size: int = setting(10_000, "training images held out (stratified) for early stopping and the search", ge=10)
-    split_seed: int = setting(0, "seed of the validation split; fixed so every trial sees the same split")
+    split_seed: int = setting(0, "seed of the validation split; fixed so every trial sees the same split",
+                              ge=0, le=MAX_SEED)
     train_subset: int | None = setting(None, "train on the class-balanced first N remaining images; null: all", ge=10)
     augment_flip: bool = setting(False, "random horizontal flips, applied on the device")
     augment_translate: int = setting(0, "random translation by up to this many pixels", ge=0, le=8)
@@ -66,7 +72,7 @@ class TrainConfig:
     epochs: int = setting(40, "maximum number of epochs", ge=1, le=10_000)
     batch_size: int = setting(64, "images per training step", ge=2, le=65_536)
     lr: float = setting(1e-3, "Adam learning rate", gt=0, le=10)
-    weight_decay: float = setting(0.0, "Adam weight decay (L2)", ge=0)
+    weight_decay: float = setting(0.0, "Adam weight decay (L2)", ge=0, le=1)
     scheduler: Literal["step", "onecycle", "cosine", "none"] = setting("step", "learning-rate schedule")
     step_size: int = setting(10, "StepLR: epochs between decays", ge=1)
     gamma: float = setting(0.5, "StepLR: factor applied every step_size epochs", gt=0, le=1)
@@ -75,7 +81,7 @@ class TrainConfig:
     min_delta: float = setting(0.0, "smallest change of the monitored metric that counts as improvement", ge=0)
     monitor: Literal["val_loss", "val_accuracy"] = setting(
         "val_loss", "metric early stopping watches; the kept epoch is always the best by search.metric")
-    seed: int = setting(42, "seed of weights, batch order and dropout; same seed, same CPU result")
+    seed: int = setting(42, "seed of weights, batch order and dropout; same seed, same CPU result", ge=0, le=MAX_SEED)
     device: Literal["auto", "cuda", "mps", "cpu"] = setting("auto", "auto picks cuda, then mps, then cpu")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = setting(
         "auto", "auto: bf16 autocast on CUDA (fp16 with loss scaling where bf16 is unsupported), fp32 elsewhere")
@@ -97,7 +103,7 @@ class SearchConfig:
     repeats: int = setting(1, "runs of each configuration, with seeds train.seed, train.seed+1, ...", ge=1, le=1000)
     metric: Literal["val_loss", "val_accuracy"] = setting(
         "val_accuracy", "picks each trial's kept epoch and is the search objective: val_loss minimised, val_accuracy maximised")
-    seed: int = setting(0, "seed of the search algorithm; same seed, same sampled points")
+    seed: int = setting(0, "seed of the search algorithm; same seed, same sampled points", ge=0, le=MAX_SEED)
     parallel: int | Literal["auto"] = setting(
         "auto", "trials at once; auto: as many as fit in free GPU memory (1 on CPU/MPS or without Ray); "
         "above 1 the sweep runs on Ray Tune (the [ray] extra)", ge=1, le=1024)
@@ -170,8 +176,13 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         suggestion = spec_like(path)
         raise ConfigError([f"no such file{f' (did you mean {suggestion}?)' if suggestion else ''}"], str(path))
+    if path.stat().st_size > spec_yaml.MAX_SPEC_BYTES:
+        raise ConfigError([f"{path.stat().st_size} bytes: too large to be a spec (at most {spec_yaml.MAX_SPEC_BYTES})"],
+                          str(path))
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = spec_yaml.load(path.read_text())
+    except spec_yaml.SpecTooLarge as exc:
+        raise ConfigError([f"too large to be a spec: {exc}"], str(path)) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -211,7 +222,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not sep or not key.strip():
         raise ConfigError([f"override {text!r} must look like key=value"], "--set")
     try:
-        return key.strip(), yaml.safe_load(value)
+        return key.strip(), spec_yaml.load(value)
+    except spec_yaml.SpecTooLarge as exc:
+        raise ConfigError([f"override of {key.strip()!r}: value too large ({exc})"], "--set") from None
     except yaml.YAMLError:
         raise ConfigError([f"override {text!r}: value is not valid YAML"], "--set") from None
 
@@ -305,7 +318,10 @@ def _build(cls: type, raw: Any, path: str, problems: list[str]) -> Any:
 
 
 def _describe(value: Any) -> str:
-    return "null" if value is None else f"{type(value).__name__} {value!r}"
+    if value is None:
+        return "null"
+    text = repr(value)  # a problem is one line: a long value is cut, never printed whole
+    return f"{type(value).__name__} {text if len(text) <= 80 else text[:72] + ' ...'}"
 
 
 def _coerce(value: Any, tp: Any) -> Any:
@@ -391,6 +407,10 @@ def _cross_checks(cfg: Config) -> list[str]:
     problems += _graph_checks(cfg.train)
     if cfg.model.dropout_placement == "middle" and cfg.model.num_blocks < 3:
         problems.append("model.dropout_placement: middle needs num_blocks >= 3 (the blocks between first and last)")
+    if len(cfg.description) > MAX_DESCRIPTION:
+        problems.append(f"description: at most {MAX_DESCRIPTION} characters, got {len(cfg.description)}")
+    if cfg.train.seed + cfg.search.repeats - 1 > MAX_SEED:
+        problems.append(f"train.seed: with {cfg.search.repeats} repeats the last seed would pass {MAX_SEED}")
     if not EXPERIMENT_NAME.fullmatch(cfg.experiment):
         problems.append(
             f"experiment: {cfg.experiment!r} must be 1-100 letters, digits, '.', '_' or '-' "
@@ -408,6 +428,7 @@ def check_space(cfg: Config) -> list[str]:
                      for key, spec in cfg.search.space.items() if not (isinstance(spec, dict) and "choice" in spec)]
     base = to_dict(cfg)
     base["search"]["space"] = {}
+    base_problems = _problems_of(base) if cfg.search.space else set()  # reported once, for the spec itself
     known = field_docs()
     for key, spec in cfg.search.space.items():
         where = f"search.space.{key}"
@@ -427,10 +448,21 @@ def check_space(cfg: Config) -> list[str]:
             try:
                 validate(raw)
             except ConfigError as exc:
-                detail = exc.problems[0].split(": ", 1)[-1]
+                new = [problem for problem in exc.problems if problem not in base_problems]
+                if not new:
+                    continue
+                detail = new[0].split(": ", 1)[-1]
                 problems.append(f"{where}: value {value!r} is invalid for {key}: {detail}")
                 break
     return problems
+
+
+def _problems_of(raw: dict[str, Any]) -> set[str]:
+    try:
+        validate(raw)
+    except ConfigError as exc:
+        return set(exc.problems)
+    return set()
 
 
 def _suggest(key: str, known: dict[str, str]) -> str:

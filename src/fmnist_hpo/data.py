@@ -10,10 +10,11 @@ import contextlib
 import gzip
 import io
 import itertools
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 
@@ -64,28 +65,46 @@ class Splits:
     test: Split
 
 
-def read_idx(path: Path) -> np.ndarray:
-    """One IDX file (gzipped or not) as a uint8 array, checked against its own header."""
+MAX_IDX_BYTES = 256 * 2**20  # the training images are 47 MB; predict reads at most this much too
+
+
+def read_idx(path: Path, item_shape: tuple[int, ...] | None = None, max_bytes: int = MAX_IDX_BYTES) -> np.ndarray:
+    """One IDX file (gzipped or not) as a uint8 array, checked against its own header.
+
+    The header is read first, streaming through gzip: a file declaring more than max_bytes of data, or
+    items not of item_shape, is refused before anything more is read or inflated.
+    """
     try:
         opener = gzip.open if path.suffix == ".gz" else open
         with opener(path, "rb") as handle:
-            blob = handle.read()
+            shape = _idx_shape(path, handle)
+            if item_shape is not None and shape[1:] != item_shape:
+                raise DataError(f"{path}: expected {'x'.join(map(str, item_shape))} images, its header declares shape "
+                                f"{shape}")
+            expected = math.prod(shape)
+            if expected > max_bytes:
+                raise DataError(f"{path}: its header declares {expected} bytes of data, more than the {max_bytes} "
+                                "an IDX file may hold here")
+            blob = handle.read(expected)
+            if len(blob) < expected:
+                raise DataError(f"{path}: truncated: header promises {expected} bytes of data, file has {len(blob)}")
+            extra = len(handle.read(2**20))
     except (OSError, EOFError) as exc:
         raise DataError(f"{path}: cannot be read ({exc})") from None
-    if len(blob) < 4 or blob[0] != 0 or blob[1] != 0 or blob[2] != _IDX_UBYTE:
+    if extra:
+        raise DataError(f"{path}: {extra}{'+' if extra == 2**20 else ''} unexpected bytes after the data")
+    return np.frombuffer(blob, dtype=np.uint8).reshape(shape).copy()
+
+
+def _idx_shape(path: Path, handle: BinaryIO) -> tuple[int, ...]:
+    magic = handle.read(4)
+    if len(magic) < 4 or magic[0] != 0 or magic[1] != 0 or magic[2] != _IDX_UBYTE:
         raise DataError(f"{path}: not an IDX file of unsigned bytes (bad magic number)")
-    ndim = blob[3]
-    header = 4 + 4 * ndim
-    if ndim == 0 or len(blob) < header:
+    ndim = magic[3]
+    dims = handle.read(4 * ndim)
+    if ndim == 0 or len(dims) < 4 * ndim:
         raise DataError(f"{path}: header is truncated")
-    shape = tuple(int(d) for d in np.frombuffer(blob, dtype=">u4", count=ndim, offset=4))
-    expected = int(np.prod(shape))
-    actual = len(blob) - header
-    if actual < expected:
-        raise DataError(f"{path}: truncated: header promises {expected} bytes of data, file has {actual}")
-    if actual > expected:
-        raise DataError(f"{path}: {actual - expected} unexpected bytes after the data")
-    return np.frombuffer(blob, dtype=np.uint8, offset=header).reshape(shape).copy()
+    return tuple(int(d) for d in np.frombuffer(dims, dtype=">u4"))
 
 
 def data_root(cfg: DataConfig) -> Path:

@@ -43,3 +43,16 @@ class Terminated(BaseException):
 
 class OutputError(FmnistError):
     """A folder the sweep must write to (checkpoints, the store) cannot be created or written."""
+
+
+class MachineFailure(FmnistError):
+    """The machine failed the sweep, not the trial: a full disk, a read-only folder, a store locked or gone.
+
+    The sweep stops as interrupted (its open runs KILLED where the store still takes writes) and
+    `--resume` trains what it cut off; the search never learns from it. cause says what and where,
+    fix what the user does before resuming.
+    """
+
+    def __init__(self, cause: str, fix: str) -> None:
+        self.cause, self.fix = cause, fix
+        super().__init__(f"{cause}; {fix}")

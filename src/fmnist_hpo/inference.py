@@ -12,6 +12,8 @@ from torch import nn
 from fmnist_hpo.data import CLASSES, IMAGE_SIZE, normalize
 from fmnist_hpo.errors import FmnistError
 
+MAX_IMAGE_PIXELS = 50_000_000  # a 50-megapixel photo; anything larger is refused before it is decoded
+
 
 class ImageError(FmnistError):
     """An image file cannot be read as a picture."""
@@ -63,8 +65,13 @@ def load_image(path: Path) -> np.ndarray:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        with Image.open(path) as opened:
+        with Image.open(path) as opened:  # reads the header only: the pixels are decoded by convert
+            if opened.width * opened.height > MAX_IMAGE_PIXELS:
+                raise ImageError(f"{path}: {opened.width}x{opened.height} pixels, more than an image to classify "
+                                 f"may have ({MAX_IMAGE_PIXELS}); shrink it first")
             image = ImageOps.exif_transpose(opened).convert("L")
+    except Image.DecompressionBombError:
+        raise ImageError(f"{path}: declares more pixels than an image to classify may have; shrink it first") from None
     except (OSError, UnidentifiedImageError) as exc:
         raise ImageError(f"{path}: not a readable image ({exc.__class__.__name__})") from None
     pixels = np.asarray(image)

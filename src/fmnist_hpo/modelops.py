@@ -36,8 +36,9 @@ def resolve_model(target: str | None, tracking_uri: str, experiment: str | None 
         if experiment is None:
             raise FmnistError("name a checkpoint or run id, or pass --experiment NAME --best")
         target = store.best_trial(experiment).run_id
-    path = store.checkpoint(target)
-    return ResolvedModel(load_model(path), path, target, *store.trial_label(target))
+    with store.local_checkpoint(target) as path:
+        model = load_model(path)
+    return ResolvedModel(model, path, target, *store.trial_label(target))
 
 
 def test_set(data_root: str | None) -> tuple[np.ndarray, np.ndarray]:
@@ -89,5 +90,9 @@ def register_best(tracking_uri: str, experiment: str, name: str, run_id: str | N
     from fmnist_hpo.tracking import ModelStore, Tracker
 
     store = ModelStore(tracking_uri)
-    return store.register(experiment, name, lambda trial: log_trial_model(
-        Tracker(tracking_uri, experiment), trial.run_id, store.checkpoint(trial.run_id)), run_id)
+
+    def model_uri_of(trial: object) -> str:
+        with store.local_checkpoint(trial.run_id) as checkpoint:
+            return log_trial_model(Tracker(tracking_uri, experiment), trial.run_id, checkpoint)
+
+    return store.register(experiment, name, model_uri_of, run_id)

@@ -14,8 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
+
 from fmnist_hpo.data import data_root, find_files, missing_data
 from fmnist_hpo.errors import DataError, OutputError
+from fmnist_hpo.fits import check_fits
 
 if TYPE_CHECKING:
     from fmnist_hpo.config import Config
@@ -42,6 +45,7 @@ def preflight(cfg: Config) -> Resolved:
     """The resolved settings of cfg, or the DeviceError, DataError, TrackingError or OutputError a run
     would raise at once."""
     device, precision = resolve_compute(cfg)
+    check_fits(cfg, torch.device(device))
     root, present = check_data(cfg)
     tracking_uri = check_store(cfg.mlflow.tracking_uri)
     checkpoint_dir = Path(cfg.models_dir, cfg.experiment).expanduser().absolute()

@@ -77,8 +77,9 @@ def choose_parent(tracker: Tracker, cfg: Config, mode: str, ask: Callable[[str],
     mode = "resume" if mode == "continue" else mode
     parent = candidates[0]
     if alive_elsewhere(parent.tags):
-        raise ResumeError(f"this sweep is still running (pid {parent.tags['pid']}); "
-                          "wait for it, or start another with --fresh")
+        pid = parent.tags["pid"]
+        raise ResumeError(f"this sweep is still running (pid {pid} on this host); wait for it to finish, or stop it "
+                          f"(kill {pid}) and run again to continue it")
     if mode == "ask":
         if ask is None:
             say(f"continuing the interrupted sweep {parent.run_id} of this config "

@@ -77,7 +77,7 @@ def server_environment() -> dict[str, str]:
 
 
 def display_url(host: str, port: int) -> str:
-    shown_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    shown_host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)  # where this machine reaches "every interface"
     return f"http://{f'[{shown_host}]' if ':' in shown_host else shown_host}:{port}"
 
 
@@ -127,6 +127,45 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+# Kills the server's process group once its parent (fmnist serve-ui) is gone, however it went: SIGKILL
+# and a closed terminal included. It waits for the end of its stdin, a pipe only the parent holds open.
+WATCHDOG = """# fmnist serve-ui watchdog
+import os, select, signal, sys, time
+group = int(sys.argv[1])
+def alive():
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+while alive():
+    if select.select([0], [], [], 1.0)[0] and not os.read(0, 1):
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(group, sig)
+            except ProcessLookupError:
+                break
+            deadline = time.monotonic() + 5
+            while alive() and time.monotonic() < deadline:
+                time.sleep(0.1)
+        break
+"""
+
+
+def start_watchdog(server: subprocess.Popen) -> subprocess.Popen:
+    """A process that stops the server's whole group when this one dies; closing its stdin releases it."""
+    return subprocess.Popen([sys.executable, "-c", WATCHDOG, str(server.pid)], stdin=subprocess.PIPE,
+                            start_new_session=True)  # out of the terminal's group: a SIGHUP there spares it
+
+
+def check_host(host: str) -> None:
+    if not host.strip():
+        raise ServeError("--host '': give an address to bind: 127.0.0.1 (this machine only), 0.0.0.0 or :: "
+                         "(every interface)")
+
+
 def serve_ui(tracking_uri: str, host: str, port: int, on_ready: Callable[[str, Path], None], *,
              create: bool = False, experiment: str | None = None) -> int:
     """Run the server in the foreground until Ctrl-C or SIGTERM; returns the exit code for the CLI.
@@ -134,6 +173,7 @@ def serve_ui(tracking_uri: str, host: str, port: int, on_ready: Callable[[str, P
     on_ready gets the runs page to open (experiment's, else the most recent sweep's) and the server
     log, which is removed on a clean stop and kept (and named in the error) when the server fails.
     """
+    check_host(host)
     prepare_store(tracking_uri, create)
     check_port_free(host, port)
     from fmnist_hpo.tracking import experiment_to_show
@@ -143,7 +183,8 @@ def serve_ui(tracking_uri: str, host: str, port: int, on_ready: Callable[[str, P
     with log.open("w") as sink:
         process = subprocess.Popen(server_command(tracking_uri, host, port), stdout=sink, stderr=subprocess.STDOUT,
                                    env=server_environment(), start_new_session=True)
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    watchdog = start_watchdog(process)
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         wait_until_up(display_url(host, port), process, log)
         on_ready(page, log)
@@ -154,6 +195,9 @@ def serve_ui(tracking_uri: str, host: str, port: int, on_ready: Callable[[str, P
         pass
     finally:
         stop(process)
-        signal.signal(signal.SIGTERM, previous)
+        watchdog.stdin.close()
+        watchdog.wait()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     log.unlink(missing_ok=True)
     return 0

@@ -27,6 +27,8 @@ from fmnist_hpo.checkpoints import CheckpointError, read_training_state, save_ch
 from fmnist_hpo.config import Config
 from fmnist_hpo.data import SplitCache, load_dataset
 from fmnist_hpo.errors import FmnistError, OutputError
+from fmnist_hpo.faults import machine_failure
+from fmnist_hpo.interrupts import raise_if_requested
 from fmnist_hpo.lineage import idx_digest
 from fmnist_hpo.packing import parallel_for
 from fmnist_hpo.progress import SweepProgress
@@ -91,6 +93,7 @@ class Sweep:
             with SweepProgress(total, cfg.train.epochs, self.show_bars) as progress:
                 progress.skip(len(result.trials))
                 self._search(result, progress)
+            raise_if_requested()  # a signal Hyperopt or a garbage-collection callback swallowed
             if result.note:
                 logger.info(result.note)
                 self.tracker.set_tags(result.parent_run_id, {"search_note": result.note})
@@ -220,6 +223,7 @@ class Sweep:
     # --- one trial -------------------------------------------------------------------------
 
     def run_trial(self, point: int, values: dict[str, Any], repeat: int, progress: SweepProgress) -> TrialRecord:
+        raise_if_requested()
         interrupted = self.interrupted.pop((point, repeat), None)
         record = self.runs.reopen_trial(interrupted) if interrupted else self.runs.open_trial(point, values, repeat)
         progress.trial_started(record.number, values)
@@ -232,6 +236,9 @@ class Sweep:
         except (KeyboardInterrupt, SystemExit, CheckpointError, TrackingError):
             raise  # a corrupt state file or a lost store is the user's to look at, not a trial failure
         except Exception as exc:  # a trial's failure (an invalid sampled point too) is data for the sweep
+            failure = machine_failure(exc)
+            if failure is not None:  # a full disk or a read-only folder: the sweep stops, resumable
+                raise failure from exc
             (self.runs.models_dir / f"{record.run_id}.state.pt").unlink(missing_ok=True)
             self.runs.close_failed(record, _reason(exc))
             _free_device_memory(self.device)
@@ -260,6 +267,7 @@ class Sweep:
         def on_epoch(m: EpochMetrics) -> None:
             nonlocal logged_from
             logged_from = time.perf_counter()
+            raise_if_requested()
             seen.append(m)
             self.runs.log_epoch(record, m)
             progress.epoch_done(record.number, m)
@@ -268,13 +276,17 @@ class Sweep:
             save_training_state(state_path, state)
             self.runs.log_bookkeeping(record, seen[-1].epoch, time.perf_counter() - logged_from)
 
+        def steps_done(done: int, total: int) -> None:
+            raise_if_requested()
+            progress.steps_done(len(seen), done, total)
+
         def should_prune(_: EpochMetrics) -> bool:
             return self.pruner is not None and self.pruner.should_prune(self._curve(seen))
 
         start = time.perf_counter()
         outcome = train_and_test(cfg, splits, self.device, on_epoch, resume, save_state=save_state,
                                  should_prune=should_prune,
-                                 on_steps=lambda done, total: progress.steps_done(len(seen), done, total))
+                                 on_steps=steps_done)
         if self.pruner is not None:
             self.pruner.record(self._curve(seen))
         record.keep(outcome.fit.kept, outcome.fit.history)

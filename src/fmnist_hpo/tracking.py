@@ -9,7 +9,9 @@ import json
 import logging
 import os
 import platform
+import shutil
 import subprocess
+import tempfile
 import time
 import warnings
 from collections.abc import Iterator
@@ -25,7 +27,9 @@ from mlflow.entities import LoggedModelStatus, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from fmnist_hpo.errors import FmnistError
+from fmnist_hpo import sqlite_store
+from fmnist_hpo.errors import FmnistError, MachineFailure
+from fmnist_hpo.faults import machine_failure
 from fmnist_hpo.records import EPOCH_METRICS, EPOCH_TIMINGS, TRIAL_SECONDS, EpochMetrics, LoggedTrial
 from fmnist_hpo.selection import select
 
@@ -39,6 +43,39 @@ class TrackingError(FmnistError):
     """The tracking store cannot be opened or written."""
 
 
+class StoreFailure(TrackingError, MachineFailure):
+    """The store stopped taking writes mid-sweep (disk full, read-only, removed, locked past the wait, a server
+    gone): an interruption of the sweep, to resume once fixed, never a failed trial."""
+
+
+# SQLite's words for a store that stopped taking writes -> (what happened, what the user does about it)
+_STORE_FAULTS = {
+    "database or disk is full": ("no space left on device for the MLflow store {store}", "free space"),
+    "readonly database": ("the MLflow store {store} is read-only", "make it writable"),
+    "unable to open database file": ("cannot open the MLflow store {store} (removed, or its folder not writable)",
+                                     "restore it"),
+    "no such table": ("the MLflow store {store} was removed or replaced during the sweep", "restore it"),
+    "disk i/o error": ("disk I/O error on the MLflow store {store}", "check the disk"),
+    "database disk image is malformed": ("the MLflow store {store} is corrupt", "restore it from a backup"),
+    "file is not a database": ("the MLflow store {store} is corrupt", "restore it from a backup"),
+    "database is locked": ("the MLflow store {store} stayed locked by another process", "let that process finish"),
+}
+
+
+def store_failure(tracking_uri: str, exc: BaseException) -> MachineFailure | None:
+    """The machine's failure behind an exception of a store write, or None (then it is a bug, not the machine)."""
+    if _is_unreachable(exc):
+        return StoreFailure(f"the tracking server {tracking_uri} does not answer", "start it again")
+    text = str(exc).lower()
+    store = tracking_uri.removeprefix("sqlite:///")
+    if tracking_uri.startswith("sqlite:///") and "database" in text and not Path(store).exists():
+        return StoreFailure(f"the MLflow store {store} was removed during the sweep", "restore it")  # SQLite: 'readonly'
+    for words, (cause, fix) in _STORE_FAULTS.items():
+        if words in text:
+            return StoreFailure(cause.format(store=store), fix)
+    return machine_failure(exc)
+
+
 def resolve_tracking_uri(configured: str | None) -> str:
     """The URI to use, with a relative SQLite path made absolute (MLflow caches stores by URI text)."""
     uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
@@ -50,6 +87,8 @@ def resolve_tracking_uri(configured: str | None) -> str:
 def _quiet_mlflow() -> None:
     for name in ("alembic", "mlflow"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # it logs every SQLite error with its traceback before raising it; we retry, wait or report it in one line
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 
 def check_sqlite_location(uri: str) -> None:
@@ -87,17 +126,100 @@ def _fluent_tracking_uri(uri: str) -> Iterator[None]:
 
 
 def open_client(tracking_uri: str) -> MlflowClient:
-    """A client whose store exists; SQLite stores are created (and migrated) by one process at a time,
-    since two processes running MLflow's schema migrations on a new file at once corrupt it."""
+    """A client whose store exists, for writing. A new SQLite store is built by one process at a time, in a
+    temporary file linked into place when complete (sqlite_store.py), so that neither a kill -9 nor another
+    MLflow client building the same file at once can leave a half-built schema behind."""
     if not tracking_uri.startswith("sqlite:///"):
         return MlflowClient(tracking_uri)
     from filelock import FileLock
 
     db = Path(tracking_uri.removeprefix("sqlite:///"))
+    head = _schema_head()
     with FileLock(str(db.parent / f".{db.name}.lock"), timeout=120):
+        state, runs = _settled(db, head)
+        new = state in (sqlite_store.State.MISSING, sqlite_store.State.EMPTY)
+        if new and not sqlite_store.build_beside(db, _build_store, replace=state is sqlite_store.State.EMPTY):
+            state, runs = _settled(db, head)  # another MLflow client put its own there meanwhile
+        _refuse(db, state, runs)
         client = MlflowClient(tracking_uri)
-        client.search_experiments(max_results=1)  # builds the store now, inside the lock
+        client.search_experiments(max_results=1)
     return client
+
+
+def open_reader(tracking_uri: str) -> MlflowClient:
+    """A client of an existing store, for reading: no lock file, no creation, no write access needed."""
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri.removeprefix("sqlite:///"))
+        if not db.is_file():
+            raise TrackingError(f"{tracking_uri}: no MLflow store here yet (run `fmnist run` first)")
+        _refuse(db, *_inspected(db, _schema_head()), reading=True)
+    try:
+        client = MlflowClient(tracking_uri)
+        client.search_experiments(max_results=1)
+    except Exception as exc:  # MLflow, SQLAlchemy and OS errors of a store that cannot be read
+        raise TrackingError(f"{tracking_uri}: cannot read the MLflow store ({_first_line(exc)})") from None
+    return _ReadingClient(client)
+
+
+class _ReadingClient:
+    """An MlflowClient whose failures (a store locked past SQLite's wait, or broken) are one-line TrackingErrors."""
+
+    def __init__(self, client: MlflowClient) -> None:
+        self._client = client
+        self.tracking_uri = client.tracking_uri
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._client, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return method(*args, **kwargs)
+            except MlflowException as exc:
+                failure = store_failure(self.tracking_uri, exc)
+                if failure is None:
+                    raise
+                raise TrackingError(str(failure)) from None
+
+        return call
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+
+
+@functools.cache  # parsing MLflow's migration scripts takes a moment
+def _schema_head() -> str:
+    from mlflow.store.db.utils import _get_latest_schema_revision
+
+    return _get_latest_schema_revision()
+
+
+def _build_store(uri: str) -> None:
+    client = MlflowClient(uri)
+    client.search_experiments(max_results=1)  # builds every table, and the default experiment
+    client._tracking_client.store.engine.dispose()  # its file is about to be renamed
+
+
+def _inspected(db: Path, head: str) -> tuple[sqlite_store.State, int]:
+    try:
+        return sqlite_store.inspect(db, head)
+    except sqlite_store.StoreFileError as exc:
+        raise TrackingError(str(exc)) from None
+
+
+def _settled(db: Path, head: str) -> tuple[sqlite_store.State, int]:
+    try:
+        return sqlite_store.settle(db, head, logger.info)
+    except sqlite_store.StoreFileError as exc:
+        raise TrackingError(str(exc)) from None
+
+
+def _refuse(db: Path, state: sqlite_store.State, runs: int, reading: bool = False) -> None:
+    problem = sqlite_store.refusal(db, state, runs)
+    if problem is None and reading and state is sqlite_store.State.EMPTY:
+        problem = f"{db}: an empty file, not an MLflow store yet (run `fmnist run` first)"
+    if problem is not None:
+        raise TrackingError(problem)
 
 
 def create_store(tracking_uri: str) -> None:
@@ -113,7 +235,7 @@ def experiment_to_show(tracking_uri: str, name: str | None) -> str | None:
     """The id of experiment `name`, else of the most recent sweep's experiment; None in a store without sweeps."""
     _quiet_mlflow()
     try:
-        client = MlflowClient(tracking_uri)  # the store exists already, so no creation lock (nor a writable folder)
+        client = open_reader(tracking_uri)
         if name is not None:
             found = client.get_experiment_by_name(name)
             if found is None:
@@ -212,6 +334,10 @@ class Tracker:
         try:
             self.client = open_client(tracking_uri)
             self.experiment_id = self._retry(self._experiment_id, experiment)
+        except TrackingError as exc:
+            if not isinstance(exc, StoreFailure):
+                raise  # its own one line already (a half-built, corrupt or foreign store)
+            raise TrackingError(f"{tracking_uri}: cannot open the MLflow store ({exc})") from None
         except MlflowException as exc:
             raise TrackingError(f"{tracking_uri}: cannot open experiment {experiment!r} ({exc.message})") from None
         except Exception as exc:  # SQLAlchemy and OS errors on a broken store
@@ -249,18 +375,23 @@ class Tracker:
         self.client.delete_experiment("0")
 
     def _retry(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """fn's result, retried while SQLite is busy (each try already waits up to 20 s for a lock);
+        a store that stops taking writes raises StoreFailure, an OSError of ours MachineFailure."""
         delay = 0.05
         for attempt in range(self.RETRIES):
             try:
                 return fn(*args, **kwargs)
             except Exception as exc:
-                if _is_unreachable(exc):
-                    raise TrackingError(f"{self.tracking_uri}: the tracking server does not answer; what was logged is "
-                                        "kept: start it again and rerun with --resume") from None
-                if attempt == self.RETRIES - 1 or not _is_contention(exc):
+                if attempt < self.RETRIES - 1 and _is_contention(exc) and not _is_unreachable(exc):
+                    if "locked" in str(exc).lower():
+                        _say_once(f"the MLflow store {self.tracking_uri} is locked by another process; waiting for it")
+                    time.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+                    continue
+                failure = store_failure(self.tracking_uri, exc)
+                if failure is None:
                     raise
-                time.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                raise failure from None
         raise AssertionError("unreachable")
 
     # --- runs -----------------------------------------------------------------------------
@@ -510,9 +641,7 @@ class RunReader:
 
     def __init__(self, tracking_uri: str) -> None:
         _quiet_mlflow()
-        if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
-            raise TrackingError(f"{tracking_uri}: no MLflow store here yet (run `fmnist run` first)")
-        self.client = open_client(tracking_uri)
+        self.client = open_reader(tracking_uri)
 
     def experiments(self) -> list[str]:
         """Names of the experiments that hold at least one fmnist trial, sorted."""
@@ -556,6 +685,10 @@ def best_of(trials: list[LoggedTrial]) -> LoggedTrial | None:
 class ModelStore(RunReader):
     """The trained models of logged trials: their checkpoints, evaluations and registry entries."""
 
+    def __init__(self, tracking_uri: str) -> None:
+        super().__init__(tracking_uri)
+        self.downloads: dict[Path, Path] = {}  # a downloaded checkpoint -> its temporary folder
+
     def best_trial(self, experiment: str) -> LoggedTrial:
         best = best_of(self.trials(experiment))
         if best is None:
@@ -581,12 +714,24 @@ class ModelStore(RunReader):
 
             return usable_checkpoint(local, run_id, lambda folder: download_checkpoint(self.client.tracking_uri,
                                                                                      run_id, folder))
-        import tempfile
-
-        found = download_checkpoint(self.client.tracking_uri, run_id, Path(tempfile.mkdtemp(prefix="fmnist-")))
+        download = Path(tempfile.mkdtemp(prefix="fmnist-"))
+        found = download_checkpoint(self.client.tracking_uri, run_id, download)
         if found is None:
+            shutil.rmtree(download, ignore_errors=True)
             raise TrackingError(f"run {run_id} has no checkpoint (not under models/, no artifact)")
+        self.downloads[found] = download
         return found
+
+    @contextlib.contextmanager
+    def local_checkpoint(self, run_id: str) -> Iterator[Path]:
+        """The run's checkpoint as a local file for the block; a downloaded copy is removed after it."""
+        path = self.checkpoint(run_id)
+        try:
+            yield path
+        finally:
+            download = self.downloads.pop(path, None)
+            if download is not None:
+                shutil.rmtree(download, ignore_errors=True)
 
     def attach(self, run_id: str, metrics: dict[str, float], files: list[Path]) -> None:
         stamp = _now_ms()
@@ -622,8 +767,8 @@ class ModelStore(RunReader):
 
     def _version_of_run(self, name: str, run_id: str) -> Any:
         """The newest version of registered model `name` made from run_id, or None."""
-        versions = self.client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
-        return max(versions, key=lambda v: int(v.version), default=None)
+        versions = [v for v in self.client.search_model_versions(f"run_id = '{run_id}'") if v.name == name]
+        return max(versions, key=lambda v: int(v.version), default=None)  # a name may hold quotes: not in the filter
 
     def _new_version(self, name: str, model_uri: str, run_id: str, tags: dict[str, Any]) -> Any:
         try:

@@ -19,7 +19,7 @@ import yaml
 from fmnist_hpo import config as config_module
 from fmnist_hpo.config import Config
 from fmnist_hpo.data import Dataset, split_indices
-from fmnist_hpo.errors import DataError
+from fmnist_hpo.errors import DataError, MachineFailure
 from fmnist_hpo.milestones import reached
 from fmnist_hpo.records import (
     KEPT_EPOCH,
@@ -123,9 +123,9 @@ class SweepRuns:
     def kill_open(self) -> None:
         """Ctrl-C, SIGTERM or a crash of the driver: every run still open, and the sweep, become KILLED.
 
-        With the store gone (a tracking server that died) they stay RUNNING, which a resume handles.
+        With the store gone (a tracking server that died, a full disk) they stay RUNNING, which a resume handles.
         """
-        with contextlib.suppress(TrackingError):
+        with contextlib.suppress(TrackingError, MachineFailure):
             for run_id in list(self.open):
                 self.tracker.end_run(run_id, "KILLED")
             if self.parent_id:
