@@ -80,6 +80,7 @@ def probe(cfg: Config, device: torch.device, steps: int = 3) -> tuple[float, flo
                                       step_scheduler)) / steps
     evaluate(model, split(eval_batch), engine, eval_batch)
     eval_batch_seconds = _timed(lambda: evaluate(model, split(eval_batch * 2), engine, eval_batch)) / 2
+    engine.release_graphs()  # a graph that failed here has already turned graphs off (auto) and trained eagerly
     train_images = cfg.data.train_subset or TRAIN_IMAGES - cfg.data.val_size
     epoch = steps_per_epoch(train_images, batch) * step + math.ceil(cfg.data.val_size / eval_batch) * eval_batch_seconds
     return epoch, math.ceil(TEST_IMAGES / eval_batch) * eval_batch_seconds
