@@ -184,7 +184,7 @@ def test_engine_and_benchmarks_import_without_mlflow_hyperopt_loguru_or_ray():
         "import fmnist_hpo.train, fmnist_hpo.data, fmnist_hpo.model, fmnist_hpo.checkpoints, fmnist_hpo.config\n"
         "import fmnist_hpo.space, fmnist_hpo.pruning, fmnist_hpo.inference\n"
         "fmnist_hpo.config.validate({'search': {'space': {'train.lr': {'loguniform': [1e-4, 1e-2]}}}})\n"
-        f"for script in ('train_throughput', 'time_to_accuracy', 'sweep_throughput'):\n"
+        f"for script in ('train_throughput', 'time_to_accuracy', 'sweep_throughput', 'gpu_check'):\n"
         f"    runpy.run_path('{root}/benchmarks/' + script + '.py', run_name='imported')\n"
         "print('ok')\n"
     )

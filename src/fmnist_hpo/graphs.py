@@ -342,6 +342,9 @@ class GraphedTraining:
                              f"{graphed_value / self.batch_size:.5g} vs {eager_value / self.batch_size:.5g}, weights "
                              f"apart by {ratio:.3g} of the step; tolerance {CHECK_LOSS_RTOL:g} and {CHECK_UPDATE_RTOL:g})")
         self.checked = True
+        logger.debug(f"first graphed training step matches eager: loss {graphed_value / self.batch_size:.5g} vs "
+                     f"{eager_value / self.batch_size:.5g}, weights apart by {ratio:.3g} of the step",
+                     extra={"graph_check": self.check_figures})
 
     def release(self) -> None:
         """Destroy the graph and its memory pool now."""
