@@ -43,8 +43,7 @@ def one_run(config: str, precision: str, overrides: list[str]) -> dict[str, Any]
         if done.returncode != 0:
             raise SystemExit(f"fmnist run failed ({precision}):\n{done.stderr[-2000:]}")
         client = MlflowClient(uri)
-        experiment = client.search_experiments()[-1]
-        runs = client.search_runs([experiment.experiment_id])
+        runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
         parent = next(r for r in runs if r.data.tags.get("fmnist.role") == "sweep")
         trials = []
         for run in (r for r in runs if r.data.tags.get("fmnist.role") == "trial"):

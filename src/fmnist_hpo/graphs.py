@@ -116,6 +116,12 @@ def _unwind_capture(graph: torch.cuda.CUDAGraph, pool: Any, stream: torch.cuda.S
     if end_allocating is not None:
         with contextlib.suppress(RuntimeError):  # "not currently recording": nothing was left
             end_allocating(torch.cuda.current_device(), pool)
+    # capture_end also skips the generator's capture epilogue, which would leave it counting offsets
+    # for the graph, and eager dropout drawing the same numbers every step: a fresh state, same seed and offset
+    generator = torch.cuda.default_generators[torch.cuda.current_device()]
+    if hasattr(generator, "clone_state"):
+        with contextlib.suppress(RuntimeError):
+            generator.graphsafe_set_state(generator.clone_state())
 
 
 capturer: Any = CudaCapture()
