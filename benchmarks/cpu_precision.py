@@ -57,15 +57,80 @@ def one_run(config: str, precision: str, overrides: list[str]) -> dict[str, Any]
             "outside_epochs": statistics.fmean(t["outside_epochs"] for t in trials)}
 
 
+def interleaved_steps(config_path: str, overrides: list[str], blocks: int, steps: int) -> dict[str, Any]:
+    """Seconds per training step and per evaluation batch of the config's model, fp32 against auto, in
+    alternating blocks of `steps`: on a machine shared with other work both modes see the same load."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "src"))
+    from fmnist_hpo import config
+    from fmnist_hpo.data import Split
+    from fmnist_hpo.train import make_optimizer, prepare_trial
+
+    cpu = torch.device("cpu")
+    setups = {}
+    for mode in MODES:
+        cfg = config.load(config_path, [*overrides, f"train.precision={mode}", "train.device=cpu"])
+        model, engine = prepare_trial(cfg, cpu)
+        setups[mode] = (cfg, model, engine, make_optimizer(model, cfg.train, engine))
+    batch, eval_batch = cfg.train.batch_size, cfg.train.eval_batch_size
+    generator = torch.Generator().manual_seed(0)
+    data = Split(torch.randint(0, 256, (max(batch, eval_batch), 1, 28, 28), dtype=torch.uint8, generator=generator),
+                 torch.randint(0, 10, (max(batch, eval_batch),), generator=generator))
+
+    def train_block(mode: str) -> float:
+        _, model, engine, optimizer = setups[mode]
+        model.train()
+        x, y = engine.inputs(data.images[:batch]), data.labels[:batch]
+        start = time.perf_counter()
+        for _ in range(steps):
+            optimizer.zero_grad(set_to_none=True)
+            with engine.autocast():
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            optimizer.step()
+        return (time.perf_counter() - start) / steps
+
+    @torch.inference_mode()
+    def eval_block(mode: str) -> float:
+        _, model, engine, _ = setups[mode]
+        model.eval()
+        x = engine.inputs(data.images[:eval_batch])
+        start = time.perf_counter()
+        for _ in range(steps):
+            with engine.autocast():
+                model(x)
+        return (time.perf_counter() - start) / steps
+
+    seconds: dict[str, dict[str, list[float]]] = {kind: {m: [] for m in MODES} for kind in ("train", "eval")}
+    for block in range(blocks + 1):  # the first block of each is a warm-up
+        for mode in (MODES if block % 2 == 0 else MODES[::-1]):
+            train_seconds, eval_seconds = train_block(mode), eval_block(mode)
+            if block:
+                seconds["train"][mode].append(train_seconds)
+                seconds["eval"][mode].append(eval_seconds)
+    return {kind: {m: statistics.median(v) for m, v in by_mode.items()} for kind, by_mode in seconds.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(ROOT / "configs" / "quick.yaml"))
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="KEY=VALUE for both modes")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--steps-only", action="store_true",
+                        help="only the interleaved step timing (seconds, where whole runs take minutes)")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
     from fmnist_hpo.train import cpu_has_native_bf16
+
+    steps = interleaved_steps(args.config, args.overrides, blocks=10, steps=10)
+    print(f"native bf16 on this CPU: {cpu_has_native_bf16()}  ({os.cpu_count()} cores)")
+    for kind in ("train", "eval"):
+        fp32, auto = steps[kind]["fp32"], steps[kind]["auto"]
+        print(f"{kind} step: fp32 {1000 * fp32:.1f} ms, auto {1000 * auto:.1f} ms: {fp32 / auto:.2f}x")
+    if args.steps_only:
+        return
 
     runs: dict[str, list[dict]] = {mode: [] for mode in MODES}
     for round_number in range(args.rounds):
@@ -79,7 +144,6 @@ def main() -> None:
     median = {mode: {key: statistics.median(r[key] for r in runs[mode])
                      for key in ("wall_seconds", "epochs_seconds", "outside_epochs", "selected_val_accuracy")}
               for mode in MODES}
-    print(f"native bf16 on this CPU: {cpu_has_native_bf16()}  ({os.cpu_count()} cores)")
     print(f"{'precision':<10}{'wall s':>9}{'epochs s':>10}{'outside/trial s':>17}{'val acc':>9}")
     for mode in MODES:
         m = median[mode]
@@ -92,7 +156,7 @@ def main() -> None:
           f"val accuracy {points:+.2f} points (target within 0.3)")
     if args.out:
         args.out.write_text(json.dumps({"config": args.config, "overrides": args.overrides, "date": time.strftime("%Y-%m-%d"),
-                                        "native_bf16": cpu_has_native_bf16(), "runs": runs, "median": median,
+                                        "native_bf16": cpu_has_native_bf16(), "steps": steps, "runs": runs, "median": median,
                                         "wall_speedup": speedup, "epochs_speedup": epochs_speedup,
                                         "val_accuracy_points": points}, indent=2))
 

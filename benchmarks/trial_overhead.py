@@ -120,10 +120,12 @@ def main() -> None:
     epochs = sum(clock.seconds["epochs"]) / len(walls)
     print(f"{len(trials)} trials: wall {statistics.fmean(walls):.2f} s, epochs {epochs:.2f} s, "
           f"outside epochs {statistics.fmean(walls) - epochs:.2f} s per trial (mean)")
-    print(f"{'per trial, mean':<44}{'seconds':>9}")
+    print(f"trial wall seconds: {', '.join(f'{w:.2f}' for w in walls)}")
+    print(f"{'per trial, mean':<44}{'seconds':>9}  each")
     for label in [label for _, _, label in TIMED] + ["test pass"]:
         values = clock.seconds.get(label, [])
-        print(f"{label:<44}{sum(values) / max(len(trials), 1):>9.3f}")
+        each = ", ".join(f"{v:.3f}" for v in values) if len(values) == len(walls) else ""
+        print(f"{label:<44}{sum(values) / max(len(trials), 1):>9.3f}  {each}")
 
 
 if __name__ == "__main__":
