@@ -239,7 +239,10 @@ def test_run_opens_with_where_it_works_and_closes_with_where_results_are(tmp_pat
     assert result.exit_code == 0, result.stderr
     lines = result.output.splitlines()
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    assert lines[0] == (f"tiny: device: cpu (fp32); data: {data_dir}; store: {store}; "
+    from fmnist_hpo.train import cpu_has_native_bf16
+
+    precision = "bf16" if cpu_has_native_bf16() else "fp32"  # what precision: auto is on this CPU
+    assert lines[0] == (f"tiny: device: cpu ({precision}); data: {data_dir}; store: {store}; "
                         f"checkpoints: {tmp_path / 'models' / 'tiny'}")
     assert lines[-1] == f"runs of tiny are in {store}; best checkpoint: {checkpoint}"
 
