@@ -59,8 +59,11 @@ def measure(cfg: config.Config, device: torch.device, verbose: bool = False) -> 
         if verbose:
             print(f"epoch {m.epoch:3d}  {elapsed:7.1f}s  val {m.val_accuracy:.4f}  test {test_acc:.4f}", flush=True)
 
-    result = fit(model, splits, cfg, engine, on_epoch)
-    _, selected_test = evaluate(model, splits.test, engine, cfg.train.eval_batch_size)
+    try:
+        result = fit(model, splits, cfg, engine, on_epoch)
+        _, selected_test = evaluate(model, splits.test, engine, cfg.train.eval_batch_size)
+    finally:
+        engine.release_graphs()  # the next seed's capture must not meet this one's graphs in the collector
     reached = {f"{t:.3f}": next((c["train_seconds"] for c in curve if c["test_accuracy"] >= t), None) for t in THRESHOLDS}
     return {"device": str(device), "machine": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "date": time.strftime("%Y-%m-%d"), "reached_seconds": reached, "curve": curve,

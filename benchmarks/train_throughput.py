@@ -107,7 +107,8 @@ def measure(cfg: config.Config, device: torch.device, modes: list[str], rounds: 
         modes = [m for m in modes if not m.endswith("+graphs")]  # CUDA graphs need CUDA
     splits = make_splits(load_dataset(cfg.data), cfg.data, device)
     cpu_train = Split(splits.train.images.cpu(), splits.train.labels.cpu())
-    runners = {mode: make_runner(mode, cfg, cpu_train, splits.train, device, fast_batch, compile_fast)
+    engines: list = []
+    runners = {mode: make_runner(mode, cfg, cpu_train, splits.train, device, fast_batch, compile_fast, engines)
                for mode in modes}
     for runner in runners.values():  # warm-up: allocator, cudnn autotuning, graph capture, compilation
         runner()
@@ -124,13 +125,15 @@ def measure(cfg: config.Config, device: torch.device, modes: list[str], rounds: 
             seconds[mode].append(time.perf_counter() - start)
             if device.type == "cuda":
                 peak[mode] = torch.cuda.max_memory_allocated(device)
+    for engine in engines:
+        engine.release_graphs()
     return {"machine": machine(device), "device": str(device), "torch": torch.__version__,
             "train_images": len(cpu_train), "date": time.strftime("%Y-%m-%d"),
             "results": rows(len(cpu_train), seconds, peak)}
 
 
 def make_runner(mode: str, cfg: config.Config, cpu_train: Split, train: Split, device: torch.device,
-                fast_batch: int, compile_fast: bool):
+                fast_batch: int, compile_fast: bool, engines: list):
     if mode == "reference":
         torch.manual_seed(0)
         model = build_model(cfg.model).to(device)
@@ -147,6 +150,7 @@ def make_runner(mode: str, cfg: config.Config, cpu_train: Split, train: Split, d
                             compile=compile_fast and not graphs, seed=0, cuda_graphs=graphs)
     model, engine = prepare_trial(replace(cfg, train=train_cfg), device)
     optimizer = make_optimizer(model, train_cfg, engine)
+    engines.append(engine)  # its graphs are released when the measurement ends
     return lambda: train_epoch(model, train, optimizer, engine, train_cfg, cfg.data)
 
 

@@ -192,7 +192,7 @@ def test_engine_and_benchmarks_import_without_mlflow_hyperopt_loguru_or_ray():
         "import fmnist_hpo.train, fmnist_hpo.data, fmnist_hpo.model, fmnist_hpo.checkpoints, fmnist_hpo.config\n"
         "import fmnist_hpo.space, fmnist_hpo.pruning, fmnist_hpo.inference\n"
         "fmnist_hpo.config.validate({'search': {'space': {'train.lr': {'loguniform': [1e-4, 1e-2]}}}})\n"
-        f"for script in ('train_throughput', 'time_to_accuracy', 'sweep_throughput'):\n"
+        f"for script in ('train_throughput', 'time_to_accuracy', 'sweep_throughput', 'gpu_check'):\n"
         f"    runpy.run_path('{root}/benchmarks/' + script + '.py', run_name='imported')\n"
         "print('ok')\n"
     )
@@ -274,7 +274,10 @@ def test_run_opens_with_where_it_works_and_closes_with_where_results_are(tmp_pat
     assert result.exit_code == 0, result.stderr
     lines = result.output.splitlines()
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    assert lines[0] == (f"tiny: device: cpu (fp32); data: {data_dir}; store: {store}; "
+    from fmnist_hpo.train import cpu_has_native_bf16
+
+    precision = "bf16" if cpu_has_native_bf16() else "fp32"  # what precision: auto is on this CPU
+    assert lines[0] == (f"tiny: device: cpu ({precision}); data: {data_dir}; store: {store}; "
                         f"checkpoints: {tmp_path / 'models' / 'tiny'}")
     assert lines[-1] == f"runs of tiny are in {store}; best checkpoint: {checkpoint}"
 

@@ -89,3 +89,32 @@ def test_step_peak_bytes_grows_with_the_batch(data_dir: Path):
     large = config.validate(tiny_raw(data_dir, train={"device": "cuda", "batch_size": 512, "eval_batch_size": 512}))
     cuda = torch.device("cuda")
     assert 0 < step_peak_bytes(small, cuda) < step_peak_bytes(large, cuda)
+
+
+def test_a_sweep_of_one_trial_measures_nothing(monkeypatch: pytest.MonkeyPatch):
+    """fast.yaml's empty space runs one trial: no capture, no graphs held, before it even starts."""
+    from fmnist_hpo import packing
+
+    def no_measuring(*_args):
+        raise AssertionError("measured a trial for a sweep of one")
+
+    monkeypatch.setattr(packing, "trial_footprint", no_measuring)
+    monkeypatch.setattr(packing, "ray_installed", lambda: True)
+    cuda = torch.device("cuda")
+    assert packing.parallel_for(config.validate({}), cuda, dataset=None) == (1, None)
+    one_point = {"search": {"max_evals": 1, "space": {"train.lr": {"loguniform": [1e-4, 1e-2]}}}}
+    assert packing.parallel_for(config.validate(one_point), cuda, dataset=None) == (1, None)
+
+
+def test_a_large_space_is_measured_at_its_largest_model():
+    from fmnist_hpo.packing import footprint_variants
+
+    cfg = config.validate({"search": {"max_evals": 20, "space": {
+        "model.filters": {"choice": [16, 32, 64, 128, 256, 512, 1024]},
+        "train.batch_size": {"quniform": [32, 512, 32]},
+        "model.architecture": {"choice": ["cnn", "dual_path"]},
+        "train.lr": {"loguniform": [1e-4, 1e-2]}}}})
+    assert [(v.model.filters, v.train.batch_size, v.model.architecture) for v in footprint_variants(cfg)] == [
+        (1024, 512, "cnn"), (1024, 512, "dual_path")]
+    few = config.validate({"search": {"max_evals": 4, "space": {"model.filters": {"choice": [16, 32]}}}})
+    assert [v.model.filters for v in footprint_variants(few)] == [16, 32]

@@ -34,7 +34,9 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def test_resolves_what_a_run_uses(workdir: Path, data_dir: Path):
     resolved = preflight(config.validate(tiny_raw(data_dir, experiment="e1", models_dir="out")))
-    assert resolved.device == "cpu" and resolved.precision == "fp32"
+    from fmnist_hpo.train import cpu_has_native_bf16
+
+    assert resolved.device == "cpu" and resolved.precision == ("bf16" if cpu_has_native_bf16() else "fp32")
     assert resolved.data_root == data_dir and resolved.data_present
     assert resolved.tracking_uri == f"sqlite:///{workdir / 'mlflow.db'}"
     assert resolved.checkpoint_dir == workdir / "out" / "e1"

@@ -174,8 +174,18 @@ def test_fp16_is_refused_on_cpu():
 
     with pytest.raises(DeviceError, match="fp16 needs cuda or mps"):
         resolve_precision("fp16", CPU)
-    assert resolve_precision("auto", CPU) is None
     assert resolve_precision("bf16", CPU) == torch.bfloat16
+
+
+@pytest.mark.parametrize(("native", "expected"), [(True, torch.bfloat16), (False, None)])
+def test_auto_precision_on_cpu_is_bf16_only_where_the_cpu_has_native_bf16(monkeypatch: pytest.MonkeyPatch, native, expected):
+    from fmnist_hpo import train
+
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": native, "amx_bf16": False})
+    assert train.cpu_has_native_bf16() is native
+    assert train.resolve_precision("auto", CPU) == expected
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    assert train.resolve_precision("auto", CPU) is None
 
 
 def test_progress_within_an_epoch_is_reported_without_changing_the_result(data_dir: Path):

@@ -84,7 +84,8 @@ class TrainConfig:
     seed: int = setting(42, "seed of weights, batch order and dropout; same seed, same CPU result", ge=0, le=MAX_SEED)
     device: Literal["auto", "cuda", "mps", "cpu"] = setting("auto", "auto picks cuda, then mps, then cpu")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = setting(
-        "auto", "auto: bf16 autocast on CUDA (fp16 with loss scaling where bf16 is unsupported), fp32 elsewhere")
+        "auto", "auto: bf16 autocast on CUDA (fp16 with loss scaling where bf16 is unsupported) and on CPUs "
+        "with native bf16 (AVX512-BF16, AMX), fp32 elsewhere")
     channels_last: bool = setting(True, "NHWC memory format: faster convolutions on CUDA and CPU (ignored on MPS)")
     compile: bool = setting(False, "torch.compile the model (pays off on CUDA for long runs)")
     cuda_graphs: bool | Literal["auto"] = setting(

@@ -2,8 +2,10 @@
 
 One small CNN leaves most of an H100/H200 idle, so several trials (separate processes, Ray Tune's
 fractional GPUs) run at once. How many is set by memory: free GPU memory over what one trial
-takes, measured by running one training step and one evaluation step of the trial's model at its
-batch sizes, plus what every process pays before it allocates anything (its CUDA context).
+takes, measured by running one training step and one evaluation step of the largest searched model
+at its batch sizes (the memory the allocator then holds, CUDA graph pools included), plus its copy
+of the data and what every process pays before it allocates anything (its CUDA context, measured
+in this process). Nothing is measured where the sweep runs one trial at a time anyway.
 """
 
 from __future__ import annotations
@@ -17,13 +19,14 @@ import torch
 from fmnist_hpo import config as config_module
 from fmnist_hpo.config import sequential_only
 from fmnist_hpo.data import Dataset, Split
-from fmnist_hpo.space import grid_points, space_size
+from fmnist_hpo.space import grid_points, parse_entry, planned_points, probe_values, space_size
 from fmnist_hpo.train import evaluate, make_optimizer, prepare_trial, train_epoch
 
 if TYPE_CHECKING:
     from fmnist_hpo.config import Config
 
-CUDA_CONTEXT_BYTES = 600 * 2**20  # a process's CUDA context and cuDNN/cuBLAS handles, outside the allocator
+CUDA_CONTEXT_BYTES = 600 * 2**20  # a process's CUDA context and cuDNN/cuBLAS handles, where it cannot be measured
+MAX_CONTEXT_BYTES = 4 * 2**30  # more than this "outside the allocator" is other processes, not our context
 MEMORY_HEADROOM = 0.85  # fraction of free memory handed out: fragmentation and other processes' growth
 MAX_TRIALS_PER_GPU = 8  # beyond this the GPU's compute, not its memory, is the limit
 INSTALL_RAY = "pip install 'fmnist-hpo[ray]'"
@@ -43,6 +46,25 @@ def speed_variants(cfg: Config) -> list[Config]:
         return [cfg]
     base = config_module.to_dict(cfg)
     return [config_module.validate(config_module.apply_overrides(base, point)) for point in grid_points(searched)]
+
+
+def footprint_variants(cfg: Config) -> list[Config]:
+    """The configurations whose memory stands for the sweep's largest trial: every combination of the
+    searched keys that change speed when they are few (speed_variants), else each searched number at
+    the top of its range with every combination of the other searched values, at most MAX_PROBED_VARIANTS."""
+    variants = speed_variants(cfg)
+    searched = {k: v for k, v in cfg.search.space.items() if k.startswith(SPEED_KEYS)}
+    if len(variants) > 1 or not searched:
+        return variants
+    corner: dict[str, dict] = {}
+    for key, spec in searched.items():
+        kind, args = parse_entry(key, spec)
+        values = probe_values(kind, args)
+        numbers = [v for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
+        corner[key] = {"choice": [max(numbers)] if len(numbers) == len(values) else values}
+    base = config_module.to_dict(cfg)
+    points = grid_points(corner)[:MAX_PROBED_VARIANTS]
+    return [config_module.validate(config_module.apply_overrides(base, point)) for point in points]
 
 
 def ray_installed() -> bool:
@@ -85,42 +107,58 @@ def parallel_for(cfg: Config, device: torch.device, dataset: Dataset) -> tuple[i
     setting, reason = cfg.search.parallel, sequential_only(cfg.search)
     if setting != "auto" or reason is not None or device.type != "cuda" or not ray_installed():
         return resolve_parallel(setting, device, sequential_reason=reason)
-    footprint = max(trial_footprint(variant, device, dataset) for variant in speed_variants(cfg))  # the largest searched model
+    if planned_points(cfg.search.space, cfg.search.algo, cfg.search.max_evals) <= 1:
+        return 1, None  # one trial: nothing to share the GPU with
+    footprint = max(trial_footprint(variant, device, dataset) for variant in footprint_variants(cfg))
     return resolve_parallel(setting, device, footprint, free_gpu_bytes(device),
                             ray_available=True, gpu_count=torch.cuda.device_count())
 
 
 def step_peak_bytes(cfg: Config, device: torch.device) -> int:
-    """Peak CUDA memory of cfg's model for one training step and one evaluation step.
+    """CUDA memory cfg's trial holds at its peak: one training step and one evaluation step of its model.
 
     The steps run on random images at cfg.train.batch_size and cfg.train.eval_batch_size, with
     the trial's engine (precision, channels_last, CUDA graphs), so optimizer state, activations and
-    graph pools are all counted. Memory is returned to the device afterwards.
+    both graphs' private pools (which keep their high-water mark while they live, and live together)
+    are counted. Counted as the allocator's reserved memory, which is what other processes cannot
+    have; it is returned to the device afterwards.
     """
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_allocated(device)
+    before = torch.cuda.memory_reserved(device)
     batch = max(cfg.train.batch_size, cfg.train.eval_batch_size)
     generator = torch.Generator(device=device).manual_seed(0)
     images = torch.randint(0, 256, (batch, 1, 28, 28), dtype=torch.uint8, device=device, generator=generator)
     labels = torch.randint(0, 10, (batch,), device=device, generator=generator)
     train = Split(images[:cfg.train.batch_size], labels[:cfg.train.batch_size])
     model, engine = prepare_trial(cfg, device)
-    train_epoch(model, train, make_optimizer(model, cfg.train, engine), engine, cfg.train, cfg.data)
-    evaluate(model, Split(images, labels), engine, cfg.train.eval_batch_size)
-    torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device) - before
+    try:
+        train_epoch(model, train, make_optimizer(model, cfg.train, engine), engine, cfg.train, cfg.data)
+        evaluate(model, Split(images, labels), engine, cfg.train.eval_batch_size)
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_reserved(device) - before
+    finally:
+        engine.release_graphs()
     del model, engine, images, labels, train
     torch.cuda.empty_cache()
     return peak
+
+
+def context_bytes(device: torch.device) -> int:
+    """This process's CUDA memory outside the allocator (context, cuDNN and cuBLAS handles): the device's
+    used memory less what the allocator reserved; other processes on the device would count too, so
+    beyond MAX_CONTEXT_BYTES the fixed CUDA_CONTEXT_BYTES stands in."""
+    free, total = torch.cuda.mem_get_info(device)
+    outside = total - free - torch.cuda.memory_reserved(device)
+    return int(outside) if 0 < outside <= MAX_CONTEXT_BYTES else CUDA_CONTEXT_BYTES
 
 
 def trial_footprint(cfg: Config, device: torch.device, dataset: Dataset) -> int:
     """What one more trial process takes from the GPU: its steps, its copy of the data, its context."""
     data_bytes = sum(a.nbytes for a in (dataset.train_images, dataset.train_labels,
                                         dataset.test_images, dataset.test_labels))
-    return step_peak_bytes(cfg, device) + data_bytes + CUDA_CONTEXT_BYTES
+    return step_peak_bytes(cfg, device) + data_bytes + context_bytes(device)
 
 
 def free_gpu_bytes(device: torch.device) -> int:

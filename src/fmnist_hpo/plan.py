@@ -115,6 +115,7 @@ def probe(cfg: Config, device: torch.device, steps: int = 2) -> Probe:
                                                step_scheduler)) / steps
     evaluate(model, eval_split, engine, eval_batch)
     eval_batch_seconds = _median_seconds(lambda: evaluate(model, eval_split, engine, eval_batch))
+    engine.release_graphs()  # a graph that failed here has already turned graphs off (auto) and trained eagerly
     train_images = cfg.data.train_subset or TRAIN_IMAGES - cfg.data.val_size
     epoch = steps_per_epoch(train_images, batch) * step + math.ceil(cfg.data.val_size / eval_batch) * eval_batch_seconds
     return Probe(epoch, math.ceil(TEST_IMAGES / eval_batch) * eval_batch_seconds, max(0.0, first - step))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import sys
 from collections.abc import Callable, Iterator
@@ -25,6 +26,14 @@ def configure_logging(verbosity: int) -> None:
     logger.remove()
     logger.add(lambda msg: console.print(msg, end="", markup=False, highlight=False, soft_wrap=True),
                level=level, format="{time:HH:mm:ss} {level: <7} {message}")
+    package_log = logging.getLogger("fmnist_hpo")  # the training modules log through the standard library
+    package_log.handlers = [_ToLoguru()]
+    package_log.propagate = False
+
+
+class _ToLoguru(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        logger.log(record.levelname, record.getMessage())
 
 
 @contextlib.contextmanager

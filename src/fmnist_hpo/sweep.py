@@ -310,7 +310,8 @@ def _free_device_memory(device: torch.device) -> None:
 
     gc.collect()
     if device.type == "cuda":
-        torch.cuda.empty_cache()
+        with contextlib.suppress(RuntimeError):  # an allocator a failed capture left confused must not end the sweep
+            torch.cuda.empty_cache()
     elif device.type == "mps":
         torch.mps.empty_cache()
 

@@ -3,13 +3,16 @@
 Batches are slices of a device-side permutation of uint8 tensors that already live on the
 device; losses and correct counts accumulate on the device and are read once per epoch, so a
 step never waits for the host. On CUDA each step is replayed from a CUDA graph (graphs.py)
-unless train.cuda_graphs says otherwise; everywhere else the loop below runs as written.
+unless train.cuda_graphs says otherwise; everywhere else the loop below runs as written. A graph
+that fails (its capture, or the check of its first replay) turns graphs off for the process
+under auto, or fails the trial under true (fall_back).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -54,16 +57,32 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "cpu" and cpu_has_native_bf16():
+            return torch.bfloat16
         return None
     if name == "fp16" and device.type == "cpu":
         raise DeviceError("train.precision: fp16 needs cuda or mps; use bf16 or fp32 on cpu")
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN runs bf16 convolutions natively here (AVX512-BF16 or AMX): 1.5x to 2.4x a fp32
+    step of the study's CNN with channels_last (issue 17, AMD EPYC). Elsewhere bf16 is emulated."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    capabilities = getattr(torch.cpu, "get_capabilities", None)  # torch >= 2.8; older: the private probes
+    if capabilities is not None:
+        found = capabilities()
+        return bool(found.get("avx512_bf16") or found.get("amx_bf16"))
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(probe() for probe in probes if probe is not None)
+
+
 def resolve_cuda_graphs(setting: bool | str, device: torch.device, dtype: torch.dtype | None,
                         compiled: bool) -> bool:
-    """Whether steps replay from CUDA graphs; auto: wherever they can, true: or a clear error."""
-    if setting is False:
+    """Whether steps replay from CUDA graphs; auto: wherever they can (and have not failed in this
+    process), true: or a clear error."""
+    if setting is False or (setting == "auto" and graphs.turned_off() is not None):
         return False
     if device.type != "cuda":
         problem = f"needs a CUDA device, and this run is on {device.type}"
@@ -127,6 +146,7 @@ class Engine:
     channels_last: bool = False
     scaler: torch.amp.GradScaler | None = field(default=None)
     cuda_graphs: bool = False
+    graphs_required: bool = False  # train.cuda_graphs: true: a failing graph fails the trial
     train_graph: graphs.GraphedTraining | None = None  # the last captured step, reused while it fits
     eval_graph: graphs.GraphedEvaluation | None = None
     on_steps: Callable[[int, int], None] | None = None  # progress within an epoch: (steps done, steps)
@@ -137,8 +157,30 @@ class Engine:
         return torch.autocast(self.device.type, dtype=self.dtype)
 
     def inputs(self, images: torch.Tensor) -> torch.Tensor:
-        x = normalize(images)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        return model_inputs(images, self.channels_last)
+
+    def release_graphs(self) -> None:
+        """Destroy the captured graphs and their memory pools now, not whenever the collector runs."""
+        for graph in (self.train_graph, self.eval_graph):
+            if graph is not None:
+                graph.release()
+        self.train_graph = self.eval_graph = None
+
+
+def model_inputs(images: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """uint8 images -> what the model takes: normalised floats, in NHWC where channels_last."""
+    x = normalize(images)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def fall_back(engine: Engine, error: graphs.GraphError) -> None:
+    """A graph failed: under train.cuda_graphs true the trial fails with it; under auto this trial
+    and every later one in the process train eagerly, and one warning line says why."""
+    engine.release_graphs()
+    if engine.graphs_required:
+        raise graphs.GraphError(f"train.cuda_graphs: true: {error}") from error
+    graphs.turn_off(str(error))
+    engine.cuda_graphs = False
 
 
 def make_engine(cfg: TrainConfig, device: torch.device, seed: int) -> Engine:
@@ -154,6 +196,7 @@ def make_engine(cfg: TrainConfig, device: torch.device, seed: int) -> Engine:
         channels_last=cfg.channels_last and device.type in ("cuda", "cpu"),  # MPS support is patchy
         scaler=torch.amp.GradScaler(device.type) if dtype == torch.float16 else None,
         cuda_graphs=resolve_cuda_graphs(cfg.cuda_graphs, device, dtype, cfg.compile),
+        graphs_required=cfg.cuda_graphs is True,
     )
 
 
@@ -166,54 +209,74 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, engine: Engine) -> torch.
 def train_epoch(model: nn.Module, split: Split, optimizer: torch.optim.Optimizer, engine: Engine,
                 cfg: TrainConfig, data_cfg: DataConfig,
                 step_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> tuple[float, float]:
-    """One pass over the training split; returns (mean loss, accuracy), read from the device once."""
-    if engine.cuda_graphs:
-        return _graphed_train_epoch(model, split, optimizer, engine, cfg, data_cfg, step_scheduler)
-    model.train()
-    loss_sum = torch.zeros((), device=engine.device)
-    correct = torch.zeros((), device=engine.device, dtype=torch.long)
+    """One pass over the training split; returns (mean loss, accuracy), read from the device once.
+
+    Under CUDA graphs every full batch is replayed and the ragged last one runs eagerly, on the same
+    model, optimizer and totals; the batches and their augmentation are the same either way.
+    """
+    graph = _train_graph(model, split, optimizer, engine, cfg)
+    totals = graph.totals if graph is not None else graphs.Totals(engine.device)
+    totals.reset()
+    model.train()  # replays ignore the mode; the eager steps do not
     seen = 0
     for idx in epoch_batches(len(split), cfg.batch_size, engine):
         x = augment(engine.inputs(split.images[idx]), data_cfg, engine.generator)
         y = split.labels[idx]
-        optimizer.zero_grad(set_to_none=True)
-        with engine.autocast():
-            logits = model(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-        if engine.scaler is not None:
-            engine.scaler.scale(loss).backward()
-            engine.scaler.step(optimizer)
-            engine.scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        if not (graph is not None and len(idx) == graph.batch_size and _replayed(graph, x, y, engine)):
+            graph = engine.train_graph  # None once graphs have failed
+            _eager_step(model, optimizer, x, y, engine, cfg, totals)
         if step_scheduler is not None:
-            step_scheduler.step()
-        loss_sum += loss.detach().float() * len(idx)
-        correct += (logits.argmax(1) == y).sum()
+            step_scheduler.step()  # under graphs: writes into the learning-rate tensor the graph reads
         seen += len(idx)
-    return loss_sum.item() / max(seen, 1), correct.item() / max(seen, 1)
-
-
-def _graphed_train_epoch(model: nn.Module, split: Split, optimizer: torch.optim.Optimizer, engine: Engine,
-                         cfg: TrainConfig, data_cfg: DataConfig,
-                         step_scheduler: torch.optim.lr_scheduler.LRScheduler | None) -> tuple[float, float]:
-    """train_epoch with each full batch replayed from a CUDA graph; same batches, same augmentation."""
-    size = min(cfg.batch_size, len(split))
-    step = engine.train_graph
-    if step is None or not step.matches(model, optimizer, size, cfg.label_smoothing):
-        step = engine.train_graph = graphs.GraphedTraining(
-            model, optimizer, engine.inputs(split.images[:size]), split.labels[:size], cfg.label_smoothing, engine.dtype)
-    model.train()  # replays ignore the mode; callers and the eager last batch do not
-    step.totals.reset()
-    seen = 0
-    for idx in epoch_batches(len(split), cfg.batch_size, engine):
-        step.run(augment(engine.inputs(split.images[idx]), data_cfg, engine.generator), split.labels[idx])
-        if step_scheduler is not None:
-            step_scheduler.step()  # writes into the learning-rate tensor the graph reads
-        seen += len(idx)
-    loss_sum, correct = step.totals.read()
+    loss_sum, correct = totals.read()
     return loss_sum / max(seen, 1), correct / max(seen, 1)
+
+
+def _eager_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                engine: Engine, cfg: TrainConfig, totals: graphs.Totals) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    with engine.autocast():
+        logits = model(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+    if engine.scaler is not None:
+        engine.scaler.scale(loss).backward()
+        engine.scaler.step(optimizer)
+        engine.scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    totals.loss_sum += loss.detach().float() * y.shape[0]
+    totals.correct += (logits.argmax(1) == y).sum()
+
+
+def _train_graph(model: nn.Module, split: Split, optimizer: torch.optim.Optimizer, engine: Engine,
+                 cfg: TrainConfig) -> graphs.GraphedTraining | None:
+    """The engine's captured step for this model and batch size, captured now if need be; None: eager."""
+    if not engine.cuda_graphs:
+        return None
+    size = min(cfg.batch_size, len(split))
+    graph = engine.train_graph
+    if graph is not None and graph.matches(model, optimizer, size, cfg.label_smoothing):
+        return graph
+    if graph is not None:
+        graph.release()
+        engine.train_graph = None
+    try:
+        engine.train_graph = graphs.GraphedTraining(model, optimizer, engine.inputs(split.images[:size]),
+                                                    split.labels[:size], cfg.label_smoothing, engine.dtype)
+    except graphs.GraphError as exc:
+        fall_back(engine, exc)
+    return engine.train_graph
+
+
+def _replayed(graph: graphs.GraphedTraining, x: torch.Tensor, y: torch.Tensor, engine: Engine) -> bool:
+    """graph's step on (x, y); False when the graph just failed, leaving the step to run eagerly."""
+    try:
+        graph.replay(x, y)
+    except graphs.GraphError as exc:
+        fall_back(engine, exc)
+        return False
+    return True
 
 
 def epoch_batches(n: int, batch_size: int, engine: Engine) -> Iterator[torch.Tensor]:
@@ -229,15 +292,33 @@ def epoch_batches(n: int, batch_size: int, engine: Engine) -> Iterator[torch.Ten
 
 def evaluate(model: nn.Module, split: Split, engine: Engine, batch_size: int = 1024) -> tuple[float, float]:
     """(mean cross-entropy, accuracy) of model on split, in eval mode."""
+    graph = _eval_graph(model, split, engine, batch_size)
+    if graph is not None:
+        try:
+            loss_sum, correct = graph.run(split.images, split.labels)
+        except graphs.GraphError as exc:
+            fall_back(engine, exc)
+        else:
+            return loss_sum / len(split), correct / len(split)
+    return _evaluate_eagerly(model, split, engine, batch_size)
+
+
+def _eval_graph(model: nn.Module, split: Split, engine: Engine, batch_size: int) -> graphs.GraphedEvaluation | None:
     if not engine.cuda_graphs:
-        return _evaluate_eagerly(model, split, engine, batch_size)
-    step = engine.eval_graph
-    if step is None or not step.matches(model, batch_size):
-        step = engine.eval_graph = graphs.GraphedEvaluation(model, batch_size, split.images, engine.inputs,
-                                                            engine.dtype)
-    model.eval()  # as the eager path leaves it: callers use the model for inference next
-    loss_sum, correct = step.run(split.images, split.labels)
-    return loss_sum / len(split), correct / len(split)
+        return None
+    graph = engine.eval_graph
+    if graph is not None and graph.matches(model, batch_size):
+        return graph
+    if graph is not None:
+        graph.release()
+        engine.eval_graph = None
+    try:
+        engine.eval_graph = graphs.GraphedEvaluation(model, batch_size, split.images,
+                                                     functools.partial(model_inputs, channels_last=engine.channels_last),
+                                                     engine.dtype)
+    except graphs.GraphError as exc:
+        fall_back(engine, exc)
+    return engine.eval_graph
 
 
 @torch.inference_mode()
@@ -426,8 +507,11 @@ def train_and_test(cfg: Config, splits: Splits, device: torch.device,
 
     model, engine = prepare_trial(cfg, device)
     engine.on_steps = on_steps
-    result = fit(model, splits, cfg, engine, on_epoch, resume, save_state, should_prune)
-    test_loss, test_acc = evaluate(model, splits.test, engine, cfg.train.eval_batch_size)
+    try:
+        result = fit(model, splits, cfg, engine, on_epoch, resume, save_state, should_prune)
+        test_loss, test_acc = evaluate(model, splits.test, engine, cfg.train.eval_batch_size)
+    finally:
+        engine.release_graphs()
     return TrialOutcome(model, result, test_loss, test_acc, count_parameters(model))
 
 
