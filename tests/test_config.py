@@ -68,13 +68,17 @@ def test_missing_file():
 def test_a_missing_spec_suggests_the_one_it_probably_meant(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "configs").mkdir()
-    for name in ("quick.yaml", "exp01_baseline_batchnorm.yaml", "exp12.yaml"):
+    for name in ("quick.yaml", "exp01_baseline_batchnorm.yaml", "exp12.yaml", "exp13_dropout_placement.yaml"):
         (tmp_path / "configs" / name).write_text("experiment: x\n")
     for given, meant in (("quick", "configs/quick.yaml"), ("configs/quick.yml", "configs/quick.yaml"),
                          ("exp01", "configs/exp01_baseline_batchnorm.yaml"), ("configs/quik.yaml", "configs/quick.yaml")):
         with pytest.raises(ConfigError) as info:
             config.load(given)
         assert str(info.value) == f"{given}: no such file (did you mean {meant}?)"
+    with pytest.raises(ConfigError) as info:
+        config.load("configs/exp1.yaml")  # exp12 and exp13 both start so: neither is the likelier
+    assert str(info.value) == ("configs/exp1.yaml: no such file (did you mean one of configs/exp12.yaml, "
+                               "configs/exp13_dropout_placement.yaml?)")
     with pytest.raises(ConfigError) as info:
         config.load("configs/zzzz.yaml")
     assert str(info.value) == "configs/zzzz.yaml: no such file"

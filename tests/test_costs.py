@@ -79,9 +79,26 @@ def test_trend_is_spearman_and_least_squares():
     x, y = [1.0, 2.0, 3.0, 4.0, 5.0], [0.5, 0.7, 0.6, 0.9, 0.8]
     result = trend(x, y)
     expected = scipy_stats.spearmanr(x, y)
-    assert result.rho == pytest.approx(expected.statistic) and result.p_value == pytest.approx(expected.pvalue)
+    assert result.rho == pytest.approx(expected.statistic)
     assert result.slope == pytest.approx(scipy_stats.linregress(x, y).slope)
     assert math.isnan(trend([1.0, 2.0], [0.5, 0.6]).rho)  # two points: no trend claimed
+    many_x = [float(v) for v in range(12)]
+    many_y = [0.5 + 0.01 * v + (0.03 if v % 3 == 0 else 0.0) for v in range(12)]
+    assert trend(many_x, many_y).p_value == pytest.approx(scipy_stats.spearmanr(many_x, many_y).pvalue)
+
+
+def test_a_small_sample_gets_the_exact_p_not_the_t_approximation():
+    perfect = trend([1.0, 2.0, 3.0], [0.1, 0.2, 0.3])
+    assert perfect.rho == pytest.approx(1.0)
+    assert perfect.p_value == pytest.approx(1 / 3)  # 2 of the 6 orderings are as extreme; scipy's t says 0
+    # n = 5, rho 0.8: 1 - (orderings with |rho| >= 0.8) / 120, counted by hand over all 120 pairings
+    import itertools
+
+    x, y = [1.0, 2.0, 3.0, 4.0, 5.0], [0.5, 0.7, 0.6, 0.9, 0.8]
+    rho = scipy_stats.spearmanr(x, y).statistic
+    extreme = sum(abs(scipy_stats.spearmanr(x, order).statistic) >= abs(rho) - 1e-12
+                  for order in itertools.permutations(y))
+    assert trend(x, y).p_value == pytest.approx(extreme / 120)
 
 
 def test_run_counts_add_up_to_the_runs_read():
@@ -103,8 +120,14 @@ def test_spec_difference_names_keys_spaces_and_environment():
     section = spec_difference("A", a, "B", b)
     rows = {r["key"]: (r["a"], r["b"]) for r in section.rows}
     assert rows["train.lr"] == ("searched (2 values)", "0.003") and rows["train.epochs"] == ("3", "5")
-    assert rows["search.space"] == (SPACE, "none (one run)")
+    assert rows["search.space"] == (SPACE, "none (one configuration)")
     assert rows["environment: device"] == ("cpu", "cuda")
     assert rows["environment: data (IDX files digest)"] == ("-", "x")
+    once = [trial(0, 0.9, 1, 1, **{"model.filters": 32}), trial(1, 0.9, 1, 1, **{"model.filters": 32})]
+    for t in once:
+        t.params["model.filters"] = "32"
+    b[0].params["model.filters"] = "16"
+    rows = {r["key"]: (r["a"], r["b"]) for r in spec_difference("A", once, "B", b).rows}
+    assert rows["model.filters"] == ("searched (1 value: 32)", "16")  # TPE drew 32 twice: still a searched key
     assert "environment: torch version" not in rows
     assert "not like for like: device, data (IDX files digest) differ" in section.title

@@ -47,7 +47,7 @@ def test_an_old_trial_reads_with_its_total_time_and_epochs_counted_from_1(old_st
     assert trial.metrics["train_seconds"] == EPOCH_SECONDS[-1] - 1  # what MLflow's latest value says: one epoch
     assert trial.trial_seconds == sum(EPOCH_SECONDS)
     assert trial.kept_epoch == 3 and trial.tags["kept_epoch"] == "3" and trial.tags["pruned_at_epoch"] == "3"
-    assert summary_row("old", [trial])["median_train_seconds"] == sum(EPOCH_SECONDS)
+    assert summary_row("old", [trial])["median_trial_seconds"] == sum(EPOCH_SECONDS)
 
 
 def test_a_resumed_sweep_reads_its_old_trials_the_same_way(old_store: str):

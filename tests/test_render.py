@@ -13,7 +13,7 @@ from fmnist_hpo.render import Section, fitted_parts, format_value, to_csv, to_js
 def test_each_kind_of_number_has_one_format():
     assert format_value("median_parameters", 2000.0) == "2000" and format_value("n", 3) == "3"
     assert format_value("median_epochs", 2.5) == "2.5"
-    assert format_value("median_train_seconds", 11.04) == "11.0" and format_value("median_train_seconds", 123.45) == "123.5"
+    assert format_value("median_trial_seconds", 11.04) == "11.0" and format_value("median_trial_seconds", 123.45) == "123.5"
     assert format_value("test_mean", 0.91234) == "0.9123" and format_value("test_mean", math.nan) == "-"
     assert format_value("p_value", 0.0035612) == "0.00356"
     assert format_value("test_ci95", [0.88521, 0.93479]) == "0.8852–0.9348"

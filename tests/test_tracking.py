@@ -74,7 +74,9 @@ def test_a_logged_model_is_filed_in_its_runs_experiment(tracker: Tracker, finish
     assert [f"models:/{m.model_id}" for m in listed] == [uri]
     assert listed[0].experiment_id == tracker.experiment_id and listed[0].source_run_id == finished_run
     assert listed[0].params["model.filters"] == "4"
-    assert [e.name for e in client.search_experiments()] == ["tracked"]  # no empty Default beside it
+    # MLflow's own Default experiment stays (fluent mlflow.start_run() needs it) and holds nothing of ours
+    assert not client.search_logged_models(experiment_ids=["0"]) and not client.search_runs(["0"])
+    assert client.get_experiment("0").lifecycle_stage == "active"
 
 
 def test_an_interrupted_model_logging_is_cleaned_up_when_logged_again(tracker: Tracker, finished_run: str,

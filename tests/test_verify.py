@@ -289,6 +289,8 @@ def test_data_that_is_not_there_is_said_not_checked(store: Store, tmp_path: Path
     assert result.exit_code == 0, result.stdout
     assert "dataset digests cannot be checked" in result.stdout and "cannot be re-scored" in result.stdout
     assert "0 re-scored" in result.stdout
+    assert "everything holds" not in result.stdout  # what could not be checked is not reported as holding
+    assert result.stdout.splitlines()[-1].endswith("check(s) could not run (the notes above)")
 
 
 def test_a_sweep_that_selects_another_trial_than_the_rule(store: Store):

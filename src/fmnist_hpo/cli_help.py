@@ -1,6 +1,6 @@
 """Conventional metavars in `fmnist <command> --help`: `SPEC...`, `MODEL [IMAGE]...`, `--max-evals INTEGER`.
 
-Typer 0.29 shows Python types instead (`<list[Path]>`, `--help <bool>`) and braces around required
+Typer 0.29 (the floor in pyproject.toml) shows Python types instead (`<list[Path]>`, `--help <bool>`) and braces around required
 arguments (`{model}`); this command class puts back what click and GNU tools print.
 """
 
@@ -45,7 +45,7 @@ class ConventionalHelp(TyperCommand):
             if isinstance(param, TyperArgument):
                 param.metavar = _argument_name(param)
                 param.display_type_rich = lambda ctx: None  # the name already says what it takes
-            elif isinstance(param, TyperOption) and param.metavar is None:
+            elif isinstance(param, TyperOption) and param.metavar is None and hasattr(param, "type_descriptor"):
                 param.metavar = "" if param.is_flag else TYPE_METAVARS.get(_type_name(param), "TEXT")
 
     def get_help_option(self, ctx: Any) -> Any:

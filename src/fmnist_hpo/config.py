@@ -212,8 +212,11 @@ def spec_like(path: Path) -> str | None:
                 return str(folder / f"{stem}{suffix}")
     specs = {p.stem: p for folder in folders if folder.is_dir() for suffix in SPEC_SUFFIXES
              for p in sorted(folder.glob(f"*{suffix}"))}
-    close = sorted(name for name in specs if name.startswith(stem)) or difflib.get_close_matches(stem, specs, n=1,
-                                                                                                   cutoff=0.6)
+    starting = sorted(name for name in specs if name.startswith(stem))
+    if len(starting) > 1:  # exp1 -> exp10 … exp13: no one of them is the likelier
+        shown = [str(specs[name]) for name in starting[:4]]
+        return "one of " + ", ".join(shown) + (", …" if len(starting) > 4 else "")
+    close = starting or difflib.get_close_matches(stem, specs, n=1, cutoff=0.6)
     return str(specs[close[0]]) if close else None
 
 

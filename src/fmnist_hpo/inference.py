@@ -117,13 +117,16 @@ def accuracy_line(ranked: list[list[tuple[str, float]]], labels: np.ndarray, sou
     return f"accuracy {correct / len(labels):.4f} ({correct} of {len(labels)} images right; labels: {source})"
 
 
-CONFUSION_CELL = 8  # columns wide enough for the class names' first 7 letters
+def column_label(name: str) -> str:
+    """A class name as one word for a column head: 'T-shirt/top' -> 'T-shirt', 'Ankle boot' -> 'Ankle'."""
+    return name.split("/")[0].split()[0]
 
 
 def confusion_lines(confusion: np.ndarray) -> list[str]:
-    """The confusion matrix as text, each row and column named by its class (columns by its first 7 letters)."""
+    """The confusion matrix as text, each row named by its class and each column by its class's first word."""
     row_width = max(len(name) for name in CLASSES) + 1
-    lines = [" " * row_width + "".join(f"{name[:CONFUSION_CELL - 1]:>{CONFUSION_CELL}}" for name in CLASSES)]
+    cell = max(len(column_label(name)) for name in CLASSES) + 1
+    lines = [" " * row_width + "".join(f"{column_label(name):>{cell}}" for name in CLASSES)]
     for name, row in zip(CLASSES, confusion, strict=True):
-        lines.append(f"{name:<{row_width}}" + "".join(f"{int(count):>{CONFUSION_CELL}d}" for count in row))
+        lines.append(f"{name:<{row_width}}" + "".join(f"{int(count):>{cell}d}" for count in row))
     return lines

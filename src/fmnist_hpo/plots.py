@@ -123,7 +123,7 @@ def pareto_fronts(title: str, trials_by_experiment: dict[str, list[LoggedTrial]]
                 linewidth=1.2, label="Pareto front")
         ax.scatter([cost(c) for c in best], [c.val_accuracy for c in best], s=60, facecolors="none",
                    edgecolors="tab:red", linewidths=1.2)
-        label = "parameters" if name == "parameters" else "training seconds (whole trial)"
+        label = "parameters" if name == "parameters" else "seconds per trial (training and validation)"
         costs = [cost(c) for c in everything if math.isfinite(cost(c)) and cost(c) > 0]
         if costs and max(costs) >= 10 * min(costs):  # a log axis only where the costs span a decade or more
             ax.set_xscale("log")

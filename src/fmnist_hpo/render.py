@@ -30,7 +30,7 @@ HEADERS = {
     "val_ci95": "val acc 95% CI",
     "test_ci95": "test acc 95% CI",
     "median_parameters": "median params",
-    "median_train_seconds": "median train s",
+    "median_trial_seconds": "median trial s",
     "median_epochs": "median epochs",
     "mean_gap": "train−test gap",
     "kept_val_accuracy": "val acc",

@@ -96,7 +96,7 @@ def experiment_section(name: str, description: str, trials: list[LoggedTrial], f
         + ".",
         f"- Median model size {format_value('median_parameters', row['median_parameters'])} parameters, "
         f"{format_value('median_epochs', row['median_epochs'])} epochs, "
-        f"{format_value('median_train_seconds', row['median_train_seconds'])} s of training; "
+        f"{format_value('median_trial_seconds', row['median_trial_seconds'])} s per trial (its epochs' training and validation); "
         f"mean generalisation gap (train accuracy at the kept epoch minus test accuracy) {_points(row['mean_gap'])}.",
     ]
     lines += [f"- {finding}" for finding in parameter_findings(trials)]

@@ -23,10 +23,10 @@ def _distinct(group: list[LoggedTrial], read) -> tuple[str, ...]:
 def _describe(values: tuple[str, ...], searched: bool) -> str:
     if not values:
         return "-"
+    if searched:  # a searched key that happened to be sampled once is still searched, not fixed
+        return f"searched (1 value: {values[0]})" if len(values) == 1 else f"searched ({len(values)} values)"
     if len(values) == 1:
         return values[0]
-    if searched:
-        return f"searched ({len(values)} values)"
     shown = ", ".join(values[:SHOWN_VALUES]) + (", ..." if len(values) > SHOWN_VALUES else "")
     return f"{len(values)} values: {shown}"
 
@@ -48,8 +48,8 @@ def spec_difference(a_name: str, a: list[LoggedTrial], b_name: str, b: list[Logg
             rows.append({"key": key, "a": _describe(values_a, key in searched_a),
                          "b": _describe(values_b, key in searched_b)})
     spaces = [_describe(_distinct(g, lambda t: t.params.get(SPACE_KEY)), False) for g in (a, b)]
-    rows.append({"key": SPACE_KEY, "a": spaces[0] if spaces[0] != "{}" else "none (one run)",
-                 "b": spaces[1] if spaces[1] != "{}" else "none (one run)"})
+    rows.append({"key": SPACE_KEY, "a": spaces[0] if spaces[0] != "{}" else "none (one configuration)",
+                 "b": spaces[1] if spaces[1] != "{}" else "none (one configuration)"})
     unfair = []
     for tag, label in ENVIRONMENT.items():
         values_a, values_b = (_distinct(g, lambda t, tag=tag: t.tags.get(tag)) for g in (a, b))

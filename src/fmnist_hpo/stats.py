@@ -118,15 +118,35 @@ def trend(values: Sequence[float], metric: Sequence[float], log: bool = False) -
     if n < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
         return Trend(n, math.nan, math.nan, math.nan, math.nan, math.nan)
     rank = scipy_stats.spearmanr(x, y)
+    # scipy's t approximation says p = 0 for a perfect order of 3 points; the exact p is 1/3
+    p_value = _exact_spearman_p(x, y) if n <= EXACT_SPEARMAN_MAX_N else float(rank.pvalue)
     line = scipy_stats.linregress(x, y)
-    return Trend(n, float(rank.statistic), float(rank.pvalue), float(line.slope), float(line.intercept),
-                 float(line.rvalue**2))
+    return Trend(n, float(rank.statistic), p_value, float(line.slope), float(line.intercept), float(line.rvalue**2))
+
+
+EXACT_SPEARMAN_MAX_N = 8  # 8! orderings take ~0.1 s; above, the t approximation is close enough
+
+
+def _exact_spearman_p(x: np.ndarray, y: np.ndarray) -> float:
+    """Two-sided p of Spearman's rho over every pairing of x with y (rho is Pearson's r on ranks)."""
+    x_ranks = scipy_stats.rankdata(x)
+    x_centred = x_ranks - x_ranks.mean()
+
+    def rho(y_ranks: np.ndarray, axis: int = -1) -> np.ndarray:
+        centred = y_ranks - y_ranks.mean(axis=axis, keepdims=True)
+        return (centred * x_centred).sum(axis=axis) / (np.linalg.norm(centred, axis=axis) * np.linalg.norm(x_centred))
+
+    result = scipy_stats.permutation_test((scipy_stats.rankdata(y),), rho, permutation_type="pairings",
+                                          n_resamples=np.inf, vectorized=True)
+    return float(result.pvalue)
 
 
 def describe_trend(result: Trend, what: str, per: str) -> str:
     """One line a reader can act on: direction, strength, slope; never more than the sample allows."""
     if not math.isfinite(result.rho):
         return f"cannot estimate a trend (n = {result.n}; at least 3 runs with different values are needed)"
+    if result.rho == 0:
+        return (f"{what} shows no monotonic trend with it (Spearman rho 0, p={result.p_value:.3g}, n = {result.n})")
     direction = "rises" if result.rho > 0 else "falls"
     strength = next(word for bound, word in ((0.7, "strongly"), (0.4, "moderately"), (0.0, "weakly"))
                     if abs(result.rho) >= bound)

@@ -14,7 +14,7 @@ from fmnist_hpo.stats import summarize
 from fmnist_hpo.study import PLACEMENT_EXPERIMENT, ROUNDS, STUDY_FIGURES, verdicts
 
 ROUND_COLUMNS = ["experiment", "study_best", "study_avg", "selected_test", "test_mean_std", "test_ci95", "runs",
-                 "median_parameters", "median_train_s"]
+                 "median_parameters", "median_trial_s"]
 
 
 def _pct(value: float | None) -> str:
@@ -34,7 +34,7 @@ def round_section(title: str, names: tuple[str, ...], trials: dict[str, list[Log
             if row["finished"] > 1 else _pct(row["test_mean"]),
             "test_ci95": f"{_pct(row['test_ci95'][0])} to {_pct(row['test_ci95'][1])}" if row["finished"] > 1 else "-",
             "runs": row["finished"], "median_parameters": row["median_parameters"],
-            "median_train_s": row["median_train_seconds"],
+            "median_trial_s": row["median_trial_seconds"],
         })
     return section
 

@@ -348,9 +348,7 @@ class Tracker:
         if found is None:
             try:
                 # the UI then opens on the training runs rather than the GenAI overview
-                created = self.client.create_experiment(name, tags={"mlflow.experimentKind": "custom_model_development"})
-                self._hide_unused_default()
-                return created
+                return self.client.create_experiment(name, tags={"mlflow.experimentKind": "custom_model_development"})
             except MlflowException:
                 found = self.client.get_experiment_by_name(name)  # created by a concurrent sweep
                 if found is None:
@@ -358,21 +356,6 @@ class Tracker:
         if found.lifecycle_stage == "deleted":
             self.client.restore_experiment(found.experiment_id)
         return found.experiment_id
-
-    def _hide_unused_default(self) -> None:
-        """Delete MLflow's Default experiment in a store that holds nothing else, so the UI lists only sweeps.
-
-        Only a store where Default is empty and no other experiment but ours exists: a store that
-        other tools use keeps it. `mlflow experiments restore --experiment-id 0` brings it back.
-        """
-        from mlflow.entities import ViewType
-
-        experiments = self.client.search_experiments(view_type=ViewType.ALL)
-        default = [e for e in experiments if e.experiment_id == "0" and e.lifecycle_stage == "active"]
-        if (not default or len(experiments) != 2 or self.client.search_runs(["0"], run_view_type=ViewType.ALL, max_results=1)
-                or self.client.search_logged_models(["0"], max_results=1)):
-            return
-        self.client.delete_experiment("0")
 
     def _retry(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """fn's result, retried while SQLite is busy (each try already waits up to 20 s for a lock);
@@ -485,11 +468,13 @@ class Tracker:
         if ready:
             return f"models:/{ready[0].model_id}"
 
+        model_id = self._retry(self._new_logged_model, run)  # once: a retried logging fills the same model
+
         def log() -> str:
             with _fluent_tracking_uri(self.tracking_uri):  # Model.log resolves its store through the fluent URI
                 return mlflow.pytorch.log_model(
                     model, name="model", run_id=run_id, signature=signature, input_example=input_example,
-                    model_id=self._new_logged_model(run),
+                    model_id=model_id,
                     serialization_format="pt2", pip_requirements=model_requirements(),
                     # serving validation reloads the model in this process and fails on CUDA hosts (the
                     # exported weights are CPU tensors); the pt2 export has already traced the example

@@ -71,6 +71,8 @@ class Report:
 
     def summary(self) -> str:
         verdict = "everything holds" if self.ok else f"{len(self.problems)} problem(s)"
+        if self.ok and self.notes:  # nothing wrong is not everything right: say what was not looked at
+            verdict = f"everything checked holds; {len(self.notes)} check(s) could not run (the notes above)"
         return (f"verified {self.experiments} experiment(s), {self.sweeps} sweep(s), {self.trials} trial(s), "
                 f"{self.rescored} re-scored: {verdict}")
 
