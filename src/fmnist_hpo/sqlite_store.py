@@ -106,8 +106,11 @@ def _signature(path: Path) -> tuple[int, int]:
         stat = path.stat()
     except FileNotFoundError:
         return -1, -1
-    journal = path.with_name(path.name + "-journal")
-    return stat.st_mtime_ns, stat.st_size + (journal.stat().st_size if journal.exists() else 0)
+    try:  # the journal comes and goes with each of the builder's transactions
+        journal = path.with_name(path.name + "-journal").stat().st_size
+    except FileNotFoundError:
+        journal = -1
+    return stat.st_mtime_ns, stat.st_size + journal
 
 
 def leftover_builds(path: Path) -> list[Path]:
