@@ -332,3 +332,20 @@ def test_a_store_removed_mid_sweep_is_one_line(tmp_path: Path, data_dir: Path, m
     assert result.exit_code == 75 and result.stderr.count("\n") == 1, result.stderr
     assert result.stderr.startswith(f"error: the MLflow store {tmp_path / 'mlflow.db'} was removed during the sweep; "
                                     "restore it, then: fmnist run ")
+
+
+def test_an_interruption_swallowed_where_it_landed_is_not_printed(monkeypatch: pytest.MonkeyPatch):
+    """It is on record and raised at the next safe point: no 'Exception ignored in ...' traceback for it."""
+    import types
+
+    from fmnist_hpo import interrupts
+
+    printed = []
+    monkeypatch.setattr(sys, "unraisablehook", printed.append)
+    with interrupts.stop_on_signals():
+        monkeypatch.setattr(interrupts, "_requested", signal.SIGTERM)
+        sys.unraisablehook(types.SimpleNamespace(exc_value=KeyboardInterrupt()))
+        other = types.SimpleNamespace(exc_value=ValueError("a real problem in a __del__"))
+        sys.unraisablehook(other)
+    assert printed == [other]  # only what was not an interruption on record
+    assert sys.unraisablehook == printed.append  # put back when the block ends

@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 from fmnist_hpo.checkpoints import load_model
 from fmnist_hpo.cli import app
 from fmnist_hpo.data import CLASSES, FILES, read_idx
-from fmnist_hpo.inference import predict_logits
+from fmnist_hpo.inference import load_image, predict_logits
 
 runner = CliRunner()
 
@@ -106,7 +106,11 @@ def test_predict_images_and_idx(in_sweep_folder: dict, tmp_path: Path):
     top = expected.argmax(1).tolist()
     assert lines[0].startswith(f"{gray}: {CLASSES[top[0]]}")
     assert f"{CLASSES[top[0]]} {expected[0].max():.3f}" in lines[0]
-    assert lines[1].startswith(f"{colour}: {CLASSES[top[1]]}")
+    # the dark-on-light JPEG comes back as the light-on-dark original (inverted, shrunk), up to JPEG's loss;
+    # a model trained for one epoch on 400 images has near-ties, so its class is checked on what was loaded
+    loaded = load_image(colour)
+    assert np.corrcoef(loaded.ravel(), images[1].ravel())[0, 1] > 0.9  # not inverted: that would be near -1
+    assert lines[1].startswith(f"{colour}: {CLASSES[int(predict_logits(load_model(checkpoint), loaded[None]).argmax())]}")
     idx_file = str(next(sweep["data_dir"].glob(FILES["test_images"] + "*")))
     idx = runner.invoke(app, ["predict", sweep["best"], "--idx", idx_file, "--tracking-uri", sweep["uri"], "--limit", "3"])
     assert idx.exit_code == 0, idx.stderr

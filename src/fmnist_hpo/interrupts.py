@@ -2,15 +2,18 @@
 sweep's next safe point (every step report, epoch and trial).
 
 Python raises a signal's exception in whatever frame it is running. When that frame is a garbage-collection
-callback (SQLAlchemy's `_collection_gced`, any `__del__`), Python prints "Exception ignored in ..." and carries
-on as if nothing happened; the recorded request is what stops the sweep then.
+callback (SQLAlchemy's `_collection_gced`, any `__del__`), Python would print "Exception ignored in ..." with
+a traceback and carry on as if nothing happened; the recorded request is what stops the sweep then, and
+the swallowed exception is not printed (sys.unraisablehook), since it has not been lost.
 """
 
 from __future__ import annotations
 
 import contextlib
 import signal
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from fmnist_hpo.errors import Terminated
 
@@ -25,6 +28,16 @@ def _handle(signum: int, frame: object) -> None:
     global _requested
     _requested = signum
     raise _exception(signum)
+
+
+def _quiet_when_recorded(hook: Callable[[Any], None]) -> Callable[[Any], None]:
+    """hook, less the interruptions swallowed where they landed: they are on record, nothing to print."""
+
+    def quiet(unraisable: Any) -> None:
+        if _requested is None or not isinstance(unraisable.exc_value, KeyboardInterrupt | Terminated):
+            hook(unraisable)
+
+    return quiet
 
 
 def raise_if_requested() -> None:
@@ -42,9 +55,12 @@ def stop_on_signals() -> Iterator[None]:
         return
     _requested = None
     previous = {sig: signal.signal(sig, _handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous_hook = sys.unraisablehook
+    sys.unraisablehook = _quiet_when_recorded(previous_hook)
     try:
         yield
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        sys.unraisablehook = previous_hook
         _requested = None
