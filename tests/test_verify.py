@@ -263,7 +263,6 @@ def test_an_unfinished_model_an_interrupt_left(store: Store):
 
 
 def test_a_model_filed_in_another_experiment(store: Store):
-    store.client.restore_experiment("0")
     misfiled = store.client.create_logged_model("0", name="model", source_run_id=store.other)
     store.client.finalize_logged_model(misfiled.model_id, "READY")
     caught(store, store.other, "is filed in experiment 'Default'")
