@@ -194,3 +194,11 @@ def test_a_model_too_large_for_the_machine_says_so_before_training(tmp_path: Pat
     result = runner.invoke(app, ["validate", str(spec), *searched])
     assert result.exit_code == 2 and "needs at least" in result.stderr, result.stderr
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_random_bytes_are_called_damaged_not_dangerous(tmp_path: Path):
+    path = tmp_path / "noise.pt"
+    path.write_bytes(bytes(range(256)) * 16)  # not a zip, not a pickle of tensors
+    with pytest.raises(CheckpointError) as raised:
+        load_model(path)
+    assert "damaged, or not a checkpoint" in str(raised.value) and "could run code" not in str(raised.value)

@@ -305,3 +305,19 @@ def test_a_selected_figure_that_is_not_its_runs(store: Store):
 def test_sweep_counts_that_are_not_its_runs(store: Store):
     store.client.log_metric(store.sweep, "trials_finished", 5)
     caught(store, store.sweep, "trials_finished is 5, its runs hold 2")
+
+
+def test_a_trial_is_rescored_in_the_precision_it_was_scored_in(store: Store):
+    from fmnist_hpo.records import LoggedTrial
+    from fmnist_hpo.train import precision_name
+    from fmnist_hpo.verify import _trial_precision
+
+    run = store.client.get_run(store.best)
+    assert run.data.tags["precision"] == precision_name("auto", torch.device("cpu"))  # auto, resolved when it ran
+
+    def logged(tags: dict, precision: str) -> LoggedTrial:
+        return LoggedTrial("r", "e", 0, 0, 0, "FINISHED", {}, {}, {"train.precision": precision}, tags)
+
+    assert _trial_precision(logged({"device": "cpu", "precision": "bf16"}, "auto")) == "bf16"
+    assert _trial_precision(logged({"device": "cpu"}, "auto")) == "fp32"  # written before the tag: auto was fp32 on CPUs
+    assert _trial_precision(logged({"device": "cuda"}, "bf16")) == "bf16"

@@ -91,8 +91,10 @@ def load_failure(exc: BaseException) -> str:
     """Why torch.load refused a file, in one line; never torch's advice to retry with weights_only=False,
     which would run whatever code the file holds."""
     text = str(exc).strip()
-    if isinstance(exc, pickle.UnpicklingError) or "weights_only" in text or "Weights only load failed" in text:
+    if "unsupported global" in text.lower():  # a function or class the safe unpickler refuses to import
         return "it holds objects other than tensors and plain values, which could run code when loaded; refused"
+    if isinstance(exc, pickle.UnpicklingError) or "weights_only" in text or "Weights only load failed" in text:
+        return "damaged, or not a checkpoint: its bytes do not unpickle as tensors and plain values"
     return (text.splitlines() or [type(exc).__name__])[0][:200]
 
 

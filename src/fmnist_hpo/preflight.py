@@ -54,14 +54,10 @@ def preflight(cfg: Config) -> Resolved:
 
 
 def resolve_compute(cfg: Config) -> tuple[str, str]:
-    import torch
-
-    from fmnist_hpo.train import resolve_device, resolve_precision
+    from fmnist_hpo.train import precision_name, resolve_device
 
     device = resolve_device(cfg.train.device)
-    dtype = resolve_precision(cfg.train.precision, device)
-    precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-    return device.type, precision
+    return device.type, precision_name(cfg.train.precision, device)
 
 
 def check_data(cfg: Config) -> tuple[Path, bool]:

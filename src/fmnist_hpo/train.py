@@ -65,6 +65,14 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
+PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def precision_name(name: str, device: torch.device) -> str:
+    """What train.precision `name` computes in on device: fp32, bf16 or fp16 (auto resolved)."""
+    return PRECISION_NAMES[resolve_precision(name, device)]
+
+
 def cpu_has_native_bf16() -> bool:
     """Whether oneDNN runs bf16 convolutions natively here (AVX512-BF16 or AMX): 1.5x to 2.4x a fp32
     step of the study's CNN with channels_last (issue 17, AMD EPYC). Elsewhere bf16 is emulated."""

@@ -19,7 +19,7 @@ import yaml
 from fmnist_hpo import config as config_module
 from fmnist_hpo.config import Config
 from fmnist_hpo.data import Dataset, split_indices
-from fmnist_hpo.errors import DataError, MachineFailure
+from fmnist_hpo.errors import DataError, FmnistError, MachineFailure
 from fmnist_hpo.milestones import reached
 from fmnist_hpo.records import (
     KEPT_EPOCH,
@@ -144,12 +144,24 @@ class SweepRuns:
         run_id = self.tracker.start_run(
             f"trial-{number:03d}", params=config_module.flatten(raw),
             tags={"fmnist.role": "trial", "trial": str(number), "point": str(point), "repeat": str(repeat),
-                  "device": self.device, "sampled": yaml.safe_dump(values, sort_keys=False).strip(), **(tags or {})},
+                  "device": self.device, **self._precision_tag(raw["train"]["precision"]),
+                  "sampled": yaml.safe_dump(values, sort_keys=False).strip(), **(tags or {})},
             parent_id=self.parent_id,
         )
         self._log_inputs(run_id, raw["data"])
         record = self.open[run_id] = TrialRecord(number, run_id, values, point, repeat)
         return record
+
+    def _precision_tag(self, precision: Any) -> dict[str, str]:
+        """What the trial computes in here, `auto` resolved: what a reader re-scores its checkpoint in."""
+        import torch
+
+        from fmnist_hpo.train import precision_name
+
+        try:
+            return {"precision": precision_name(precision, torch.device(self.device))}
+        except (FmnistError, KeyError, TypeError):
+            return {}  # an invalid sampled point: the trial fails with the reason
 
     def _log_inputs(self, run_id: str, data: dict[str, Any]) -> None:
         """The trial's train, validation and test sets in MLflow's dataset tracking."""

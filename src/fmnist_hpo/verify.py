@@ -34,7 +34,8 @@ from fmnist_hpo.store_view import StoreView
 from fmnist_hpo.tracking import PARENT_TAG, split_fingerprint
 
 # test accuracy re-scored on the CPU in fp32 against one measured elsewhere (CUDA kernels, bf16
-# autocast, torch.compile): at most this far apart. A CPU fp32 trial must re-score exactly.
+# autocast, torch.compile): at most this far apart. A CPU fp32 trial must re-score exactly; a CPU bf16
+# one is re-scored in bf16.
 RESCORE_TOLERANCE = 0.005
 LOGIT_TOLERANCE = 1e-4  # the logged model (a torch.export program) against the checkpoint, fp32 on the CPU
 RESTORE_ADVICE = "the product restores it from there where it uses it (resume, log_model, evaluate)"
@@ -103,6 +104,15 @@ def verify(request: Request) -> Report:
     for name in names:
         verifier.check_experiment(name)
     return verifier.report
+
+
+def _trial_precision(trial: LoggedTrial) -> str:
+    """fp32, bf16 or fp16: the trial's `precision` tag; runs from before it have train.precision, where auto
+    meant fp32 on a CPU."""
+    if "precision" in trial.tags:
+        return trial.tags["precision"]
+    configured = _param(trial.params, "train.precision", "auto")
+    return "fp32" if configured == "auto" and trial.tags.get("device") == "cpu" else str(configured)
 
 
 def _param(params: dict[str, str], key: str, default: Any = None) -> Any:
@@ -341,11 +351,13 @@ class Verifier:
             return
         channels_last = bool(_param(trial.params, "train.channels_last", False))
         model = model.to(memory_format=torch.channels_last) if channels_last else model
-        engine = Engine(torch.device("cpu"), None, torch.Generator(), channels_last=channels_last)
+        precision = _trial_precision(trial)
+        dtype = torch.bfloat16 if precision == "bf16" else None  # re-scored in what it was scored in, where the CPU can
+        engine = Engine(torch.device("cpu"), dtype, torch.Generator(), channels_last=channels_last)
         _, accuracy = evaluate(model, Split(*test), engine, int(_param(trial.params, "train.eval_batch_size", 256)))
         self.report.rescored += 1
         logged, count = trial.metrics["test_accuracy"], len(test[1])
-        exact = (trial.tags.get("device") == "cpu" and _param(trial.params, "train.precision", "auto") in ("auto", "fp32")
+        exact = (trial.tags.get("device") == "cpu" and precision == "fp32"
                  and not _param(trial.params, "train.compile", False))
         if exact and round(accuracy * count) != round(logged * count):
             self.problem(label, trial.run_id, "rescore", f"its checkpoint re-scores {accuracy:.4f} on the {count} test "
