@@ -19,7 +19,7 @@ from fmnist_hpo.analyze import (
     top_trials,
     trends,
 )
-from fmnist_hpo.costs import cost_sections, pareto_section
+from fmnist_hpo.costs import cost_sections, pareto_section, spans_experiments
 from fmnist_hpo.records import LoggedTrial
 from fmnist_hpo.render import Section
 from fmnist_hpo.spec_diff import spec_difference
@@ -96,7 +96,7 @@ def analysis_sections(trials_by_experiment: dict[str, list[LoggedTrial]]) -> lis
         if continuous_keys(trials):
             sections.append(trends(name, trials))
         sections += cost_sections(name, trials)
-    if sum(bool(finished(t)) for t in trials_by_experiment.values()) > 1:
+    if spans_experiments(trials_by_experiment):
         sections.append(pareto_section("All experiments", trials_by_experiment))
     return sections
 

@@ -12,6 +12,7 @@ import math
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
+from operator import attrgetter
 
 from fmnist_hpo.analyze import finished, searched_keys
 from fmnist_hpo.milestones import epochs_key, seconds_key, targets_in
@@ -69,15 +70,12 @@ def front(points: list[Configuration], cost: Callable[[Configuration], float]) -
     return kept
 
 
-def _parameters(c: Configuration) -> float:
-    return c.parameters
+FRONTS = (("parameters", attrgetter("parameters")), ("seconds", attrgetter("seconds")))
 
 
-def _seconds(c: Configuration) -> float:
-    return c.seconds
-
-
-FRONTS = (("parameters", _parameters), ("seconds", _seconds))
+def spans_experiments(trials_by_experiment: dict[str, list[LoggedTrial]]) -> bool:
+    """Whether a front across experiments says anything: two or more of them have finished runs."""
+    return sum(bool(finished(trials)) for trials in trials_by_experiment.values()) > 1
 
 
 def pareto_section(title: str, trials_by_experiment: dict[str, list[LoggedTrial]]) -> Section:

@@ -30,7 +30,7 @@ from fmnist_hpo.analyze import (
     trends,
 )
 from fmnist_hpo.checkpoints import atomic_write
-from fmnist_hpo.costs import ACROSS_EXPERIMENTS, FRONT_RULE, cost_sections, pareto_section
+from fmnist_hpo.costs import ACROSS_EXPERIMENTS, FRONT_RULE, cost_sections, pareto_section, spans_experiments
 from fmnist_hpo.records import LoggedTrial
 from fmnist_hpo.render import Section, format_value, to_markdown
 from fmnist_hpo.stats import describe_trend, summarize
@@ -171,7 +171,7 @@ def build_report(trials_by_experiment: dict[str, list[LoggedTrial]], description
     for name, trials in trials_by_experiment.items():
         parts.append(experiment_section(name, descriptions.get(name, ""), trials, plot_lines(plots.get(name), where)))
     parts += ["## Conclusions", "", *conclusions(trials_by_experiment), ""]
-    if sum(bool(finished(t)) for t in trials_by_experiment.values()) > 1:
+    if spans_experiments(trials_by_experiment):
         parts += [to_markdown([pareto_section("All experiments", trials_by_experiment)], level=2, percent=True),
                   f"_{FRONT_RULE}._", "", *plot_lines(plots.get(ACROSS_EXPERIMENTS), where), ""]
     return "\n".join(parts)

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from fmnist_hpo.analyze import finished, metric_values, parameter_groups, selection_of, summary_row
-from fmnist_hpo.costs import ACROSS_EXPERIMENTS, FRONT_RULE, pareto_section
+from fmnist_hpo.costs import ACROSS_EXPERIMENTS, FRONT_RULE, pareto_section, spans_experiments
 from fmnist_hpo.records import LoggedTrial
 from fmnist_hpo.render import Section, to_markdown
 from fmnist_hpo.report import experiment_section, plot_lines, runs_line
@@ -86,7 +86,7 @@ def build_study_report(trials: dict[str, list[LoggedTrial]], descriptions: dict[
     if finished(trials.get(PLACEMENT_EXPERIMENT, [])):
         parts.append(to_markdown([placement_section(trials[PLACEMENT_EXPERIMENT])]))
     parts.append(to_markdown([claims_section(trials)]))
-    if sum(bool(finished(runs)) for runs in trials.values()) > 1:
+    if spans_experiments(trials):
         parts += [to_markdown([pareto_section("All experiments", trials)], level=2, percent=True), f"_{FRONT_RULE}._", "",
                   *plot_lines(plots.get(ACROSS_EXPERIMENTS), report_path), ""]
     parts += ["## Each experiment", ""]
