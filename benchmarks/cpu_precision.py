@@ -28,12 +28,12 @@ ROOT = Path(__file__).resolve().parent.parent
 MODES = ("fp32", "auto")
 
 
-def one_run(config: str, precision: str, overrides: list[str]) -> dict[str, Any]:
+def one_run(spec: str, precision: str, overrides: list[str]) -> dict[str, Any]:
     from mlflow.tracking import MlflowClient
 
     with tempfile.TemporaryDirectory() as folder:
         uri = f"sqlite:///{folder}/mlflow.db"
-        command = [sys.executable, "-m", "fmnist_hpo", "run", config, "--quiet", "--fresh", "--device", "cpu",
+        command = [sys.executable, "-m", "fmnist_hpo", "run", spec, "--quiet", "--fresh", "--device", "cpu",
                    "--tracking-uri", uri, "--set", f"train.precision={precision}",
                    "--set", f"models_dir={folder}/models", *(a for o in overrides for a in ("--set", o))]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
@@ -63,14 +63,14 @@ def interleaved_steps(config_path: str, overrides: list[str], blocks: int, steps
     import torch
 
     sys.path.insert(0, str(ROOT / "src"))
-    from fmnist_hpo import config
-    from fmnist_hpo.data import Split
-    from fmnist_hpo.train import make_optimizer, prepare_trial
+    from fmnist_hpo.config import spec
+    from fmnist_hpo.data.datasets import Split
+    from fmnist_hpo.training.loop import make_optimizer, prepare_trial
 
     cpu = torch.device("cpu")
     setups = {}
     for mode in MODES:
-        cfg = config.load(config_path, [*overrides, f"train.precision={mode}", "train.device=cpu"])
+        cfg = spec.load(config_path, [*overrides, f"train.precision={mode}", "train.device=cpu"])
         model, engine = prepare_trial(cfg, cpu)
         setups[mode] = (cfg, model, engine, make_optimizer(model, cfg.train, engine))
     batch, eval_batch = cfg.train.batch_size, cfg.train.eval_batch_size
@@ -122,7 +122,7 @@ def main() -> None:
                         help="only the interleaved step timing (seconds, where whole runs take minutes)")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
-    from fmnist_hpo.train import cpu_has_native_bf16
+    from fmnist_hpo.training.loop import cpu_has_native_bf16
 
     steps = interleaved_steps(args.config, args.overrides, blocks=10, steps=10)
     print(f"native bf16 on this CPU: {cpu_has_native_bf16()}  ({os.cpu_count()} cores)")

@@ -54,10 +54,15 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from fmnist_hpo import config, graphs, packing, train  # noqa: E402
-from fmnist_hpo.checkpoints import read_training_state, save_training_state  # noqa: E402
-from fmnist_hpo.data import Dataset, Split, Splits, make_splits  # noqa: E402
-from fmnist_hpo.train import evaluate, fit, prepare_trial, train_and_test  # noqa: E402
+from fmnist_hpo.config import spec as config
+from fmnist_hpo.data.datasets import Dataset, Split, Splits, make_splits
+from fmnist_hpo.search import packing
+from fmnist_hpo.training import (
+    graphs,
+    loop,
+)
+from fmnist_hpo.training.checkpoints import read_training_state, save_training_state
+from fmnist_hpo.training.loop import evaluate, fit, prepare_trial, train_and_test
 
 PART_TIMEOUT = 150  # seconds; a part that takes longer is reported as timed out, the rest still run
 
@@ -100,7 +105,7 @@ class RerunCapture:
 
 def use_cpu_stand_in() -> None:
     graphs.capturer = RerunCapture()
-    train.resolve_cuda_graphs = lambda setting, *_: setting is not False and (
+    loop.resolve_cuda_graphs = lambda setting, *_: setting is not False and (
         setting is True or graphs.turned_off() is None)
 
 
@@ -227,11 +232,11 @@ def part_train_fp32(device: torch.device, quick: bool) -> dict:
     splits = splits_for(cfg, n, device)
     eager_cfg = with_train(cfg, cuda_graphs=False)
     plain = trial(eager_cfg, splits, device)  # the eager engine's own Adam (foreach, float learning rate)
-    product_optimizer = train.make_optimizer
-    train.make_optimizer = lambda model, cfg, engine: graphs.make_capturable_adam(
+    product_optimizer = loop.make_optimizer
+    loop.make_optimizer = lambda model, cfg, engine: graphs.make_capturable_adam(
         model.parameters(), cfg.lr, cfg.weight_decay, engine.device)
     eager = trial(eager_cfg, splits, device)  # the graph's Adam (fused, capturable), run eagerly
-    train.make_optimizer = product_optimizer
+    loop.make_optimizer = product_optimizer
     graphed = trial(cfg, splits, device)
     difference = max_param_difference(graphed["model"], eager["model"])
     vs_plain = max_param_difference(graphed["model"], plain["model"])

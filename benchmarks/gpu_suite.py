@@ -38,14 +38,14 @@ ROOT = BENCHMARKS.parent
 sys.path.insert(0, str(BENCHMARKS))
 sys.path.insert(0, str(ROOT / "src"))
 
-import sweep_throughput  # noqa: E402
-import time_to_accuracy  # noqa: E402
-import train_throughput  # noqa: E402
+import sweep_throughput
+import time_to_accuracy
+import train_throughput
 
-from fmnist_hpo import config  # noqa: E402
-from fmnist_hpo.data import load_dataset  # noqa: E402
-from fmnist_hpo.packing import free_gpu_bytes, resolve_parallel, trial_footprint  # noqa: E402
-from fmnist_hpo.train import resolve_device  # noqa: E402
+from fmnist_hpo.config import spec
+from fmnist_hpo.data.datasets import load_dataset
+from fmnist_hpo.search.packing import free_gpu_bytes, resolve_parallel, trial_footprint
+from fmnist_hpo.training.loop import resolve_device
 
 EXP12, FAST, BEST = (str(ROOT / "configs" / name) for name in ("exp12.yaml", "fast.yaml", "best.yaml"))
 QUICK = ["data.train_subset=2000", "data.val_size=2000", "model.filters=32", "train.epochs=1"]
@@ -53,8 +53,8 @@ Row = tuple[str, str, str]  # (figure, measured, target)
 
 
 def part_throughput(args: argparse.Namespace, device: torch.device) -> tuple[dict, list[Row]]:
-    cfg = config.load(EXP12, ["search.space={}", *args.shrink])
-    fast_batch = config.load(FAST).train.batch_size
+    cfg = spec.load(EXP12, ["search.space={}", *args.shrink])
+    fast_batch = spec.load(FAST).train.batch_size
     modes = ["reference", "engine64", "engine64+graphs", "enginefast", "enginefast+graphs"]
     result = train_throughput.measure(cfg, device, modes, args.rounds, fast_batch)
     by_mode = {r["mode"]: r for r in result["results"]}
@@ -66,7 +66,7 @@ def part_throughput(args: argparse.Namespace, device: torch.device) -> tuple[dic
 
 
 def part_fast(args: argparse.Namespace, device: torch.device) -> tuple[dict, list[Row]]:
-    result = time_to_accuracy.measure(config.load(FAST, args.shrink), device)
+    result = time_to_accuracy.measure(spec.load(FAST, args.shrink), device)
     reached = result["reached_seconds"]["0.935"]
     return result, [
         ("fast.yaml: training seconds to 93.5% test", f"{reached:.1f} s" if reached is not None else "not reached",
@@ -77,8 +77,8 @@ def part_fast(args: argparse.Namespace, device: torch.device) -> tuple[dict, lis
 
 
 def part_best(args: argparse.Namespace, device: torch.device) -> tuple[dict, list[Row]]:
-    base = config.load(BEST, args.shrink)
-    runs = [time_to_accuracy.measure(config.load(BEST, [*args.shrink, f"train.seed={base.train.seed + i}"]), device)
+    base = spec.load(BEST, args.shrink)
+    runs = [time_to_accuracy.measure(spec.load(BEST, [*args.shrink, f"train.seed={base.train.seed + i}"]), device)
             for i in range(args.best_seeds)]
     accuracies = [r["selected_test_accuracy"] for r in runs]
     spread = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
@@ -90,8 +90,8 @@ def part_best(args: argparse.Namespace, device: torch.device) -> tuple[dict, lis
 
 
 def part_packing(args: argparse.Namespace, device: torch.device) -> tuple[dict, list[Row]]:
-    cfg = config.load(EXP12, [f"train.epochs={1 if args.quick else 2}", *args.shrink])
-    raw = config.to_dict(cfg)
+    cfg = spec.load(EXP12, [f"train.epochs={1 if args.quick else 2}", *args.shrink])
+    raw = spec.to_dict(cfg)
     space = raw["search"].pop("space")
     raw["search"]["space"] = {}
     # quick: the base config only, since exp12's space would bring back its full widths

@@ -26,11 +26,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from fmnist_hpo import config
-from fmnist_hpo.data import load_dataset, make_splits
-from fmnist_hpo.pruning import MedianPruner, best_so_far
-from fmnist_hpo.space import parse_entry
-from fmnist_hpo.train import resolve_device, train_and_test
+from fmnist_hpo.config import spec as config
+from fmnist_hpo.config.space import parse_entry
+from fmnist_hpo.data.datasets import load_dataset, make_splits
+from fmnist_hpo.search.pruning import MedianPruner, best_so_far
+from fmnist_hpo.training.loop import resolve_device, train_and_test
 
 _worker: dict[str, Any] = {}
 

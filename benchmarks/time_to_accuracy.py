@@ -19,9 +19,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from fmnist_hpo import config
-from fmnist_hpo.data import load_dataset, make_splits
-from fmnist_hpo.train import EpochMetrics, evaluate, fit, prepare_trial, resolve_device
+from fmnist_hpo.config import spec
+from fmnist_hpo.data.datasets import load_dataset, make_splits
+from fmnist_hpo.training.loop import EpochMetrics, evaluate, fit, prepare_trial, resolve_device
 
 THRESHOLDS = (0.930, 0.935, 0.940)
 
@@ -34,7 +34,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
-    cfg = config.load(args.config, ["search.space={}", *args.overrides])
+    cfg = spec.load(args.config, ["search.space={}", *args.overrides])
     result = measure(cfg, resolve_device(args.device), verbose=True)
     for threshold, seconds in result["reached_seconds"].items():
         print(f"test >= {float(threshold):.1%}: " + (f"{seconds:.1f} s of training" if seconds is not None else "not reached"))
@@ -44,7 +44,7 @@ def main() -> None:
         args.out.write_text(json.dumps({"config": args.config, **result}, indent=2))
 
 
-def measure(cfg: config.Config, device: torch.device, verbose: bool = False) -> dict:
+def measure(cfg: spec.Config, device: torch.device, verbose: bool = False) -> dict:
     """Train cfg once; the curve, the seconds to each threshold and the selected checkpoint's test score."""
     splits = make_splits(load_dataset(cfg.data), cfg.data, device)
     model, engine = prepare_trial(cfg, device)

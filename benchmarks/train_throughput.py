@@ -32,10 +32,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from fmnist_hpo import config
-from fmnist_hpo.data import Split, load_dataset, make_splits, normalize
-from fmnist_hpo.model import build_model
-from fmnist_hpo.train import make_optimizer, prepare_trial, resolve_device, train_epoch
+from fmnist_hpo.config import spec
+from fmnist_hpo.data.datasets import Split, load_dataset, make_splits, normalize
+from fmnist_hpo.training.loop import make_optimizer, prepare_trial, resolve_device, train_epoch
+from fmnist_hpo.training.model import build_model
 
 MODES = ("reference", "engine64", "enginefast", "engine64+graphs", "enginefast+graphs")
 
@@ -87,7 +87,7 @@ def main() -> None:
     args = parser.parse_args()
 
     subset = [f"data.train_subset={args.train_images}"] if args.train_images else []
-    cfg = config.load(args.config, ["search.space={}", *subset])
+    cfg = spec.load(args.config, ["search.space={}", *subset])
     device = resolve_device(args.device)
     result = measure(cfg, device, args.modes.split(","), args.rounds, args.fast_batch, args.compile)
     print(f"{args.config} on {result['machine']}; {result['train_images']} training images, "
@@ -97,7 +97,7 @@ def main() -> None:
         args.out.write_text(json.dumps({"config": args.config, **result}, indent=2))
 
 
-def measure(cfg: config.Config, device: torch.device, modes: list[str], rounds: int, fast_batch: int = 256,
+def measure(cfg: spec.Config, device: torch.device, modes: list[str], rounds: int, fast_batch: int = 256,
             compile_fast: bool = False) -> dict:
     """Median seconds per training epoch of each mode, interleaved over rounds, as a JSON-ready dict."""
     unknown = [m for m in modes if m not in MODES]
@@ -132,7 +132,7 @@ def measure(cfg: config.Config, device: torch.device, modes: list[str], rounds: 
             "results": rows(len(cpu_train), seconds, peak)}
 
 
-def make_runner(mode: str, cfg: config.Config, cpu_train: Split, train: Split, device: torch.device,
+def make_runner(mode: str, cfg: spec.Config, cpu_train: Split, train: Split, device: torch.device,
                 fast_batch: int, compile_fast: bool, engines: list):
     if mode == "reference":
         torch.manual_seed(0)

@@ -28,7 +28,13 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from fmnist_hpo import config, sweep, tracking, train, trial_runs  # noqa: E402
+from fmnist_hpo.config import spec
+from fmnist_hpo.search import (
+    sweep,
+    trial_runs,
+)
+from fmnist_hpo.tracking import tracker
+from fmnist_hpo.training import loop
 
 # (module or class, attribute, label): what is timed, and the name it is reported under
 TIMED = [
@@ -38,10 +44,10 @@ TIMED = [
     (trial_runs.SweepRuns, "log_epoch", "epoch metrics"),
     (trial_runs.SweepRuns, "log_bookkeeping", "bookkeeping metric"),
     (sweep, "save_training_state", "training-state file"),
-    (train, "prepare_trial", "model build"),
+    (loop, "prepare_trial", "model build"),
     (sweep, "save_checkpoint", "checkpoint file"),
     (trial_runs.SweepRuns, "close_finished", "close run: artifact, tags, metrics, end"),
-    (tracking.Tracker, "log_file", "  of which checkpoint artifact"),
+    (tracker.Tracker, "log_file", "  of which checkpoint artifact"),
     (sweep.SplitCache, "get", "splits on the device"),
 ]
 
@@ -65,7 +71,7 @@ class Clock:
 
     def wrap_test_pass(self) -> None:
         """train.evaluate runs validation inside the epochs and the test pass after them: time the latter."""
-        original = train.evaluate
+        original = loop.evaluate
 
         def timed(model: Any, split: Any, engine: Any, batch_size: int = 1024) -> Any:
             start = time.perf_counter()
@@ -75,7 +81,7 @@ class Clock:
                 if len(split) == 10_000:
                     self.seconds["test pass"].append(time.perf_counter() - start)
 
-        train.evaluate = timed
+        loop.evaluate = timed
 
     def wrap_epochs(self) -> None:
         """The seconds of every epoch, as the sweep logs them."""
@@ -104,7 +110,7 @@ def main() -> None:
     clock.wrap_test_pass()
     clock.wrap_epochs()
     with tempfile.TemporaryDirectory() as folder:
-        cfg = config.load(args.config, [f"search.max_evals={args.trials}", f"train.epochs={args.epochs}",
+        cfg = spec.load(args.config, [f"search.max_evals={args.trials}", f"train.epochs={args.epochs}",
                                         f"data.train_subset={args.train_images}", "train.device=cpu",
                                         f"mlflow.tracking_uri=sqlite:///{folder}/mlflow.db", "mlflow.log_model=none",
                                         f"models_dir={folder}/models", *args.overrides])

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fmnist_hpo.data import FILES
+from fmnist_hpo.data.datasets import FILES
 
 N_TRAIN, N_TEST = 400, 100
 

@@ -14,10 +14,10 @@ from PIL import Image
 from scipy import stats as scipy_stats
 from typer.testing import CliRunner
 
-from fmnist_hpo.cli import app
+from fmnist_hpo.analysis.stats import compare, summarize
+from fmnist_hpo.cli.app import app
 from fmnist_hpo.records import RECORD_VERSION, RECORD_VERSION_TAG
-from fmnist_hpo.stats import compare, summarize
-from fmnist_hpo.tracking import Tracker
+from fmnist_hpo.tracking.tracker import Tracker
 
 runner = CliRunner()
 # alpha and delta: one configuration run with several seeds (repeats); beta: a TPE sweep over filters.

@@ -12,8 +12,8 @@ import yaml
 from conftest import N_TRAIN, tiny_raw, write_dataset, write_idx
 from typer.testing import CliRunner
 
-from fmnist_hpo.cli import app
-from fmnist_hpo.data import FILES
+from fmnist_hpo.cli.app import app
+from fmnist_hpo.data.datasets import FILES
 
 runner = CliRunner()
 

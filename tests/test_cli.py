@@ -12,10 +12,10 @@ from conftest import tiny_raw
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from fmnist_hpo import sweep as sweep_module
-from fmnist_hpo.checkpoints import load_model, read_checkpoint
-from fmnist_hpo.cli import app
-from fmnist_hpo.model import with_normalization
+from fmnist_hpo.cli.app import app
+from fmnist_hpo.search import sweep as sweep_module
+from fmnist_hpo.training.checkpoints import load_model, read_checkpoint
+from fmnist_hpo.training.model import with_normalization
 
 runner = CliRunner()
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
@@ -28,7 +28,7 @@ def write_config(folder: Path, raw: dict) -> Path:
 
 
 def test_help_does_not_import_torch_or_mlflow():
-    code = "import sys; from fmnist_hpo.cli import app; print(sorted({'torch', 'mlflow', 'hyperopt'} & set(sys.modules)))"
+    code = "import sys; from fmnist_hpo.cli.app import app; print(sorted({'torch', 'mlflow', 'hyperopt'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
     result = runner.invoke(app, ["--help"])
@@ -189,9 +189,9 @@ def test_engine_and_benchmarks_import_without_mlflow_hyperopt_loguru_or_ray():
     code = (
         "import sys, runpy\n"
         "for name in ('mlflow', 'hyperopt', 'loguru', 'ray'): sys.modules[name] = None\n"
-        "import fmnist_hpo.train, fmnist_hpo.data, fmnist_hpo.model, fmnist_hpo.checkpoints, fmnist_hpo.config\n"
-        "import fmnist_hpo.space, fmnist_hpo.pruning, fmnist_hpo.inference\n"
-        "fmnist_hpo.config.validate({'search': {'space': {'train.lr': {'loguniform': [1e-4, 1e-2]}}}})\n"
+        "import fmnist_hpo.training.loop, fmnist_hpo.data.datasets, fmnist_hpo.training.model, fmnist_hpo.training.checkpoints\n"
+        "import fmnist_hpo.config.spec, fmnist_hpo.config.space, fmnist_hpo.search.pruning, fmnist_hpo.modelops.inference\n"
+        "fmnist_hpo.config.spec.validate({'search': {'space': {'train.lr': {'loguniform': [1e-4, 1e-2]}}}})\n"
         f"for script in ('train_throughput', 'time_to_accuracy', 'sweep_throughput', 'gpu_check'):\n"
         f"    runpy.run_path('{root}/benchmarks/' + script + '.py', run_name='imported')\n"
         "print('ok')\n"
@@ -243,8 +243,8 @@ def test_version():
 
 
 def test_evaluate_with_an_experiment_implies_best(monkeypatch: pytest.MonkeyPatch):
-    from fmnist_hpo import modelops
     from fmnist_hpo.errors import FmnistError
+    from fmnist_hpo.modelops import operations
 
     asked = []
 
@@ -252,7 +252,7 @@ def test_evaluate_with_an_experiment_implies_best(monkeypatch: pytest.MonkeyPatc
         asked.append((target, experiment))
         raise FmnistError("stop here")
 
-    monkeypatch.setattr(modelops, "resolve_model", resolve_model)
+    monkeypatch.setattr(operations, "resolve_model", resolve_model)
     result = runner.invoke(app, ["evaluate", "--experiment", "exp12"])
     assert result.exit_code == 2 and result.stderr == "error: stop here\n" and asked == [(None, "exp12")]
     result = runner.invoke(app, ["evaluate", "some-run", "--experiment", "exp12"])
@@ -274,7 +274,7 @@ def test_run_opens_with_where_it_works_and_closes_with_where_results_are(tmp_pat
     assert result.exit_code == 0, result.stderr
     lines = result.output.splitlines()
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    from fmnist_hpo.train import cpu_has_native_bf16
+    from fmnist_hpo.training.loop import cpu_has_native_bf16
 
     precision = "bf16" if cpu_has_native_bf16() else "fp32"  # what precision: auto is on this CPU
     assert lines[0] == (f"tiny: device: cpu ({precision}); data: {data_dir}; store: {store}; "
@@ -287,7 +287,7 @@ def enum_choices() -> dict[str, tuple[str, ...]]:
     import dataclasses
     import typing
 
-    from fmnist_hpo import config as config_module
+    from fmnist_hpo.config import spec as config_module
 
     choices = {}
     for section in dataclasses.fields(config_module.Config):

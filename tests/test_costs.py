@@ -7,13 +7,13 @@ import math
 import pytest
 from scipy import stats as scipy_stats
 
-from fmnist_hpo.analyze import continuous_keys, discrete_keys, is_log_scaled, outcome_counts, trends
-from fmnist_hpo.costs import configurations, front, pareto_section, time_to_accuracy_section
+from fmnist_hpo.analysis.analyze import continuous_keys, discrete_keys, is_log_scaled, outcome_counts, trends
+from fmnist_hpo.analysis.costs import configurations, front, pareto_section, time_to_accuracy_section
+from fmnist_hpo.analysis.report import runs_line
+from fmnist_hpo.analysis.spec_diff import spec_difference
+from fmnist_hpo.analysis.stats import trend
 from fmnist_hpo.milestones import reached, targets_in
 from fmnist_hpo.records import EpochMetrics, LoggedTrial
-from fmnist_hpo.report import runs_line
-from fmnist_hpo.spec_diff import spec_difference
-from fmnist_hpo.stats import trend
 
 SPACE = '{"train.lr": {"loguniform": [0.0001, 0.1]}, "model.filters": {"choice": [8, 16]}}'
 

@@ -13,9 +13,9 @@ from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from fmnist_hpo import sweep as sweep_module
-from fmnist_hpo.checkpoints import read_checkpoint
-from fmnist_hpo.cli import app
+from fmnist_hpo.cli.app import app
+from fmnist_hpo.search import sweep as sweep_module
+from fmnist_hpo.training.checkpoints import read_checkpoint
 
 runner = CliRunner()
 EXPERIMENT = "damaged"

@@ -22,10 +22,10 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from fmnist_hpo import checkpoints
-from fmnist_hpo.cli import app
+from fmnist_hpo.cli.app import app
 from fmnist_hpo.faults import machine_failure
-from fmnist_hpo.trial_runs import SweepRuns
+from fmnist_hpo.search.trial_runs import SweepRuns
+from fmnist_hpo.training import checkpoints
 
 runner = CliRunner()
 
@@ -291,10 +291,10 @@ def test_an_empty_host_is_refused_at_once(tmp_path: Path):
 
 
 def test_a_sweep_still_running_is_refused_without_advising_fresh(tmp_path: Path, data_dir: Path):
-    from fmnist_hpo import config
-    from fmnist_hpo.resume import ResumeError, choose_parent
-    from fmnist_hpo.tracking import Tracker
-    from fmnist_hpo.trial_runs import SweepRuns
+    from fmnist_hpo.config import spec as config
+    from fmnist_hpo.search.resume import ResumeError, choose_parent
+    from fmnist_hpo.search.trial_runs import SweepRuns
+    from fmnist_hpo.tracking.tracker import Tracker
 
     cfg = config.validate(tiny_raw(data_dir, models_dir=str(tmp_path / "models")))
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", cfg.experiment)
@@ -338,7 +338,7 @@ def test_an_interruption_swallowed_where_it_landed_is_not_printed(monkeypatch: p
     """It is on record and raised at the next safe point: no 'Exception ignored in ...' traceback for it."""
     import types
 
-    from fmnist_hpo import interrupts
+    from fmnist_hpo.search import interrupts
 
     printed = []
     monkeypatch.setattr(sys, "unraisablehook", printed.append)

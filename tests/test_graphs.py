@@ -17,10 +17,11 @@ import pytest
 import torch
 from conftest import tiny_raw
 
-from fmnist_hpo import config, graphs, train
-from fmnist_hpo.data import load_dataset, make_splits
+from fmnist_hpo.config import spec
+from fmnist_hpo.data.datasets import load_dataset, make_splits
 from fmnist_hpo.errors import ConfigError, DeviceError
-from fmnist_hpo.train import fit, make_engine, prepare_trial, resolve_cuda_graphs, train_and_test
+from fmnist_hpo.training import graphs, loop
+from fmnist_hpo.training.loop import fit, make_engine, prepare_trial, resolve_cuda_graphs, train_and_test
 
 CPU = torch.device("cpu")
 CUDA = torch.device("cuda")
@@ -41,13 +42,13 @@ def test_true_where_graphs_cannot_run_is_a_clear_error():
     with pytest.raises(DeviceError, match="fp16"):
         resolve_cuda_graphs(True, CUDA, torch.float16, compiled=False)
     with pytest.raises(ConfigError, match=r"cuda_graphs: true needs a CUDA device, got train.device: cpu"):
-        config.validate({"train": {"cuda_graphs": True, "device": "cpu"}})
+        spec.validate({"train": {"cuda_graphs": True, "device": "cpu"}})
     with pytest.raises(ConfigError, match="exclusive"):
-        config.validate({"train": {"cuda_graphs": True, "compile": True}})
+        spec.validate({"train": {"cuda_graphs": True, "compile": True}})
 
 
 def test_the_cpu_engine_does_not_capture():
-    engine = make_engine(config.validate({"train": {"cuda_graphs": "auto"}}).train, CPU, 0)
+    engine = make_engine(spec.validate({"train": {"cuda_graphs": "auto"}}).train, CPU, 0)
     assert not engine.cuda_graphs
 
 
@@ -142,7 +143,7 @@ class DisagreeingCapture(RecordingCapture):
 def graphs_on_cpu(monkeypatch: pytest.MonkeyPatch):
     """CPU trials take the graphed path through the capture seam; returns a function that installs a capturer."""
     monkeypatch.setattr(graphs, "_off_reason", None)
-    monkeypatch.setattr(train, "resolve_cuda_graphs", lambda setting, *_: setting is not False and
+    monkeypatch.setattr(loop, "resolve_cuda_graphs", lambda setting, *_: setting is not False and
                         (setting is True or graphs.turned_off() is None))
 
     def install(capturer: RecordingCapture) -> RecordingCapture:
@@ -152,15 +153,15 @@ def graphs_on_cpu(monkeypatch: pytest.MonkeyPatch):
     return install
 
 
-def cpu_cfg(data_dir: Path, dropout: bool = True, **train_settings) -> config.Config:
+def cpu_cfg(data_dir: Path, dropout: bool = True, **train_settings) -> spec.Config:
     model = {} if dropout else {"conv_dropout": 0.0, "dense1_dropout": 0.0, "dense2_dropout": 0.0}
-    return config.validate(tiny_raw(data_dir, model={"conv_dropout": 0.2, "dense1_dropout": 0.2, **model},
+    return spec.validate(tiny_raw(data_dir, model={"conv_dropout": 0.2, "dense1_dropout": 0.2, **model},
                                     data={"augment_flip": True},
                                     train={"epochs": 3, "scheduler": "step", "step_size": 1, "gamma": 0.5,
                                            **train_settings}))
 
 
-def cpu_run(cfg: config.Config, data_dir: Path, **kwargs):
+def cpu_run(cfg: spec.Config, data_dir: Path, **kwargs):
     splits = make_splits(load_dataset(cfg.data), cfg.data, CPU)
     return train_and_test(cfg, splits, CPU, **kwargs)
 
@@ -173,7 +174,7 @@ def test_graphed_training_through_the_seam_follows_eager_training(data_dir: Path
     """Capture undoes its warm-up (weights, Adam, dropout's generator), the ragged batch runs eagerly,
     schedulers move the captured learning rate, evaluation pads and masks its last batch."""
     cfg = cpu_cfg(data_dir)
-    eager = cpu_run(config.validate({**config.to_dict(cfg), "train": {**config.to_dict(cfg)["train"],
+    eager = cpu_run(spec.validate({**spec.to_dict(cfg), "train": {**spec.to_dict(cfg)["train"],
                                                                       "cuda_graphs": False}}), data_dir)
     capturer = graphs_on_cpu(RecordingCapture())
     graphed = cpu_run(cfg, data_dir)
@@ -212,7 +213,7 @@ def test_graphs_are_destroyed_at_trial_end_and_hold_no_cycle(data_dir: Path, gra
 def test_a_failing_capture_turns_graphs_off_with_one_line_and_training_goes_on(
         data_dir: Path, graphs_on_cpu, caplog: pytest.LogCaptureFixture):
     cfg = cpu_cfg(data_dir)
-    eager = cpu_run(config.validate({**config.to_dict(cfg), "train": {**config.to_dict(cfg)["train"],
+    eager = cpu_run(spec.validate({**spec.to_dict(cfg), "train": {**spec.to_dict(cfg)["train"],
                                                                       "cuda_graphs": False}}), data_dir)
     capturer = graphs_on_cpu(FailingCapture())
     with caplog.at_level(logging.WARNING, logger="fmnist_hpo"):
@@ -229,7 +230,7 @@ def test_a_failing_capture_turns_graphs_off_with_one_line_and_training_goes_on(
 def test_a_first_replay_that_disagrees_with_eager_turns_graphs_off(data_dir: Path, graphs_on_cpu,
                                                                    caplog: pytest.LogCaptureFixture):
     cfg = cpu_cfg(data_dir, dropout=False)
-    eager = cpu_run(config.validate({**config.to_dict(cfg), "train": {**config.to_dict(cfg)["train"],
+    eager = cpu_run(spec.validate({**spec.to_dict(cfg), "train": {**spec.to_dict(cfg)["train"],
                                                                       "cuda_graphs": False}}), data_dir)
     capturer = graphs_on_cpu(DisagreeingCapture())
     with caplog.at_level(logging.WARNING, logger="fmnist_hpo"):
@@ -268,7 +269,7 @@ def test_a_replaced_learning_rate_tensor_is_refused(graphs_on_cpu):
 
 
 def test_freeing_memory_after_a_failed_trial_survives_a_confused_allocator(monkeypatch: pytest.MonkeyPatch):
-    from fmnist_hpo import sweep
+    from fmnist_hpo.search import sweep
 
     def asserting(*_args):
         raise RuntimeError("captures_underway.empty() INTERNAL ASSERT FAILED")
@@ -277,10 +278,10 @@ def test_freeing_memory_after_a_failed_trial_survives_a_confused_allocator(monke
     sweep._free_device_memory(CUDA)  # the sweep's except clause: the next trial still runs
 
 
-def cuda_run(data_dir: Path, graphs: bool, model: dict | None = None, save_state=None, resume=None, **train):
+def cuda_run(data_dir: Path, graphs: bool, model: dict | None = None, save_state=None, resume=None, **loop):
     raw = tiny_raw(data_dir, model=model or {}, data={"augment_flip": True, "augment_translate": 2},
-                   train={"device": "cuda", "precision": "bf16", "cuda_graphs": graphs, **train})
-    cfg = config.validate(raw)
+                   train={"device": "cuda", "precision": "bf16", "cuda_graphs": graphs, **loop})
+    cfg = spec.validate(raw)
     splits = make_splits(load_dataset(cfg.data), cfg.data, CUDA)
     return train_and_test(cfg, splits, CUDA, save_state=save_state, resume=resume)
 
@@ -289,9 +290,9 @@ def cuda_run(data_dir: Path, graphs: bool, model: dict | None = None, save_state
 def test_captured_training_follows_the_eager_loss_curve(data_dir: Path):
     # dropout off: the warm-up before capture draws from the CUDA generator, so masks would differ
     no_dropout = {"conv_dropout": 0.0, "dense1_dropout": 0.0, "dense2_dropout": 0.0}
-    train = {"epochs": 4, "scheduler": "step", "step_size": 1, "gamma": 0.7, "batch_size": 48}
-    eager = cuda_run(data_dir, False, no_dropout, **train)
-    graphed = cuda_run(data_dir, True, no_dropout, **train)
+    loop = {"epochs": 4, "scheduler": "step", "step_size": 1, "gamma": 0.7, "batch_size": 48}
+    eager = cuda_run(data_dir, False, no_dropout, **loop)
+    graphed = cuda_run(data_dir, True, no_dropout, **loop)
     eager_losses = torch.tensor([m.train_loss for m in eager.fit.history])
     graphed_losses = torch.tensor([m.train_loss for m in graphed.fit.history])
     assert torch.allclose(graphed_losses, eager_losses, rtol=0.05), (eager_losses, graphed_losses)

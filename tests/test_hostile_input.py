@@ -17,13 +17,13 @@ from conftest import tiny_raw
 from PIL import Image
 from typer.testing import CliRunner
 
-from fmnist_hpo import config
-from fmnist_hpo.checkpoints import CheckpointError, load_model, save_checkpoint
-from fmnist_hpo.cli import app
-from fmnist_hpo.data import read_idx
+from fmnist_hpo.cli.app import app
+from fmnist_hpo.config import spec as config
+from fmnist_hpo.data.datasets import read_idx
 from fmnist_hpo.errors import DataError
-from fmnist_hpo.inference import ImageError, load_image
-from fmnist_hpo.model import build_model
+from fmnist_hpo.modelops.inference import ImageError, load_image
+from fmnist_hpo.training.checkpoints import CheckpointError, load_model, save_checkpoint
+from fmnist_hpo.training.model import build_model
 
 runner = CliRunner()
 
@@ -151,7 +151,7 @@ def test_a_tiny_checkpoint_declaring_a_huge_model_is_refused_without_allocating(
     path = tmp_path / "tiny.pt"
     torch.save({"state_dict": {"w": torch.zeros(3)}, "model_config": huge}, path)
     assert path.stat().st_size < 5000
-    code = ("import resource, sys\nfrom fmnist_hpo.checkpoints import CheckpointError, load_model\n"
+    code = ("import resource, sys\nfrom fmnist_hpo.training.checkpoints import CheckpointError, load_model\n"
             f"try:\n    load_model({str(path)!r})\nexcept CheckpointError as exc:\n    print(exc)\n"
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
@@ -178,7 +178,7 @@ def test_a_checkpoint_with_code_is_refused_without_suggesting_weights_only_false
 
 def test_a_model_too_large_for_the_machine_says_so_before_training(tmp_path: Path, data_dir: Path,
                                                                    monkeypatch: pytest.MonkeyPatch):
-    from fmnist_hpo import fits
+    from fmnist_hpo.training import fits
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(fits, "available_bytes", lambda device: 2 * 2**30)

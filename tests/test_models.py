@@ -21,10 +21,10 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from typer.testing import CliRunner
 
-from fmnist_hpo.checkpoints import load_model
-from fmnist_hpo.cli import app
-from fmnist_hpo.data import CLASSES, FILES, read_idx
-from fmnist_hpo.inference import load_image, predict_logits
+from fmnist_hpo.cli.app import app
+from fmnist_hpo.data.datasets import CLASSES, FILES, read_idx
+from fmnist_hpo.modelops.inference import load_image, predict_logits
+from fmnist_hpo.training.checkpoints import load_model
 
 runner = CliRunner()
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from fmnist_hpo import plots
+from fmnist_hpo.analysis import plots
+from fmnist_hpo.modelops import confusion
 from fmnist_hpo.records import LoggedTrial
 
 EPOCHS = 4
@@ -83,8 +84,8 @@ def test_colour_and_markers_are_explained(figures: dict, tmp_path: Path):
 
 
 def test_confusion_matrix_is_titled_by_trial_and_experiment():
-    assert plots.confusion_title(0.91234, "exp12", 7) == "exp12, trial 7: test accuracy 91.23%"
-    assert plots.confusion_title(0.5, fallback="best.pt") == "best.pt: test accuracy 50.00%"
+    assert confusion.confusion_title(0.91234, "exp12", 7) == "exp12, trial 7: test accuracy 91.23%"
+    assert confusion.confusion_title(0.5, fallback="best.pt") == "best.pt: test accuracy 50.00%"
 
 
 def test_a_continuous_key_is_a_scatter_with_its_trend_on_a_log_axis(figures: dict, tmp_path: Path):

@@ -10,11 +10,11 @@ import yaml
 from conftest import tiny_raw
 from typer.testing import CliRunner
 
-from fmnist_hpo import config
-from fmnist_hpo.cli import app
+from fmnist_hpo.cli.app import app
+from fmnist_hpo.config import spec as config
 from fmnist_hpo.errors import DataError, DeviceError, OutputError
-from fmnist_hpo.preflight import preflight
-from fmnist_hpo.tracking import TrackingError
+from fmnist_hpo.search.preflight import preflight
+from fmnist_hpo.tracking.tracker import TrackingError
 
 runner = CliRunner()
 
@@ -34,7 +34,7 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def test_resolves_what_a_run_uses(workdir: Path, data_dir: Path):
     resolved = preflight(config.validate(tiny_raw(data_dir, experiment="e1", models_dir="out")))
-    from fmnist_hpo.train import cpu_has_native_bf16
+    from fmnist_hpo.training.loop import cpu_has_native_bf16
 
     assert resolved.device == "cpu" and resolved.precision == ("bf16" if cpu_has_native_bf16() else "fp32")
     assert resolved.data_root == data_dir and resolved.data_present

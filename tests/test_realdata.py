@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fmnist_hpo import config
-from fmnist_hpo.data import load_dataset, make_splits
-from fmnist_hpo.train import train_and_test
+from fmnist_hpo.config import spec as config
+from fmnist_hpo.data.datasets import load_dataset, make_splits
+from fmnist_hpo.training.loop import train_and_test
 
 DATA_DIR = os.environ.get("FMNIST_DATA_DIR")
 pytestmark = [
@@ -44,7 +44,7 @@ def test_a_real_data_sweep_leaves_a_store_to_verify(tmp_path: Path, monkeypatch:
     import yaml
     from typer.testing import CliRunner
 
-    from fmnist_hpo.cli import app
+    from fmnist_hpo.cli.app import app
 
     folder = Path(os.environ.get("FMNIST_REALDATA_STORE") or tmp_path).absolute()
     folder.mkdir(parents=True, exist_ok=True)

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from fmnist_hpo.analyze import summary_row
+from fmnist_hpo.analysis.analyze import summary_row
 from fmnist_hpo.records import RECORD_VERSION, RECORD_VERSION_TAG, LoggedTrial, TrialRecord
-from fmnist_hpo.tracking import RunReader, Tracker
+from fmnist_hpo.tracking.tracker import RunReader, Tracker
 
 EPOCH_SECONDS = [7.0, 8.0, 9.0]
 

@@ -21,7 +21,7 @@ from conftest import tiny_raw, write_dataset
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from fmnist_hpo.cli import app
+from fmnist_hpo.cli.app import app
 
 runner = CliRunner()
 # a dead server fails a request after one quick retry instead of MLflow's minutes of backoff

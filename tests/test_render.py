@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import math
 
-from fmnist_hpo.analyze import parameter_groups
+from fmnist_hpo.analysis.analyze import parameter_groups
+from fmnist_hpo.analysis.render import Section, fitted_parts, format_value, to_csv, to_json, to_markdown
 from fmnist_hpo.records import LoggedTrial
-from fmnist_hpo.render import Section, fitted_parts, format_value, to_csv, to_json, to_markdown
 
 
 def test_each_kind_of_number_has_one_format():

@@ -15,16 +15,16 @@ import yaml
 from conftest import tiny_raw
 from mlflow.tracking import MlflowClient
 
-from fmnist_hpo import config
-from fmnist_hpo.checkpoints import (
+from fmnist_hpo.config import spec as config
+from fmnist_hpo.data.datasets import load_dataset, make_splits
+from fmnist_hpo.training.checkpoints import (
     CheckpointError,
     atomic_write,
     read_checkpoint,
     read_training_state,
     save_training_state,
 )
-from fmnist_hpo.data import load_dataset, make_splits
-from fmnist_hpo.train import train_and_test
+from fmnist_hpo.training.loop import train_and_test
 
 CPU = torch.device("cpu")
 

@@ -11,10 +11,10 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from fmnist_hpo import config
-from fmnist_hpo.cli import app
+from fmnist_hpo.cli.app import app
+from fmnist_hpo.config import spec
+from fmnist_hpo.config.schema import SHIPPED_PATH, spec_schema
 from fmnist_hpo.errors import ConfigError
-from fmnist_hpo.schema import SHIPPED_PATH, spec_schema
 
 jsonschema = pytest.importorskip("jsonschema")
 
@@ -70,7 +70,7 @@ def test_every_shipped_config_names_and_passes_the_schema(path: Path, validator:
 ])
 def test_the_schema_rejects_what_the_validator_rejects(raw: dict, validator: jsonschema.Draft202012Validator):
     with pytest.raises(ConfigError):
-        config.validate(raw)
+        spec.validate(raw)
     assert list(validator.iter_errors(raw)), f"the schema accepts {raw}"
 
 
@@ -82,14 +82,14 @@ def test_the_schema_rejects_what_the_validator_rejects(raw: dict, validator: jso
                           "model.dense1_dropout": {"quniform": [0.0, 0.5, 0.05]}}}},
 ])
 def test_the_schema_accepts_what_the_validator_accepts(raw: dict, validator: jsonschema.Draft202012Validator):
-    config.validate(raw)
+    spec.validate(raw)
     assert [e.message for e in validator.iter_errors(raw)] == []
 
 
 def test_every_key_carries_its_default_and_help_text():
     schema = spec_schema()
-    docs = config.field_docs()
-    defaults = config.flatten(config.to_dict(config.validate({})))
+    docs = spec.field_docs()
+    defaults = spec.flatten(spec.to_dict(spec.validate({})))
     for key, doc in docs.items():
         node = schema
         for part in key.split("."):
@@ -99,5 +99,5 @@ def test_every_key_carries_its_default_and_help_text():
 
 
 def test_the_schema_module_needs_no_mlflow():
-    code = "import sys, fmnist_hpo.schema; sys.exit('mlflow' in sys.modules)"
+    code = "import sys, fmnist_hpo.config.schema; sys.exit('mlflow' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0

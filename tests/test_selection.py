@@ -11,11 +11,12 @@ from conftest import tiny_raw
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from fmnist_hpo import sweep as sweep_module
-from fmnist_hpo.cli import app
+from fmnist_hpo.cli.app import app
+from fmnist_hpo.config.space import config_key, grid_points, space_size
 from fmnist_hpo.records import TrialRecord
+from fmnist_hpo.search import sweep as sweep_module
+from fmnist_hpo.search.hyperopt_space import to_hyperopt
 from fmnist_hpo.selection import select
-from fmnist_hpo.space import config_key, grid_points, space_size, to_hyperopt
 
 runner = CliRunner()
 # 27 configurations, like exp12's space: TPE with seed 0 proposes some of them twice in its first ten

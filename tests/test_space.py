@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 from hyperopt import Trials, fmin, rand
 
-from fmnist_hpo import config, space
+from fmnist_hpo.config import space
+from fmnist_hpo.config import spec as config
 from fmnist_hpo.errors import ConfigError
+from fmnist_hpo.search import hyperopt_space
 
 
 def space_problems(entries: dict) -> list[str]:
@@ -48,7 +50,7 @@ def test_primitives_sample_real_values_within_bounds():
         "train.weight_decay": {"normal": [0.001, 1e-6]},
     }
     cfg = config.validate({"search": {"space": spec, "max_evals": 30}})
-    expressions = space.to_hyperopt(cfg.search.space)
+    expressions = hyperopt_space.to_hyperopt(cfg.search.space)
     seen: list[dict] = []
 
     def objective(point: dict) -> float:

@@ -17,8 +17,8 @@ from loguru import logger
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from fmnist_hpo import tracking
-from fmnist_hpo.cli import app
+from fmnist_hpo.cli.app import app
+from fmnist_hpo.tracking import tracker as tracking
 
 runner = CliRunner()
 
@@ -41,7 +41,7 @@ def is_complete(db: Path) -> bool:
 
 def test_kill_9_during_store_creation_never_leaves_a_half_built_store(tmp_path: Path):
     db = tmp_path / "mlflow.db"
-    code = f"from fmnist_hpo.tracking import open_client; open_client('sqlite:///{db}')"
+    code = f"from fmnist_hpo.tracking.tracker import open_client; open_client('sqlite:///{db}')"
     for delay in (0.0, 1.0, 2.5):  # into the schema migrations, which take seconds
         process = subprocess.Popen([sys.executable, "-c", code])
         deadline = time.monotonic() + 120

@@ -6,9 +6,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from fmnist_hpo.cli import app
+from fmnist_hpo.cli.app import app
 from fmnist_hpo.records import RECORD_VERSION, RECORD_VERSION_TAG
-from fmnist_hpo.tracking import Tracker
+from fmnist_hpo.tracking.tracker import Tracker
 
 runner = CliRunner()
 

@@ -10,8 +10,8 @@ from conftest import tiny_raw
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from fmnist_hpo import sweep as sweep_module
-from fmnist_hpo.cli import app
+from fmnist_hpo.cli.app import app
+from fmnist_hpo.search import sweep as sweep_module
 
 runner = CliRunner()
 
@@ -57,8 +57,8 @@ def test_two_specs_naming_one_experiment_are_refused_in_one_line(tmp_path: Path,
 
 
 def test_the_shipped_specs_name_distinct_experiments():
-    from fmnist_hpo import config as config_module
-    from fmnist_hpo.plan import check_distinct_experiments
+    from fmnist_hpo.config import spec as config_module
+    from fmnist_hpo.search.plan import check_distinct_experiments
 
     paths = sorted(Path(__file__).parents[1].glob("configs/*.yaml"))
     check_distinct_experiments([(p, config_module.load(p, [], {})) for p in paths])
@@ -116,8 +116,8 @@ def test_a_dry_run_estimates_each_experiment(tmp_path: Path, data_dir: Path, mon
 
 
 def test_the_estimate_adds_fixed_costs_to_the_epochs(monkeypatch: pytest.MonkeyPatch):
-    from fmnist_hpo import config as config_module
-    from fmnist_hpo import plan
+    from fmnist_hpo.config import spec as config_module
+    from fmnist_hpo.search import plan
 
     monkeypatch.setattr(plan, "probe", lambda cfg, device: plan.Probe(epoch_seconds=2.0, test_seconds=0.5,
                                                                       warmup_seconds=1.5))
@@ -131,7 +131,7 @@ def test_the_estimate_adds_fixed_costs_to_the_epochs(monkeypatch: pytest.MonkeyP
 
 
 def test_a_step_costs_the_median_of_its_rounds(monkeypatch: pytest.MonkeyPatch):
-    from fmnist_hpo import plan
+    from fmnist_hpo.search import plan
 
     rounds = iter([0.1, 5.0, 0.12])  # one round slowed by a busy core: three rounds, then the budget is spent
     monkeypatch.setattr(plan, "_timed", lambda fn: next(rounds))

@@ -16,12 +16,11 @@ from conftest import write_dataset
 from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
 
-from fmnist_hpo import config
-from fmnist_hpo.checkpoints import save_checkpoint
-from fmnist_hpo.lineage import idx_digest
-from fmnist_hpo.model import build_model, with_normalization
-from fmnist_hpo.modelops import log_trial_model
-from fmnist_hpo.tracking import Tracker, _fluent_tracking_uri, model_requirements
+from fmnist_hpo.config import spec
+from fmnist_hpo.data.lineage import idx_digest
+from fmnist_hpo.tracking.tracker import Tracker, _fluent_tracking_uri, log_trial_model, model_requirements
+from fmnist_hpo.training.checkpoints import save_checkpoint
+from fmnist_hpo.training.model import build_model, with_normalization
 
 TINY_MODEL = {"num_blocks": 2, "filters": 4, "units1": 8, "units2": 8}
 
@@ -40,10 +39,10 @@ def finished_run(tracker: Tracker) -> str:
 
 
 def tiny_checkpoint(folder: Path, run_id: str) -> tuple[Path, torch.nn.Module]:
-    model_config = config.validate({"model": TINY_MODEL}).model
+    model_config = spec.validate({"model": TINY_MODEL}).model
     torch.manual_seed(0)
     model = build_model(model_config).eval()
-    path = save_checkpoint(folder / f"{run_id}.pt", model, config.to_dict(config.validate({"model": TINY_MODEL}))["model"],
+    path = save_checkpoint(folder / f"{run_id}.pt", model, spec.to_dict(spec.validate({"model": TINY_MODEL}))["model"],
                            run_id=run_id, kept_epoch=1)
     return path, with_normalization(model)
 
@@ -180,7 +179,7 @@ def test_system_metrics_without_psutil_say_what_to_install(tracker: Tracker, mon
                                                            capsys: pytest.CaptureFixture):
     from loguru import logger
 
-    import fmnist_hpo.tracking as tracking
+    from fmnist_hpo.tracking import tracker as tracking
 
     monkeypatch.setattr(tracking, "missing_system_metrics_packages", lambda: ["psutil"])
     tracking._say_once.cache_clear()
@@ -198,14 +197,14 @@ def test_system_metrics_without_psutil_say_what_to_install(tracker: Tracker, mon
 
 
 def test_system_metrics_is_an_mlflow_setting_off_by_default():
-    assert config.validate({}).mlflow.system_metrics is False
-    assert config.validate({"mlflow": {"system_metrics": True}}).mlflow.system_metrics is True
-    with pytest.raises(config.ConfigError, match=r"mlflow\.system_metrics: must be true or false"):
-        config.validate({"mlflow": {"system_metrics": "yes"}})
+    assert spec.validate({}).mlflow.system_metrics is False
+    assert spec.validate({"mlflow": {"system_metrics": True}}).mlflow.system_metrics is True
+    with pytest.raises(spec.ConfigError, match=r"mlflow\.system_metrics: must be true or false"):
+        spec.validate({"mlflow": {"system_metrics": "yes"}})
 
 
 def test_exp12_model_exports_in_a_few_seconds(tracker: Tracker, finished_run: str):
-    model = with_normalization(build_model(config.validate({}).model))
+    model = with_normalization(build_model(spec.validate({}).model))
     start = time.perf_counter()
     tracker.log_pytorch_model(finished_run, model, np.zeros((2, 1, 28, 28), dtype=np.float32), 10)
     assert time.perf_counter() - start < 15  # about 2 s on two busy CPU cores; the old path took 7 s

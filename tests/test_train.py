@@ -4,16 +4,16 @@ import pytest
 import torch
 from conftest import tiny_raw
 
-from fmnist_hpo import config
-from fmnist_hpo.data import augment, load_dataset, make_splits, normalize
+from fmnist_hpo.config import spec
+from fmnist_hpo.data.datasets import augment, load_dataset, make_splits, normalize
 from fmnist_hpo.selection import kept_epoch
-from fmnist_hpo.train import EarlyStopping, TrialDiverged, evaluate, make_engine, resolve_device, train_and_test
+from fmnist_hpo.training.loop import EarlyStopping, TrialDiverged, evaluate, make_engine, resolve_device, train_and_test
 
 CPU = torch.device("cpu")
 
 
 def tiny_run(data_dir: Path, **sections):
-    cfg = config.validate(tiny_raw(data_dir, **sections))
+    cfg = spec.validate(tiny_raw(data_dir, **sections))
     splits = make_splits(load_dataset(cfg.data), cfg.data, CPU)
     return train_and_test(cfg, splits, CPU)
 
@@ -48,7 +48,7 @@ def test_smoke_run_learns_and_restores_the_best_epoch(data_dir: Path):
 @pytest.mark.parametrize("metric", ["val_accuracy", "val_loss"])
 def test_kept_epoch_follows_the_search_metric_not_the_early_stopping_monitor(data_dir: Path, metric: str):
     monitor = "val_loss" if metric == "val_accuracy" else "val_accuracy"
-    cfg = config.validate(tiny_raw(data_dir, train={"epochs": 5, "lr": 2e-2, "monitor": monitor, "patience": 5},
+    cfg = spec.validate(tiny_raw(data_dir, train={"epochs": 5, "lr": 2e-2, "monitor": monitor, "patience": 5},
                                    search={"metric": metric}))
     splits = make_splits(load_dataset(cfg.data), cfg.data, CPU)
     outcome = train_and_test(cfg, splits, CPU)
@@ -71,7 +71,7 @@ def test_epochs_time_training_and_validation_separately(data_dir: Path):
 
 
 def test_metrics_without_the_timing_split_still_load_and_log():
-    from fmnist_hpo.train import EpochMetrics
+    from fmnist_hpo.training.loop import EpochMetrics
 
     old = EpochMetrics(0, 1.0, 0.5, 0.9, 0.6, 1e-3, 2.0)  # as tracking and ray_engine build them
     assert old.as_dict() == {"train_loss": 1.0, "train_accuracy": 0.5, "val_loss": 0.9, "val_accuracy": 0.6,
@@ -79,7 +79,7 @@ def test_metrics_without_the_timing_split_still_load_and_log():
 
 
 def test_kept_epoch_is_the_first_best_by_the_metric():
-    from fmnist_hpo.train import EpochMetrics
+    from fmnist_hpo.training.loop import EpochMetrics
 
     history = [EpochMetrics(i, 1.0, 0.5, loss, acc, 1e-3, 1.0)
                for i, (loss, acc) in enumerate([(0.5, 0.80), (0.3, 0.85), (0.4, 0.90), (0.6, 0.90)])]
@@ -110,7 +110,7 @@ def test_schedules_move_the_learning_rate(data_dir: Path, scheduler: str):
 
 
 def test_a_diverging_trial_raises(data_dir: Path, monkeypatch: pytest.MonkeyPatch):
-    from fmnist_hpo import model as model_module
+    from fmnist_hpo.training import model as model_module
 
     real_build = model_module.build_model
 
@@ -126,7 +126,7 @@ def test_a_diverging_trial_raises(data_dir: Path, monkeypatch: pytest.MonkeyPatc
 
 
 def test_augmentation_keeps_shape_and_changes_pixels(data_dir: Path):
-    cfg = config.validate({"data": {"augment_flip": True, "augment_translate": 2, "augment_erase": 1.0}}).data
+    cfg = spec.validate({"data": {"augment_flip": True, "augment_translate": 2, "augment_erase": 1.0}}).data
     x = normalize(torch.randint(0, 255, (16, 1, 28, 28), dtype=torch.uint8))
     out = augment(x, cfg, torch.Generator().manual_seed(0))
     assert out.shape == x.shape and not torch.equal(out, x)
@@ -134,7 +134,7 @@ def test_augmentation_keeps_shape_and_changes_pixels(data_dir: Path):
 
 
 def test_translation_brings_in_black_background_not_grey():
-    cfg = config.validate({"data": {"augment_translate": 3}}).data
+    cfg = spec.validate({"data": {"augment_translate": 3}}).data
     x = normalize(torch.full((64, 1, 28, 28), 200, dtype=torch.uint8))
     out = augment(x, cfg, torch.Generator().manual_seed(0))
     black = normalize(torch.zeros(1, dtype=torch.uint8)).item()
@@ -143,7 +143,7 @@ def test_translation_brings_in_black_background_not_grey():
 
 
 def test_onecycle_counts_only_the_batches_that_run():
-    from fmnist_hpo.data import batches, steps_per_epoch
+    from fmnist_hpo.data.datasets import batches, steps_per_epoch
 
     for n, size in [(401, 50), (400, 50), (1, 64), (65, 64), (66, 64)]:
         ran = sum(1 for _ in batches(n, size, torch.Generator().manual_seed(0), CPU))
@@ -170,7 +170,7 @@ def test_bf16_autocast_trains_to_the_same_accuracy_as_fp32(data_dir: Path):
 
 def test_fp16_is_refused_on_cpu():
     from fmnist_hpo.errors import DeviceError
-    from fmnist_hpo.train import resolve_precision
+    from fmnist_hpo.training.loop import resolve_precision
 
     with pytest.raises(DeviceError, match="fp16 needs cuda or mps"):
         resolve_precision("fp16", CPU)
@@ -179,17 +179,17 @@ def test_fp16_is_refused_on_cpu():
 
 @pytest.mark.parametrize(("native", "expected"), [(True, torch.bfloat16), (False, None)])
 def test_auto_precision_on_cpu_is_bf16_only_where_the_cpu_has_native_bf16(monkeypatch: pytest.MonkeyPatch, native, expected):
-    from fmnist_hpo import train
+    from fmnist_hpo.training import loop
 
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": native, "amx_bf16": False})
-    assert train.cpu_has_native_bf16() is native
-    assert train.resolve_precision("auto", CPU) == expected
+    assert loop.cpu_has_native_bf16() is native
+    assert loop.resolve_precision("auto", CPU) == expected
     monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
-    assert train.resolve_precision("auto", CPU) is None
+    assert loop.resolve_precision("auto", CPU) is None
 
 
 def test_progress_within_an_epoch_is_reported_without_changing_the_result(data_dir: Path):
-    cfg = config.validate(tiny_raw(data_dir, train={"epochs": 2, "batch_size": 8}))
+    cfg = spec.validate(tiny_raw(data_dir, train={"epochs": 2, "batch_size": 8}))
     splits = make_splits(load_dataset(cfg.data), cfg.data, CPU)
     heard: list[tuple[int, int]] = []
     with_progress = train_and_test(cfg, splits, CPU, on_steps=lambda done, total: heard.append((done, total)))

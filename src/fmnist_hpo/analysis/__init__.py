@@ -1,0 +1,1 @@
+"""What the record says: tables, statistics, plots and reports. Reads tracking; never imports torch."""

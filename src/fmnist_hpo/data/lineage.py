@@ -1,0 +1,34 @@
+"""Where a run's data came from: a fingerprint of the Fashion-MNIST IDX files, for MLflow's dataset tracking."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+from pathlib import Path
+from typing import IO
+
+from fmnist_hpo.data.datasets import FILES, find_files
+from fmnist_hpo.errors import DataError
+
+_CHUNK = 1 << 20
+
+
+def idx_digest(root: Path) -> str:
+    """SHA-256 (hex, 32 characters) of the four IDX files' contents in root.
+
+    The decompressed bytes are hashed, so the gzipped and the plain files of the same data agree.
+    """
+    paths = find_files(root)
+    if paths is None:
+        raise DataError(f"{root}: not all of {', '.join(FILES.values())} are here")
+    digest = hashlib.sha256()
+    for key in sorted(paths):
+        digest.update(key.encode())
+        with _open(paths[key]) as stream:
+            while chunk := stream.read(_CHUNK):
+                digest.update(chunk)
+    return digest.hexdigest()[:32]
+
+
+def _open(path: Path) -> IO[bytes]:
+    return gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb")

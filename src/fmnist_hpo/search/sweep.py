@@ -1,0 +1,350 @@
+"""The sweep driver: every configuration is trained once (repeats aside), tested once and logged.
+
+The sequential engine asks Hyperopt for points one at a time (or walks every point of a grid or of
+a space smaller than max_evals); a point Hyperopt proposes again is answered from the stored result
+without training, so max_evals counts distinct trained configurations. With several trials at
+once (search.parallel above 1, or `auto` on a GPU with room for more, see packing.py) the same
+search runs on Ray Tune (ray_engine.py). Both write MLflow through trial_runs.SweepRuns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from loguru import logger
+
+from fmnist_hpo.config import spec as config_module
+from fmnist_hpo.config.space import (
+    MAX_REPEATED_PROPOSALS,
+    config_key,
+    grid_points,
+    plain_values,
+    planned_points,
+    space_size,
+)
+from fmnist_hpo.config.spec import Config
+from fmnist_hpo.data.datasets import SplitCache, load_dataset
+from fmnist_hpo.data.lineage import idx_digest
+from fmnist_hpo.errors import FmnistError, OutputError
+from fmnist_hpo.faults import machine_failure
+from fmnist_hpo.records import EpochMetrics, LoggedTrial, SweepResult, TrialRecord
+from fmnist_hpo.search.hyperopt_space import add_to_history, to_hyperopt
+from fmnist_hpo.search.interrupts import raise_if_requested
+from fmnist_hpo.search.packing import parallel_for
+from fmnist_hpo.search.progress import SweepProgress
+from fmnist_hpo.search.pruning import MedianPruner, best_so_far
+from fmnist_hpo.search.resume import choose_parent, reload
+from fmnist_hpo.search.trial_runs import Lineage, SweepRuns, trial_config
+from fmnist_hpo.selection import objective
+from fmnist_hpo.tracking.tracker import Tracker, TrackingError
+from fmnist_hpo.training.checkpoints import CheckpointError, read_training_state, save_checkpoint, save_training_state
+from fmnist_hpo.training.loop import train_and_test
+from fmnist_hpo.training.repair import LostCheckpoint
+
+
+class SweepFailed(FmnistError):
+    """Every trial of a sweep failed."""
+
+    def __init__(self, message: str, result: SweepResult) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+Known = dict[tuple, tuple[dict[str, Any], float | None]]  # config key -> (values, mean objective or None)
+
+
+class Sweep:
+    """Runs cfg's search on one device, one trial at a time (or hands it to Ray for parallel trials)."""
+
+    def __init__(self, cfg: Config, data: SplitCache, tracker: Tracker, show_bars: bool | None = None,
+                 lineage: Lineage | None = None) -> None:
+        self.cfg = cfg
+        self.data = data
+        self.device = data.device
+        self.tracker = tracker
+        self.show_bars = show_bars
+        self.runs = SweepRuns(cfg, tracker, str(data.device), lineage)
+        self.pruner = MedianPruner(cfg.search.grace_epochs) if cfg.search.pruner == "median" else None
+        self.interrupted: dict[tuple[int, int], LoggedTrial] = {}  # (point, repeat) -> run to continue
+        self.lost: list[LoggedTrial] = []  # finished trials whose checkpoint is gone: trained again in new runs
+        self._points = itertools.count()
+
+    def run(self, resume_parent: str | None = None) -> SweepResult:
+        cfg = self.cfg
+        result = SweepResult(cfg.experiment, "", cfg.search.metric)
+        try:
+            if resume_parent:
+                self._reload(resume_parent, result)
+            else:
+                self.runs.start_parent()
+            result.parent_run_id = self.runs.parent_id
+            search = cfg.search
+            total = planned_points(search.space, search.algo, search.max_evals) * search.repeats
+            with SweepProgress(total, cfg.train.epochs, self.show_bars) as progress:
+                progress.skip(len(result.trials))
+                self._search(result, progress)
+            raise_if_requested()  # a signal Hyperopt or a garbage-collection callback swallowed
+            if result.note:
+                logger.info(result.note)
+                self.tracker.set_tags(result.parent_run_id, {"search_note": result.note})
+            self.runs.finish_parent(result)
+        except BaseException:
+            self.runs.kill_open()
+            raise
+        return result
+
+    def _reload(self, parent: str, result: SweepResult) -> None:
+        """Take back the finished trials of an interrupted sweep and note the ones to continue."""
+        logged = self.runs.continue_parent(parent)
+        reloaded = reload(logged, self.runs.models_dir)
+        self.lost = self._lost_checkpoints(reloaded.done, logged)
+        lost_ids = {t.run_id for t in self.lost}
+        result.trials.extend(t for t in reloaded.done if t.run_id not in lost_ids)
+        self.interrupted = {(t.point, t.repeat): t for t in reloaded.interrupted}
+        started = [t.point for t in result.trials] + [p for p, _ in self.interrupted] + [t.point for t in self.lost]
+        self._points = itertools.count(1 + max(started, default=-1))
+        if self.pruner is not None:
+            for trial in reloaded.done:
+                if trial.status == "ok" and trial.run_id not in lost_ids:  # a lost one is trained again
+                    self.pruner.record(self._curve(self.tracker.history(trial.run_id)))
+
+    def _lost_checkpoints(self, done: list[TrialRecord], logged: list[LoggedTrial]) -> list[LoggedTrial]:
+        """Finished trials whose checkpoint neither loads nor can be restored from its artifact copy: closed."""
+        by_id = {t.run_id: t for t in logged}
+        lost = []
+        for record in done:
+            if record.status != "ok" or not np.isfinite(record.test_accuracy):
+                continue  # failed, or stopped by a Ray scheduler before its test: no checkpoint
+            try:
+                record.checkpoint = self.runs.usable_checkpoint(record)
+            except LostCheckpoint as exc:
+                logger.warning(f"trial {record.number}: {exc.damage}, and its run has no intact copy: "
+                               "training its configuration again")
+                self.runs.close_lost(record, exc.damage)
+                lost.append(by_id[record.run_id])
+        return lost
+
+    # --- the search ------------------------------------------------------------------------
+
+    def _search(self, result: SweepResult, progress: SweepProgress) -> None:
+        search = self.cfg.search
+        parallel, note = parallel_for(self.cfg, self.device, self.data.dataset)
+        if note:
+            logger.info(note)
+        if parallel > 1 and search.space and search.algo != "grid":
+            from fmnist_hpo.search.ray_engine import run_on_ray
+
+            with self._system_metrics(result.parent_run_id):  # the workers are other processes: the driver's machine
+                run_on_ray(self.runs, result, progress, self.data.dataset, [*self.interrupted.values(), *self.lost],
+                           parallel)
+            self.interrupted.clear()
+            return
+        known = self._finish_started_points(result, progress)
+        size = space_size(search.space)
+        if search.algo == "grid" or (size is not None and size <= search.max_evals):
+            if search.space and search.algo != "grid" and size < search.max_evals:
+                result.note = (f"the search space holds only {size} configurations: each was trained once "
+                               f"(search.max_evals {search.max_evals})")
+            for values in grid_points(search.space):
+                if config_key(values) not in known:
+                    known[config_key(values)] = (values, self.evaluate_point(next(self._points), values, result, progress))
+            return
+        self._hyperopt(result, progress, known)
+
+    def _finish_started_points(self, result: SweepResult, progress: SweepProgress) -> Known:
+        """Every configuration started before an interruption, with its missing repeats run (or continued)."""
+        values_of = ({t.point: t.values for t in result.trials} | {p: t.values for (p, _), t in self.interrupted.items()}
+                     | {t.point: t.values for t in self.lost})
+        known: Known = {}
+        for point in sorted(values_of):
+            values = values_of[point]
+            known[config_key(values)] = (values, self.evaluate_point(point, values, result, progress))
+        return known
+
+    def _hyperopt(self, result: SweepResult, progress: SweepProgress, known: Known) -> None:
+        from hyperopt import STATUS_FAIL, STATUS_OK, Trials, anneal, fmin, rand, tpe
+        from hyperopt.exceptions import AllTrialsFailed
+
+        logging.getLogger("hyperopt").setLevel(logging.CRITICAL)  # a trial's error is ours to report, once
+        search = self.cfg.search
+        history = Trials()
+        for values, loss in known.values():
+            add_to_history(history, search.space, values, loss)
+        history.refresh()
+        if len(known) >= search.max_evals:
+            return
+        repeated = 0
+
+        def evaluate(point: dict[str, Any]) -> dict[str, Any]:
+            nonlocal repeated
+            values = plain_values(point)
+            key = config_key(values)
+            if key in known:  # trained already: answer from the stored result
+                repeated += 1
+            else:
+                repeated = 0
+                known[key] = (values, self.evaluate_point(next(self._points), values, result, progress))
+            loss = known[key][1]
+            return {"status": STATUS_FAIL} if loss is None else {"status": STATUS_OK, "loss": loss}
+
+        def enough(_: Any, *args: Any) -> tuple[bool, Any]:
+            return len(known) >= search.max_evals or repeated >= MAX_REPEATED_PROPOSALS, args
+
+        algo = {"tpe": tpe, "random": rand, "anneal": anneal}[search.algo].suggest
+        # a resumed search draws from a new stream, or random search would repeat its first points
+        rstate = np.random.default_rng([search.seed, len(history.trials)] if history.trials else search.seed)
+        budget = len(history.trials) + (search.max_evals - len(known)) * (MAX_REPEATED_PROPOSALS + 1)
+        with contextlib.suppress(AllTrialsFailed):  # every failure is recorded; run_from_config reports it
+            fmin(evaluate, to_hyperopt(search.space), algo=algo, max_evals=budget, trials=history, rstate=rstate,
+                 early_stop_fn=enough, show_progressbar=False, return_argmin=False)
+        if len(known) < search.max_evals:
+            result.note = (f"{search.algo} proposed only configurations already trained, {repeated} times in a row: "
+                           f"stopped after {len(known)} distinct configurations of {search.max_evals}")
+
+    def evaluate_point(self, point: int, values: dict[str, Any], result: SweepResult,
+                       progress: SweepProgress) -> float | None:
+        """Train one configuration `repeats` times (skipping runs already done); the mean objective."""
+        for repeat in range(self.cfg.search.repeats):
+            if repeat not in result.runs_of(point):
+                result.trials.append(self.run_trial(point, values, repeat, progress))
+        losses = [t.objective(self.cfg.search.metric) for t in result.runs_of(point).values() if t.status == "ok"]
+        return float(np.mean(losses)) if losses else None
+
+    # --- one trial -------------------------------------------------------------------------
+
+    def run_trial(self, point: int, values: dict[str, Any], repeat: int, progress: SweepProgress) -> TrialRecord:
+        raise_if_requested()
+        interrupted = self.interrupted.pop((point, repeat), None)
+        record = self.runs.reopen_trial(interrupted) if interrupted else self.runs.open_trial(point, values, repeat)
+        progress.trial_started(record.number, values)
+        try:
+            trial_cfg = config_module.validate(trial_config(self.cfg, values, repeat), source=f"trial {record.number}")
+            if interrupted is None:
+                self.runs.describe_trial(record, trial_cfg)
+            with self._system_metrics(record.run_id):
+                self._train(trial_cfg, record, progress)
+        except (KeyboardInterrupt, SystemExit, CheckpointError, TrackingError):
+            raise  # a corrupt state file or a lost store is the user's to look at, not a trial failure
+        except Exception as exc:  # a trial's failure (an invalid sampled point too) is data for the sweep
+            failure = machine_failure(exc)
+            if failure is not None:  # a full disk or a read-only folder: the sweep stops, resumable
+                raise failure from exc
+            (self.runs.models_dir / f"{record.run_id}.state.pt").unlink(missing_ok=True)
+            self.runs.close_failed(record, _reason(exc))
+            _free_device_memory(self.device)
+        else:
+            self.runs.close_finished(record)
+        progress.trial_done(record)
+        return record
+
+    def _system_metrics(self, run_id: str) -> contextlib.AbstractContextManager:
+        if not self.cfg.mlflow.system_metrics:
+            return contextlib.nullcontext()
+        return self.tracker.system_metrics(run_id)
+
+    def _curve(self, history: list[EpochMetrics]) -> list[float]:
+        """Best-so-far of the search objective per epoch (lower is better), for the median pruner."""
+        metric = self.cfg.search.metric
+        return best_so_far([objective(metric, m.val_loss, m.val_accuracy) for m in history])
+
+    def _train(self, cfg: Config, record: TrialRecord, progress: SweepProgress) -> None:
+        splits = self.data.get(cfg.data)
+        state_path = self.runs.models_dir / f"{record.run_id}.state.pt"
+        resume = read_training_state(state_path) if state_path.exists() else None
+        seen: list[EpochMetrics] = [EpochMetrics(**m) for m in resume["history"]] if resume else []
+        logged_from = time.perf_counter()
+
+        def on_epoch(m: EpochMetrics) -> None:
+            nonlocal logged_from
+            logged_from = time.perf_counter()
+            raise_if_requested()
+            seen.append(m)
+            self.runs.log_epoch(record, m)
+            progress.epoch_done(record.number, m)
+
+        def save_state(state: dict[str, Any]) -> None:  # runs right after on_epoch: their cost is the epoch's bookkeeping
+            save_training_state(state_path, state)
+            self.runs.log_bookkeeping(record, seen[-1].epoch, time.perf_counter() - logged_from)
+
+        def steps_done(done: int, total: int) -> None:
+            raise_if_requested()
+            progress.steps_done(len(seen), done, total)
+
+        def should_prune(_: EpochMetrics) -> bool:
+            return self.pruner is not None and self.pruner.should_prune(self._curve(seen))
+
+        start = time.perf_counter()
+        outcome = train_and_test(cfg, splits, self.device, on_epoch, resume, save_state=save_state,
+                                 should_prune=should_prune,
+                                 on_steps=steps_done)
+        if self.pruner is not None:
+            self.pruner.record(self._curve(seen))
+        record.keep(outcome.fit.kept, outcome.fit.history)
+        record.pruned_at = None if outcome.fit.pruned_at is None else outcome.fit.pruned_at + 1
+        record.test_accuracy, record.test_loss = outcome.test_accuracy, outcome.test_loss
+        record.total_parameters = outcome.total_parameters
+        record.checkpoint = save_checkpoint(self.runs.checkpoint_path(record), outcome.model,
+                                            config_module.to_dict(cfg)["model"], run_id=record.run_id,
+                                            kept_epoch=record.kept_epoch)
+        state_path.unlink(missing_ok=True)
+        self.tracker.set_tags(record.run_id, {"wall_seconds": f"{time.perf_counter() - start:.1f}"})
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}"[:500] if text else type(exc).__name__
+
+
+def _free_device_memory(device: torch.device) -> None:
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        with contextlib.suppress(RuntimeError):  # an allocator a failed capture left confused must not end the sweep
+            torch.cuda.empty_cache()
+    elif device.type == "mps":
+        torch.mps.empty_cache()
+
+
+def check_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{folder}: cannot create the checkpoint folder ({exc.strerror})") from None
+    if not os.access(folder, os.W_OK):
+        raise OutputError(f"{folder}: the checkpoint folder is not writable")
+
+
+def run_from_config(cfg: Config, show_bars: bool | None = None, resume: str = "ask", ask: Any = None,
+                    on_ready: Callable[[], None] | None = None) -> SweepResult:
+    """Everything `fmnist run` does after parsing: every input is checked before anything is written.
+
+    on_ready is called once the data is on the device and the store is open, before the first
+    question or progress bar (the CLI ends its 'preparing' status there).
+    """
+    from fmnist_hpo.search.preflight import preflight
+
+    resolved = preflight(cfg)
+    device = torch.device(resolved.device)
+    data = SplitCache(load_dataset(cfg.data), device)
+    data.get(cfg.data)
+    check_writable(resolved.checkpoint_dir)
+    tracker = Tracker(resolved.tracking_uri, cfg.experiment)
+    lineage = Lineage(data.dataset, str(resolved.data_root), idx_digest(resolved.data_root))
+    if on_ready is not None:
+        on_ready()
+    parent = choose_parent(tracker, cfg, resume, ask, say=logger.info)
+    result = Sweep(cfg, data, tracker, show_bars, lineage).run(resume_parent=parent)
+    if not result.finished:
+        count = f"all {len(result.trials)} trials" if len(result.trials) > 1 else "the only trial"
+        raise SweepFailed(f"{count} failed; first reason: {result.trials[0].reason}", result)
+    return result

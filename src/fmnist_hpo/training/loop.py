@@ -1,0 +1,541 @@
+"""The training engine: fit() with Adam, a schedule and early stopping on a validation split.
+
+Batches are slices of a device-side permutation of uint8 tensors that already live on the
+device; losses and correct counts accumulate on the device and are read once per epoch, so a
+step never waits for the host. On CUDA each step is replayed from a CUDA graph (graphs.py)
+unless train.cuda_graphs says otherwise; everywhere else the loop below runs as written. A graph
+that fails (its capture, or the check of its first replay) turns graphs off for the process
+under auto, or fails the trial under true (fall_back).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fmnist_hpo.data.datasets import Split, Splits, augment, batches, normalize, steps_per_epoch
+from fmnist_hpo.errors import DeviceError
+from fmnist_hpo.records import EpochMetrics
+from fmnist_hpo.selection import maximizes
+from fmnist_hpo.training import graphs
+
+if TYPE_CHECKING:
+    from fmnist_hpo.config.spec import Config, DataConfig, TrainConfig
+
+
+class TrialDiverged(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if name not in available:
+        raise DeviceError(f"unknown device {name!r}; use auto, cuda, mps or cpu")
+    if not available[name]:
+        raise DeviceError(f"device {name!r} is not available on this machine (torch {torch.__version__})")
+    return torch.device(name)
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for plain fp32."""
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "cpu" and cpu_has_native_bf16():
+            return torch.bfloat16
+        return None
+    if name == "fp16" and device.type == "cpu":
+        raise DeviceError("train.precision: fp16 needs cuda or mps; use bf16 or fp32 on cpu")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def precision_name(name: str, device: torch.device) -> str:
+    """What train.precision `name` computes in on device: fp32, bf16 or fp16 (auto resolved)."""
+    return PRECISION_NAMES[resolve_precision(name, device)]
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN runs bf16 convolutions natively here (AVX512-BF16 or AMX): 1.5x to 2.4x a fp32
+    step of the study's CNN with channels_last (issue 17, AMD EPYC). Elsewhere bf16 is emulated."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    capabilities = getattr(torch.cpu, "get_capabilities", None)  # torch >= 2.8; older: the private probes
+    if capabilities is not None:
+        found = capabilities()
+        return bool(found.get("avx512_bf16") or found.get("amx_bf16"))
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(probe() for probe in probes if probe is not None)
+
+
+def resolve_cuda_graphs(setting: bool | str, device: torch.device, dtype: torch.dtype | None,
+                        compiled: bool) -> bool:
+    """Whether steps replay from CUDA graphs; auto: wherever they can (and have not failed in this
+    process), true: or a clear error."""
+    if setting is False or (setting == "auto" and graphs.turned_off() is not None):
+        return False
+    if device.type != "cuda":
+        problem = f"needs a CUDA device, and this run is on {device.type}"
+    elif compiled:
+        problem = "and train.compile are exclusive (torch.compile's mode='reduce-overhead' brings its own graphs)"
+    elif dtype == torch.float16:
+        problem = "cannot capture fp16's GradScaler (its step reads the device); use bf16 or fp32"
+    else:
+        return True
+    if setting == "auto":
+        return False
+    raise DeviceError(f"train.cuda_graphs: true {problem}")
+
+
+@dataclass
+class EarlyStopping:
+    """Tracks the best value of the monitored metric and how long since it improved."""
+
+    patience: int | None
+    min_delta: float
+    maximize: bool
+    best: float = math.nan
+    best_epoch: int = -1
+    stale: int = 0
+
+    def update(self, value: float, epoch: int) -> bool:
+        """Record one epoch's value; True when it is a new best."""
+        gain = (value - self.best) if self.maximize else (self.best - value)
+        if self.best_epoch < 0 or gain > self.min_delta:
+            self.best, self.best_epoch, self.stale = value, epoch, 0
+            return True
+        self.stale += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience is not None and self.stale >= self.patience
+
+
+@dataclass
+class FitResult:
+    history: list[EpochMetrics]
+    kept_epoch: int  # the best epoch by the sweep's metric
+    best_state: dict[str, torch.Tensor]
+    train_seconds: float
+    stopped_early: bool
+    pruned_at: int | None = None  # the epoch after which a pruner stopped the trial
+
+    @property
+    def kept(self) -> EpochMetrics:
+        return self.history[self.kept_epoch]
+
+
+@dataclass
+class Engine:
+    """What one trial trains with: the device, the autocast dtype and the RNG for batches."""
+
+    device: torch.device
+    dtype: torch.dtype | None
+    generator: torch.Generator
+    channels_last: bool = False
+    scaler: torch.amp.GradScaler | None = field(default=None)
+    cuda_graphs: bool = False
+    graphs_required: bool = False  # train.cuda_graphs: true: a failing graph fails the trial
+    train_graph: graphs.GraphedTraining | None = None  # the last captured step, reused while it fits
+    eval_graph: graphs.GraphedEvaluation | None = None
+    on_steps: Callable[[int, int], None] | None = None  # progress within an epoch: (steps done, steps)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def inputs(self, images: torch.Tensor) -> torch.Tensor:
+        return model_inputs(images, self.channels_last)
+
+    def release_graphs(self) -> None:
+        """Destroy the captured graphs and their memory pools now, not whenever the collector runs."""
+        for graph in (self.train_graph, self.eval_graph):
+            if graph is not None:
+                graph.release()
+        self.train_graph = self.eval_graph = None
+
+
+def model_inputs(images: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """uint8 images -> what the model takes: normalised floats, in NHWC where channels_last."""
+    x = normalize(images)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def fall_back(engine: Engine, error: graphs.GraphError) -> None:
+    """A graph failed: under train.cuda_graphs true the trial fails with it; under auto this trial
+    and every later one in the process train eagerly, and one warning line says why."""
+    engine.release_graphs()
+    if engine.graphs_required:
+        raise graphs.GraphError(f"train.cuda_graphs: true: {error}") from error
+    graphs.turn_off(str(error))
+    engine.cuda_graphs = False
+
+
+def make_engine(cfg: TrainConfig, device: torch.device, seed: int) -> Engine:
+    dtype = resolve_precision(cfg.precision, device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: autotuned kernels pay off after one batch
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return Engine(
+        device=device,
+        dtype=dtype,
+        generator=generator,
+        channels_last=cfg.channels_last and device.type in ("cuda", "cpu"),  # MPS support is patchy
+        scaler=torch.amp.GradScaler(device.type) if dtype == torch.float16 else None,
+        cuda_graphs=resolve_cuda_graphs(cfg.cuda_graphs, device, dtype, cfg.compile),
+        graphs_required=cfg.cuda_graphs is True,
+    )
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, engine: Engine) -> torch.optim.Optimizer:
+    if engine.cuda_graphs:
+        return graphs.make_capturable_adam(model.parameters(), cfg.lr, cfg.weight_decay, engine.device)
+    return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def train_epoch(model: nn.Module, split: Split, optimizer: torch.optim.Optimizer, engine: Engine,
+                cfg: TrainConfig, data_cfg: DataConfig,
+                step_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> tuple[float, float]:
+    """One pass over the training split; returns (mean loss, accuracy), read from the device once.
+
+    Under CUDA graphs every full batch is replayed and the ragged last one runs eagerly, on the same
+    model, optimizer and totals; the batches and their augmentation are the same either way.
+    """
+    graph = _train_graph(model, split, optimizer, engine, cfg)
+    totals = graph.totals if graph is not None else graphs.Totals(engine.device)
+    totals.reset()
+    model.train()  # replays ignore the mode; the eager steps do not
+    seen = 0
+    for idx in epoch_batches(len(split), cfg.batch_size, engine):
+        x = augment(engine.inputs(split.images[idx]), data_cfg, engine.generator)
+        y = split.labels[idx]
+        if not (graph is not None and len(idx) == graph.batch_size and _replayed(graph, x, y, engine)):
+            graph = engine.train_graph  # None once graphs have failed
+            _eager_step(model, optimizer, x, y, engine, cfg, totals)
+        if step_scheduler is not None:
+            step_scheduler.step()  # under graphs: writes into the learning-rate tensor the graph reads
+        seen += len(idx)
+    loss_sum, correct = totals.read()
+    return loss_sum / max(seen, 1), correct / max(seen, 1)
+
+
+def _eager_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                engine: Engine, cfg: TrainConfig, totals: graphs.Totals) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    with engine.autocast():
+        logits = model(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+    if engine.scaler is not None:
+        engine.scaler.scale(loss).backward()
+        engine.scaler.step(optimizer)
+        engine.scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    totals.loss_sum += loss.detach().float() * y.shape[0]
+    totals.correct += (logits.argmax(1) == y).sum()
+
+
+def _train_graph(model: nn.Module, split: Split, optimizer: torch.optim.Optimizer, engine: Engine,
+                 cfg: TrainConfig) -> graphs.GraphedTraining | None:
+    """The engine's captured step for this model and batch size, captured now if need be; None: eager."""
+    if not engine.cuda_graphs:
+        return None
+    size = min(cfg.batch_size, len(split))
+    graph = engine.train_graph
+    if graph is not None and graph.matches(model, optimizer, size, cfg.label_smoothing):
+        return graph
+    if graph is not None:
+        graph.release()
+        engine.train_graph = None
+    try:
+        engine.train_graph = graphs.GraphedTraining(model, optimizer, engine.inputs(split.images[:size]),
+                                                    split.labels[:size], cfg.label_smoothing, engine.dtype)
+    except graphs.GraphError as exc:
+        fall_back(engine, exc)
+    return engine.train_graph
+
+
+def _replayed(graph: graphs.GraphedTraining, x: torch.Tensor, y: torch.Tensor, engine: Engine) -> bool:
+    """graph's step on (x, y); False when the graph just failed, leaving the step to run eagerly."""
+    try:
+        graph.replay(x, y)
+    except graphs.GraphError as exc:
+        fall_back(engine, exc)
+        return False
+    return True
+
+
+def epoch_batches(n: int, batch_size: int, engine: Engine) -> Iterator[torch.Tensor]:
+    """The epoch's batches; engine.on_steps hears (steps done, steps in the epoch) about 100 times an epoch
+    (a CPU epoch can take minutes), never in a way that waits for the device."""
+    total = steps_per_epoch(n, batch_size)
+    every = max(1, total // 100)
+    for done, idx in enumerate(batches(n, batch_size, engine.generator, engine.device), start=1):
+        yield idx
+        if engine.on_steps is not None and (done % every == 0 or done == total):
+            engine.on_steps(done, total)
+
+
+def evaluate(model: nn.Module, split: Split, engine: Engine, batch_size: int = 1024) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of model on split, in eval mode."""
+    graph = _eval_graph(model, split, engine, batch_size)
+    if graph is not None:
+        try:
+            loss_sum, correct = graph.run(split.images, split.labels)
+        except graphs.GraphError as exc:
+            fall_back(engine, exc)
+        else:
+            return loss_sum / len(split), correct / len(split)
+    return _evaluate_eagerly(model, split, engine, batch_size)
+
+
+def _eval_graph(model: nn.Module, split: Split, engine: Engine, batch_size: int) -> graphs.GraphedEvaluation | None:
+    if not engine.cuda_graphs:
+        return None
+    graph = engine.eval_graph
+    if graph is not None and graph.matches(model, batch_size):
+        return graph
+    if graph is not None:
+        graph.release()
+        engine.eval_graph = None
+    try:
+        engine.eval_graph = graphs.GraphedEvaluation(model, batch_size, split.images,
+                                                     functools.partial(model_inputs, channels_last=engine.channels_last),
+                                                     engine.dtype)
+    except graphs.GraphError as exc:
+        fall_back(engine, exc)
+    return engine.eval_graph
+
+
+@torch.inference_mode()
+def _evaluate_eagerly(model: nn.Module, split: Split, engine: Engine, batch_size: int) -> tuple[float, float]:
+    model.eval()
+    loss_sum = torch.zeros((), device=engine.device)
+    correct = torch.zeros((), device=engine.device, dtype=torch.long)
+    for start in range(0, len(split), batch_size):
+        x = engine.inputs(split.images[start:start + batch_size])
+        y = split.labels[start:start + batch_size]
+        with engine.autocast():
+            logits = model(x)
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
+        correct += (logits.argmax(1) == y).sum()
+    return loss_sum.item() / len(split), correct.item() / len(split)
+
+
+def make_schedulers(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int,
+                    cycle_momentum: bool = True):
+    """(per-epoch scheduler, per-step scheduler); at most one of them is set.
+
+    cycle_momentum=False keeps Adam's beta1 at 0.9 under one-cycle: a captured Adam step holds
+    its betas as constants, so a graph could not follow the cycle anyway.
+    """
+    sched = torch.optim.lr_scheduler
+    if cfg.scheduler == "step":
+        return sched.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma), None
+    if cfg.scheduler == "cosine":
+        return sched.CosineAnnealingLR(optimizer, T_max=cfg.epochs), None
+    if cfg.scheduler == "onecycle":
+        return None, sched.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
+                                      cycle_momentum=cycle_momentum)
+    return None, None
+
+
+def fit(model: nn.Module, splits: Splits, cfg: Config, engine: Engine,
+        on_epoch: Callable[[EpochMetrics], None] | None = None,
+        resume: dict[str, Any] | None = None,
+        save_state: Callable[[dict[str, Any]], None] | None = None,
+        should_prune: Callable[[EpochMetrics], bool] | None = None) -> FitResult:
+    """Train with early stopping on the validation split and return the kept epoch's weights.
+
+    The kept epoch is the best by the sweep's metric (cfg.search.metric, see selection.py); early
+    stopping watches cfg.train.monitor with its own patience and only decides when to stop.
+    save_state receives, after every epoch, everything needed to continue (see training_state);
+    passing that dict back as resume continues from the next epoch with the same result.
+    should_prune(metrics) -> True ends training after that epoch, like early stopping does.
+    """
+    train_cfg = cfg.train
+    optimizer = make_optimizer(model, train_cfg, engine)
+    steps = steps_per_epoch(len(splits.train), train_cfg.batch_size)
+    schedulers = make_schedulers(optimizer, train_cfg, steps, cycle_momentum=not engine.cuda_graphs)
+    epoch_scheduler, step_scheduler = schedulers
+    loop = LoopState(EarlyStopping(train_cfg.patience, train_cfg.min_delta, maximize=maximizes(train_cfg.monitor)),
+                     keeper=EarlyStopping(None, 0.0, maximize=maximizes(cfg.search.metric)),
+                     best_state=_snapshot(model))
+    if resume is not None:
+        restore_training_state(resume, loop, model, optimizer, schedulers, engine)
+        if engine.cuda_graphs:
+            graphs.keep_capturable(optimizer, engine.device)
+    stopper = loop.stopper
+    pruned_at = None
+    for epoch in range(loop.next_epoch, train_cfg.epochs):
+        if stopper.should_stop:
+            break
+        # train_epoch and evaluate end by reading their totals from the device, so these clocks
+        # stop after the GPU has finished: no extra synchronisation is needed.
+        start = time.perf_counter()
+        lr = float(optimizer.param_groups[0]["lr"])
+        train_loss, train_acc = train_epoch(model, splits.train, optimizer, engine, train_cfg, cfg.data, step_scheduler)
+        trained = time.perf_counter()
+        if not math.isfinite(train_loss):
+            raise TrialDiverged(f"training loss became {train_loss} at epoch {epoch}")
+        val_loss, val_acc = evaluate(model, splits.val, engine, train_cfg.eval_batch_size)
+        evaluated = time.perf_counter()
+        if not math.isfinite(val_loss):
+            raise TrialDiverged(f"validation loss became {val_loss} at epoch {epoch}")
+        if epoch_scheduler is not None:
+            epoch_scheduler.step()
+        seconds = time.perf_counter() - start
+        loop.train_seconds += seconds
+        metrics = EpochMetrics(epoch, train_loss, train_acc, val_loss, val_acc, lr, seconds,
+                               train_seconds=trained - start, eval_seconds=evaluated - trained)
+        loop.history.append(metrics)
+        stopper.update(val_acc if stopper.maximize else val_loss, epoch)
+        if loop.keeper.update(val_acc if loop.keeper.maximize else val_loss, epoch):
+            loop.best_state = _snapshot(model)
+        loop.next_epoch = epoch + 1
+        if on_epoch is not None:
+            on_epoch(metrics)
+        if save_state is not None:
+            save_state(training_state(loop, model, optimizer, schedulers, engine))
+        if should_prune is not None and epoch < train_cfg.epochs - 1 and should_prune(metrics):
+            pruned_at = epoch
+            break
+    model.load_state_dict(loop.best_state)
+    return FitResult(loop.history, loop.keeper.best_epoch, loop.best_state, loop.train_seconds,
+                     stopped_early=len(loop.history) < train_cfg.epochs, pruned_at=pruned_at)
+
+
+@dataclass
+class LoopState:
+    """What fit() carries from one epoch to the next."""
+
+    stopper: EarlyStopping  # watches train.monitor: when to stop
+    keeper: EarlyStopping  # watches search.metric: which epoch to keep
+    best_state: dict[str, torch.Tensor]  # the kept epoch's weights
+    history: list[EpochMetrics] = field(default_factory=list)
+    train_seconds: float = 0.0
+    next_epoch: int = 0
+
+
+def training_state(loop: LoopState, model: nn.Module, optimizer: torch.optim.Optimizer,
+                   schedulers: tuple[Any, Any], engine: Engine) -> dict[str, Any]:
+    """Everything needed to continue training, as tensors and plain values (loads with weights_only=True)."""
+    return {
+        "next_epoch": loop.next_epoch,
+        "model": model.state_dict(),
+        "optimizer": _portable(optimizer.state_dict()),
+        "schedulers": [s.state_dict() if s is not None else None for s in schedulers],
+        "scaler": engine.scaler.state_dict() if engine.scaler is not None else None,
+        "stopper": _tracker_state(loop.stopper),
+        "keeper": _tracker_state(loop.keeper),
+        "best_state": loop.best_state,
+        "history": [dataclasses.asdict(m) for m in loop.history],
+        "train_seconds": loop.train_seconds,
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if engine.device.type == "cuda" else [],
+        "engine_rng": engine.generator.get_state(),
+    }
+
+
+def restore_training_state(state: dict[str, Any], loop: LoopState, model: nn.Module, optimizer: torch.optim.Optimizer,
+                           schedulers: tuple[Any, Any], engine: Engine) -> None:
+    """The inverse of training_state: model, optimizer, schedulers, RNGs and loop as they were."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    for scheduler, saved in zip(schedulers, state["schedulers"], strict=True):
+        if scheduler is not None and saved is not None:
+            scheduler.load_state_dict(saved)
+    if engine.scaler is not None and state["scaler"] is not None:
+        engine.scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"]:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    engine.generator.set_state(state["engine_rng"])
+    _restore_tracker(loop.stopper, state["stopper"])
+    _restore_tracker(loop.keeper, state["keeper"])
+    loop.best_state = state["best_state"]
+    loop.history = [EpochMetrics(**m) for m in state["history"]]
+    loop.train_seconds = state["train_seconds"]
+    loop.next_epoch = state["next_epoch"]
+
+
+@dataclass
+class TrialOutcome:
+    model: nn.Module  # holding the best epoch's weights
+    fit: FitResult
+    test_loss: float
+    test_accuracy: float
+    total_parameters: int
+
+
+def prepare_trial(cfg: Config, device: torch.device) -> tuple[nn.Module, Engine]:
+    """The seeded model on the device (channels_last, compiled as configured) and its engine."""
+    from fmnist_hpo.training.model import build_model
+
+    torch.manual_seed(cfg.train.seed)
+    engine = make_engine(cfg.train, device, cfg.train.seed)
+    model = build_model(cfg.model).to(device)
+    if engine.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.train.compile:
+        model.compile()
+    return model, engine
+
+
+def train_and_test(cfg: Config, splits: Splits, device: torch.device,
+                   on_epoch: Callable[[EpochMetrics], None] | None = None,
+                   resume: dict[str, Any] | None = None,
+                   save_state: Callable[[dict[str, Any]], None] | None = None,
+                   should_prune: Callable[[EpochMetrics], bool] | None = None,
+                   on_steps: Callable[[int, int], None] | None = None) -> TrialOutcome:
+    """Build the model, fit it on train/val, then score the kept epoch's weights once on the test set."""
+    from fmnist_hpo.training.model import count_parameters
+
+    model, engine = prepare_trial(cfg, device)
+    engine.on_steps = on_steps
+    try:
+        result = fit(model, splits, cfg, engine, on_epoch, resume, save_state, should_prune)
+        test_loss, test_acc = evaluate(model, splits.test, engine, cfg.train.eval_batch_size)
+    finally:
+        engine.release_graphs()
+    return TrialOutcome(model, result, test_loss, test_acc, count_parameters(model))
+
+
+def _portable(optimizer_state: dict[str, Any]) -> dict[str, Any]:
+    """The optimizer's state with plain-float learning rates, loadable by either kind of Adam."""
+    groups = [{**g, "lr": float(g["lr"])} for g in optimizer_state["param_groups"]]
+    return {**optimizer_state, "param_groups": groups}
+
+
+def _tracker_state(tracker: EarlyStopping) -> dict[str, float]:
+    return {"best": tracker.best, "best_epoch": tracker.best_epoch, "stale": tracker.stale}
+
+
+def _restore_tracker(tracker: EarlyStopping, saved: dict[str, float]) -> None:
+    tracker.best, tracker.best_epoch, tracker.stale = saved["best"], int(saved["best_epoch"]), int(saved["stale"])
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}

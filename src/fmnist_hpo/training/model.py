@@ -1,0 +1,116 @@
+"""The study's BatchNorm CNN family, built from the model section of the config."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from fmnist_hpo.data.datasets import CLASSES, FMNIST_MEAN, FMNIST_STD
+
+if TYPE_CHECKING:
+    from fmnist_hpo.config.spec import ModelConfig
+
+
+def conv_dropout_rates(cfg: ModelConfig) -> list[float]:
+    """The Dropout2d rate of each block after dropout_placement has picked which blocks get one."""
+    n = cfg.num_blocks
+    rates = cfg.conv_dropout if isinstance(cfg.conv_dropout, list) else [cfg.conv_dropout] * n
+    chosen = {
+        "all": range(n),
+        "none": (),
+        "early": (0,),
+        "late": (n - 1,),
+        "both": {0, n - 1},
+        "middle": range(1, n - 1),
+    }[cfg.dropout_placement]
+    return [rate if i in chosen else 0.0 for i, rate in enumerate(rates)]
+
+
+class ConvBlock(nn.Module):
+    """conv -> BatchNorm -> ReLU (+ shortcut) -> MaxPool 2 -> Dropout2d."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, batchnorm: bool,
+                 dropout: float, residual: bool) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=not batchnorm)
+        self.norm = nn.BatchNorm2d(out_channels) if batchnorm else nn.Identity()
+        self.shortcut: nn.Module | None = None
+        if residual:
+            self.shortcut = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
+        # ceil_mode keeps a 1x1 map at 1x1, so any depth fits a 28x28 input
+        self.pool = nn.MaxPool2d(2, ceil_mode=True)
+        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.norm(self.conv(x)))
+        if self.shortcut is not None:
+            y = y + self.shortcut(x)
+        return self.dropout(self.pool(y))
+
+
+def _tower(cfg: ModelConfig, kernel_size: int) -> nn.Sequential:
+    blocks = []
+    for i, rate in enumerate(conv_dropout_rates(cfg)):
+        blocks.append(ConvBlock(
+            in_channels=1 if i == 0 else cfg.filters,
+            out_channels=cfg.filters,
+            kernel_size=kernel_size,
+            batchnorm=cfg.batchnorm,
+            dropout=rate,
+            residual=cfg.residual and i > 0,
+        ))
+    return nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+def _dense(in_features: int, out_features: int, batchnorm: bool, dropout: float) -> list[nn.Module]:
+    layers: list[nn.Module] = [nn.Linear(in_features, out_features, bias=not batchnorm)]
+    if batchnorm:
+        layers.append(nn.BatchNorm1d(out_features))
+    layers.append(nn.ReLU())
+    if dropout > 0:
+        layers.append(nn.Dropout(dropout))
+    return layers
+
+
+class FashionCNN(nn.Module):
+    """Conv tower(s) -> global average pool -> two dense layers -> 10 logits."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        kernels = (3, 5) if cfg.architecture == "dual_path" else (3,)
+        self.towers = nn.ModuleList(_tower(cfg, k) for k in kernels)
+        features = cfg.filters * len(kernels)
+        self.head = nn.Sequential(
+            *_dense(features, cfg.units1, cfg.batchnorm, cfg.dense1_dropout),
+            *_dense(cfg.units1, cfg.units2, cfg.batchnorm, cfg.dense2_dropout),
+            nn.Linear(cfg.units2, len(CLASSES)),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = [tower(x) for tower in self.towers]
+        return self.head(features[0] if len(features) == 1 else torch.cat(features, dim=1))
+
+
+def build_model(cfg: ModelConfig) -> FashionCNN:
+    return FashionCNN(cfg)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+class NormalizedClassifier(nn.Module):
+    """Takes images as floats in [0, 1] (what torchvision's ToTensor gives) and returns logits."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model((x - FMNIST_MEAN) / FMNIST_STD)
+
+
+def with_normalization(model: nn.Module) -> nn.Module:
+    return NormalizedClassifier(model).eval()
