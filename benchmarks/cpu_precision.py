@@ -63,14 +63,14 @@ def interleaved_steps(config_path: str, overrides: list[str], blocks: int, steps
     import torch
 
     sys.path.insert(0, str(ROOT / "src"))
-    from fmnist_hpo.config import spec
+    from fmnist_hpo.config.loading import load
     from fmnist_hpo.data.datasets import Split
     from fmnist_hpo.training.loop import make_optimizer, prepare_trial
 
     cpu = torch.device("cpu")
     setups = {}
     for mode in MODES:
-        cfg = spec.load(config_path, [*overrides, f"train.precision={mode}", "train.device=cpu"])
+        cfg = load(config_path, [*overrides, f"train.precision={mode}", "train.device=cpu"])
         model, engine = prepare_trial(cfg, cpu)
         setups[mode] = (cfg, model, engine, make_optimizer(model, cfg.train, engine))
     batch, eval_batch = cfg.train.batch_size, cfg.train.eval_batch_size

@@ -54,7 +54,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from fmnist_hpo.config import spec as config
+from fmnist_hpo.config.loading import to_dict
+from fmnist_hpo.config.sections import Config, validate
 from fmnist_hpo.data.datasets import Dataset, Split, Splits, make_splits
 from fmnist_hpo.search import packing
 from fmnist_hpo.training import (
@@ -141,22 +142,22 @@ def synthetic_dataset(n_train: int, n_test: int, seed: int = 0) -> Dataset:
     return Dataset(images_for(train_labels), train_labels, images_for(test_labels), test_labels)
 
 
-def spec(quick: bool, model: dict | None = None, data: dict | None = None, **train_settings: Any) -> config.Config:
+def spec(quick: bool, model: dict | None = None, data: dict | None = None, **train_settings: Any) -> Config:
     raw = {"data": {"download": False, "val_size": 100 if quick else 1000, **(data or {})},
            "model": {"num_blocks": 1 if quick else 3, "filters": 4 if quick else 64,
                      "units1": 8 if quick else 128, "units2": 8 if quick else 64, **(model or {})},
            "train": {"epochs": 1, "batch_size": 8 if quick else 64, "eval_batch_size": 32 if quick else 256,
                      "scheduler": "none", "seed": 0, **train_settings}}
-    return config.validate(raw)
+    return validate(raw)
 
 
-def with_train(cfg: config.Config, **settings: Any) -> config.Config:
-    raw = config.to_dict(cfg)
+def with_train(cfg: Config, **settings: Any) -> Config:
+    raw = to_dict(cfg)
     raw["train"].update(settings)
-    return config.validate(raw)
+    return validate(raw)
 
 
-def splits_for(cfg: config.Config, n_train: int, device: torch.device, n_test: int = 200) -> Splits:
+def splits_for(cfg: Config, n_train: int, device: torch.device, n_test: int = 200) -> Splits:
     """n_train training images after the validation split."""
     return make_splits(synthetic_dataset(n_train + cfg.data.val_size, n_test), cfg.data, device)
 
@@ -164,7 +165,7 @@ def splits_for(cfg: config.Config, n_train: int, device: torch.device, n_test: i
 NO_DROPOUT = {"conv_dropout": 0.0, "dense1_dropout": 0.0, "dense2_dropout": 0.0}
 
 
-def trial(cfg: config.Config, splits: Splits, device: torch.device, prepare: Callable | None = None,
+def trial(cfg: Config, splits: Splits, device: torch.device, prepare: Callable | None = None,
           **fit_kwargs: Any) -> dict[str, Any]:
     """train_and_test, with prepare(model) first (a hook to inject a fault)."""
     model, engine = prepare_trial(cfg, device)
@@ -507,7 +508,7 @@ def part_resume(device: torch.device, quick: bool) -> dict:
                                                                            f"{graphs.turned_off()}")}
 
 
-def packing_cfg(quick: bool) -> config.Config:
+def packing_cfg(quick: bool) -> Config:
     return spec(quick, model={} if quick else {"filters": 256, "units1": 192, "units2": 96},
                 data={"val_size": 10_000}, precision="auto", channels_last=True)
 

@@ -42,7 +42,7 @@ import sweep_throughput
 import time_to_accuracy
 import train_throughput
 
-from fmnist_hpo.config import spec
+from fmnist_hpo.config.loading import load, to_dict
 from fmnist_hpo.data.datasets import load_dataset
 from fmnist_hpo.search.packing import free_gpu_bytes, resolve_parallel, trial_footprint
 from fmnist_hpo.training.loop import resolve_device
@@ -53,8 +53,8 @@ Row = tuple[str, str, str]  # (figure, measured, target)
 
 
 def part_throughput(args: argparse.Namespace, device: torch.device) -> tuple[dict, list[Row]]:
-    cfg = spec.load(EXP12, ["search.space={}", *args.shrink])
-    fast_batch = spec.load(FAST).train.batch_size
+    cfg = load(EXP12, ["search.space={}", *args.shrink])
+    fast_batch = load(FAST).train.batch_size
     modes = ["reference", "engine64", "engine64+graphs", "enginefast", "enginefast+graphs"]
     result = train_throughput.measure(cfg, device, modes, args.rounds, fast_batch)
     by_mode = {r["mode"]: r for r in result["results"]}
@@ -66,7 +66,7 @@ def part_throughput(args: argparse.Namespace, device: torch.device) -> tuple[dic
 
 
 def part_fast(args: argparse.Namespace, device: torch.device) -> tuple[dict, list[Row]]:
-    result = time_to_accuracy.measure(spec.load(FAST, args.shrink), device)
+    result = time_to_accuracy.measure(load(FAST, args.shrink), device)
     reached = result["reached_seconds"]["0.935"]
     return result, [
         ("fast.yaml: training seconds to 93.5% test", f"{reached:.1f} s" if reached is not None else "not reached",
@@ -77,8 +77,8 @@ def part_fast(args: argparse.Namespace, device: torch.device) -> tuple[dict, lis
 
 
 def part_best(args: argparse.Namespace, device: torch.device) -> tuple[dict, list[Row]]:
-    base = spec.load(BEST, args.shrink)
-    runs = [time_to_accuracy.measure(spec.load(BEST, [*args.shrink, f"train.seed={base.train.seed + i}"]), device)
+    base = load(BEST, args.shrink)
+    runs = [time_to_accuracy.measure(load(BEST, [*args.shrink, f"train.seed={base.train.seed + i}"]), device)
             for i in range(args.best_seeds)]
     accuracies = [r["selected_test_accuracy"] for r in runs]
     spread = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
@@ -90,8 +90,8 @@ def part_best(args: argparse.Namespace, device: torch.device) -> tuple[dict, lis
 
 
 def part_packing(args: argparse.Namespace, device: torch.device) -> tuple[dict, list[Row]]:
-    cfg = spec.load(EXP12, [f"train.epochs={1 if args.quick else 2}", *args.shrink])
-    raw = spec.to_dict(cfg)
+    cfg = load(EXP12, [f"train.epochs={1 if args.quick else 2}", *args.shrink])
+    raw = to_dict(cfg)
     space = raw["search"].pop("space")
     raw["search"]["space"] = {}
     # quick: the base config only, since exp12's space would bring back its full widths

@@ -26,7 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from fmnist_hpo.config import spec as config
+from fmnist_hpo.config.loading import apply_overrides, load, to_dict
+from fmnist_hpo.config.sections import validate
 from fmnist_hpo.config.space import parse_entry
 from fmnist_hpo.data.datasets import load_dataset, make_splits
 from fmnist_hpo.search.pruning import MedianPruner, best_so_far
@@ -61,12 +62,12 @@ def sample_points(space: dict[str, dict[str, Any]], n: int, seed: int) -> list[d
 
 def _init_worker(raw: dict[str, Any], device: str, threads: int) -> None:
     torch.set_num_threads(threads)  # N CPU workers share the cores instead of oversubscribing them
-    cfg = config.validate(raw)
+    cfg = validate(raw)
     _worker.update(raw=raw, device=resolve_device(device), dataset=load_dataset(cfg.data))
 
 
 def _train_point(point: dict[str, Any]) -> float:
-    cfg = config.validate(config.apply_overrides(_worker["raw"], point))
+    cfg = validate(apply_overrides(_worker["raw"], point))
     splits = make_splits(_worker["dataset"], cfg.data, _worker["device"])
     return train_and_test(cfg, splits, _worker["device"]).test_accuracy
 
@@ -86,13 +87,13 @@ def throughput(raw: dict[str, Any], points: list[dict[str, Any]], parallel: int,
 
 def pruning(raw: dict[str, Any], points: list[dict[str, Any]], device_name: str, grace: int) -> dict[str, Any]:
     device = resolve_device(device_name)
-    dataset = load_dataset(config.validate(raw).data)
+    dataset = load_dataset(validate(raw).data)
     outcome = {}
     for label, pruner in (("no pruning", None), ("median pruning", MedianPruner(grace))):
         start = time.perf_counter()
         trials = []
         for point in points:
-            cfg = config.validate(config.apply_overrides(raw, point))
+            cfg = validate(apply_overrides(raw, point))
             seen: list[float] = []
 
             def should_prune(m: Any, seen: list[float] = seen, pruner: MedianPruner | None = pruner) -> bool:
@@ -123,8 +124,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
-    cfg = config.load(args.config, [f"train.epochs={args.epochs}", *args.overrides])
-    raw = config.to_dict(cfg)
+    cfg = load(args.config, [f"train.epochs={args.epochs}", *args.overrides])
+    raw = to_dict(cfg)
     space = raw["search"].pop("space")
     raw["search"]["space"] = {}
     points = sample_points(space, args.trials, args.seed)

@@ -19,7 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from fmnist_hpo.config import spec
+from fmnist_hpo.config.loading import load
+from fmnist_hpo.config.sections import Config
 from fmnist_hpo.data.datasets import load_dataset, make_splits
 from fmnist_hpo.training.loop import EpochMetrics, evaluate, fit, prepare_trial, resolve_device
 
@@ -34,7 +35,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
-    cfg = spec.load(args.config, ["search.space={}", *args.overrides])
+    cfg = load(args.config, ["search.space={}", *args.overrides])
     result = measure(cfg, resolve_device(args.device), verbose=True)
     for threshold, seconds in result["reached_seconds"].items():
         print(f"test >= {float(threshold):.1%}: " + (f"{seconds:.1f} s of training" if seconds is not None else "not reached"))
@@ -44,7 +45,7 @@ def main() -> None:
         args.out.write_text(json.dumps({"config": args.config, **result}, indent=2))
 
 
-def measure(cfg: spec.Config, device: torch.device, verbose: bool = False) -> dict:
+def measure(cfg: Config, device: torch.device, verbose: bool = False) -> dict:
     """Train cfg once; the curve, the seconds to each threshold and the selected checkpoint's test score."""
     splits = make_splits(load_dataset(cfg.data), cfg.data, device)
     model, engine = prepare_trial(cfg, device)

@@ -23,7 +23,6 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -32,7 +31,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from fmnist_hpo.config import spec
+from fmnist_hpo.config.loading import load
+from fmnist_hpo.config.sections import Config
 from fmnist_hpo.data.datasets import Split, load_dataset, make_splits, normalize
 from fmnist_hpo.training.loop import make_optimizer, prepare_trial, resolve_device, train_epoch
 from fmnist_hpo.training.model import build_model
@@ -87,7 +87,7 @@ def main() -> None:
     args = parser.parse_args()
 
     subset = [f"data.train_subset={args.train_images}"] if args.train_images else []
-    cfg = spec.load(args.config, ["search.space={}", *subset])
+    cfg = load(args.config, ["search.space={}", *subset])
     device = resolve_device(args.device)
     result = measure(cfg, device, args.modes.split(","), args.rounds, args.fast_batch, args.compile)
     print(f"{args.config} on {result['machine']}; {result['train_images']} training images, "
@@ -97,7 +97,7 @@ def main() -> None:
         args.out.write_text(json.dumps({"config": args.config, **result}, indent=2))
 
 
-def measure(cfg: spec.Config, device: torch.device, modes: list[str], rounds: int, fast_batch: int = 256,
+def measure(cfg: Config, device: torch.device, modes: list[str], rounds: int, fast_batch: int = 256,
             compile_fast: bool = False) -> dict:
     """Median seconds per training epoch of each mode, interleaved over rounds, as a JSON-ready dict."""
     unknown = [m for m in modes if m not in MODES]
@@ -132,7 +132,7 @@ def measure(cfg: spec.Config, device: torch.device, modes: list[str], rounds: in
             "results": rows(len(cpu_train), seconds, peak)}
 
 
-def make_runner(mode: str, cfg: spec.Config, cpu_train: Split, train: Split, device: torch.device,
+def make_runner(mode: str, cfg: Config, cpu_train: Split, train: Split, device: torch.device,
                 fast_batch: int, compile_fast: bool, engines: list):
     if mode == "reference":
         torch.manual_seed(0)
@@ -143,12 +143,12 @@ def make_runner(mode: str, cfg: spec.Config, cpu_train: Split, train: Split, dev
         return lambda: reference_epoch(model, loader, optimizer, device)
     graphs = mode.endswith("+graphs")
     if mode.startswith("engine64"):
-        train_cfg = replace(cfg.train, batch_size=64, precision="fp32", channels_last=False, compile=False, seed=0,
-                            cuda_graphs=graphs)
+        train_cfg = cfg.train.model_copy(update={"batch_size": 64, "precision": "fp32", "channels_last": False,
+                                                 "compile": False, "seed": 0, "cuda_graphs": graphs})
     else:
-        train_cfg = replace(cfg.train, batch_size=fast_batch, precision="auto", channels_last=True,
-                            compile=compile_fast and not graphs, seed=0, cuda_graphs=graphs)
-    model, engine = prepare_trial(replace(cfg, train=train_cfg), device)
+        train_cfg = cfg.train.model_copy(update={"batch_size": fast_batch, "precision": "auto", "channels_last": True,
+                                                 "compile": compile_fast and not graphs, "seed": 0, "cuda_graphs": graphs})
+    model, engine = prepare_trial(cfg.model_copy(update={"train": train_cfg}), device)
     optimizer = make_optimizer(model, train_cfg, engine)
     engines.append(engine)  # its graphs are released when the measurement ends
     return lambda: train_epoch(model, train, optimizer, engine, train_cfg, cfg.data)

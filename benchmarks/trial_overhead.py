@@ -28,7 +28,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from fmnist_hpo.config import spec
+from fmnist_hpo.config.loading import load
 from fmnist_hpo.search import (
     sweep,
     trial_runs,
@@ -110,10 +110,10 @@ def main() -> None:
     clock.wrap_test_pass()
     clock.wrap_epochs()
     with tempfile.TemporaryDirectory() as folder:
-        cfg = spec.load(args.config, [f"search.max_evals={args.trials}", f"train.epochs={args.epochs}",
-                                        f"data.train_subset={args.train_images}", "train.device=cpu",
-                                        f"mlflow.tracking_uri=sqlite:///{folder}/mlflow.db", "mlflow.log_model=none",
-                                        f"models_dir={folder}/models", *args.overrides])
+        cfg = load(args.config, [f"search.max_evals={args.trials}", f"train.epochs={args.epochs}",
+                                 f"data.train_subset={args.train_images}", "train.device=cpu",
+                                 f"mlflow.tracking_uri=sqlite:///{folder}/mlflow.db", "mlflow.log_model=none",
+                                 f"models_dir={folder}/models", *args.overrides])
         profiler = cProfile.Profile() if args.profile else None
         if profiler:
             profiler.enable()

@@ -190,8 +190,8 @@ def test_engine_and_benchmarks_import_without_mlflow_hyperopt_loguru_or_ray():
         "import sys, runpy\n"
         "for name in ('mlflow', 'hyperopt', 'loguru', 'ray'): sys.modules[name] = None\n"
         "import fmnist_hpo.training.loop, fmnist_hpo.data.datasets, fmnist_hpo.training.model, fmnist_hpo.training.checkpoints\n"
-        "import fmnist_hpo.config.spec, fmnist_hpo.config.space, fmnist_hpo.search.pruning, fmnist_hpo.modelops.inference\n"
-        "fmnist_hpo.config.spec.validate({'search': {'space': {'train.lr': {'loguniform': [1e-4, 1e-2]}}}})\n"
+        "import fmnist_hpo.config.sections, fmnist_hpo.config.space, fmnist_hpo.search.pruning, fmnist_hpo.modelops.inference\n"
+        "fmnist_hpo.config.sections.validate({'search': {'space': {'train.lr': {'loguniform': [1e-4, 1e-2]}}}})\n"
         f"for script in ('train_throughput', 'time_to_accuracy', 'sweep_throughput', 'gpu_check'):\n"
         f"    runpy.run_path('{root}/benchmarks/' + script + '.py', run_name='imported')\n"
         "print('ok')\n"
@@ -283,20 +283,18 @@ def test_run_opens_with_where_it_works_and_closes_with_where_results_are(tmp_pat
 
 
 def enum_choices() -> dict[str, tuple[str, ...]]:
-    """Dotted key -> the values its Literal type allows, straight from config.py."""
-    import dataclasses
+    """Dotted key -> the values its Literal type allows, straight from the section models."""
     import typing
 
-    from fmnist_hpo.config import spec as config_module
+    from fmnist_hpo.config.sections import Config, Section
 
     choices = {}
-    for section in dataclasses.fields(config_module.Config):
-        section_type = typing.get_type_hints(config_module.Config)[section.name]
-        if not dataclasses.is_dataclass(section_type):
+    for section_name, section in Config.model_fields.items():
+        if not issubclass(section.annotation, Section):
             continue
-        for name, hint in typing.get_type_hints(section_type).items():
-            if typing.get_origin(hint) is typing.Literal:
-                choices[f"{section.name}.{name}"] = typing.get_args(hint)
+        for name, info in section.annotation.model_fields.items():
+            if typing.get_origin(info.annotation) is typing.Literal:
+                choices[f"{section_name}.{name}"] = typing.get_args(info.annotation)
     return choices
 
 

@@ -2,18 +2,19 @@ from pathlib import Path
 
 import pytest
 
-from fmnist_hpo.config import spec
+from fmnist_hpo.config.loading import config_hash, flatten, load, to_dict
+from fmnist_hpo.config.sections import field_docs, validate
 from fmnist_hpo.errors import ConfigError
 
 
 def problems_of(raw: dict) -> list[str]:
     with pytest.raises(ConfigError) as info:
-        spec.validate(raw)
+        validate(raw)
     return info.value.problems
 
 
 def test_defaults_are_the_study_recipe():
-    cfg = spec.validate({})
+    cfg = validate({})
     assert (cfg.model.filters, cfg.model.units1, cfg.model.units2, cfg.model.num_blocks) == (256, 192, 96, 3)
     assert (cfg.model.conv_dropout, cfg.model.dense1_dropout, cfg.model.dense2_dropout) == (0.05, 0.15, 0.1)
     assert (cfg.train.lr, cfg.train.step_size, cfg.train.gamma) == (1e-3, 10, 0.5)
@@ -39,7 +40,7 @@ def test_error_message_names_the_file(tmp_path: Path):
     path = tmp_path / "x.yaml"
     path.write_text("train:\n  epochs: 0\n")
     with pytest.raises(ConfigError) as info:
-        spec.load(path)
+        load(path)
     assert str(info.value) == f"{path}: train.epochs: must be >= 1, got 0"
 
 
@@ -56,13 +57,13 @@ def test_unreadable_files(tmp_path: Path, text: str, expected: str):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
     with pytest.raises(ConfigError) as info:
-        spec.load(path)
+        load(path)
     assert expected in str(info.value)
 
 
 def test_missing_file():
     with pytest.raises(ConfigError, match="no such file"):
-        spec.load("does/not/exist.yaml")
+        load("does/not/exist.yaml")
 
 
 def test_a_missing_spec_suggests_the_one_it_probably_meant(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
@@ -73,32 +74,32 @@ def test_a_missing_spec_suggests_the_one_it_probably_meant(tmp_path: Path, monke
     for given, meant in (("quick", "configs/quick.yaml"), ("configs/quick.yml", "configs/quick.yaml"),
                          ("exp01", "configs/exp01_baseline_batchnorm.yaml"), ("configs/quik.yaml", "configs/quick.yaml")):
         with pytest.raises(ConfigError) as info:
-            spec.load(given)
+            load(given)
         assert str(info.value) == f"{given}: no such file (did you mean {meant}?)"
     with pytest.raises(ConfigError) as info:
-        spec.load("configs/exp1.yaml")  # exp12 and exp13 both start so: neither is the likelier
+        load("configs/exp1.yaml")  # exp12 and exp13 both start so: neither is the likelier
     assert str(info.value) == ("configs/exp1.yaml: no such file (did you mean one of configs/exp12.yaml, "
                                "configs/exp13_dropout_placement.yaml?)")
     with pytest.raises(ConfigError) as info:
-        spec.load("configs/zzzz.yaml")
+        load("configs/zzzz.yaml")
     assert str(info.value) == "configs/zzzz.yaml: no such file"
 
 
 def test_overrides_are_typed_and_validated(tmp_path: Path):
     path = tmp_path / "x.yaml"
     path.write_text("train:\n  epochs: 5\n")
-    cfg = spec.load(path, ["train.epochs=3", "train.lr=1e-3", "data.train_subset=null", "model.conv_dropout=[0.1, 0.2, 0.3]"])
+    cfg = load(path, ["train.epochs=3", "train.lr=1e-3", "data.train_subset=null", "model.conv_dropout=[0.1, 0.2, 0.3]"])
     assert cfg.train.epochs == 3
     assert cfg.train.lr == pytest.approx(1e-3)
     assert cfg.model.conv_dropout == [0.1, 0.2, 0.3]
     with pytest.raises(ConfigError, match=r"train\.epochs: must be >= 1, got -2"):
-        spec.load(path, ["train.epochs=-2"])
+        load(path, ["train.epochs=-2"])
     with pytest.raises(ConfigError, match="must look like key=value"):
-        spec.load(path, ["train.epochs"])
+        load(path, ["train.epochs"])
 
 
 def test_yaml_exponent_without_dot_is_a_number():
-    assert spec.validate({"train": {"lr": "1e-3"}}).train.lr == pytest.approx(1e-3)
+    assert validate({"train": {"lr": "1e-3"}}).train.lr == pytest.approx(1e-3)
 
 
 def test_cross_field_checks():
@@ -110,21 +111,21 @@ def test_cross_field_checks():
 
 
 def test_flatten_and_hash_are_stable():
-    cfg = spec.validate({"search": {"space": {"train.lr": {"loguniform": [1e-4, 1e-2]}}}})
-    flat = spec.flatten(spec.to_dict(cfg))
+    cfg = validate({"search": {"space": {"train.lr": {"loguniform": [1e-4, 1e-2]}}}})
+    flat = flatten(to_dict(cfg))
     assert flat["train.epochs"] == 40
     assert flat["search.space"] == {"train.lr": {"loguniform": [1e-4, 1e-2]}}
-    assert spec.config_hash(cfg) == spec.config_hash(spec.validate(spec.to_dict(cfg)))
-    assert spec.config_hash(cfg) != spec.config_hash(spec.validate({}))
+    assert config_hash(cfg) == config_hash(validate(to_dict(cfg)))
+    assert config_hash(cfg) != config_hash(validate({}))
 
 
 def test_every_key_has_help_text():
-    docs = spec.field_docs()
+    docs = field_docs()
     assert "train.epochs" in docs
     assert all(docs.values())
 
 
 def test_readme_reference_lists_every_key():
     readme = (Path(__file__).parents[1] / "README.md").read_text()
-    missing = [key for key in spec.field_docs() if f"| `{key}` |" not in readme]
+    missing = [key for key in field_docs() if f"| `{key}` |" not in readme]
     assert missing == []

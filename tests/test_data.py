@@ -6,13 +6,13 @@ import pytest
 import torch
 from conftest import N_TEST, N_TRAIN, write_dataset, write_idx
 
-from fmnist_hpo.config import spec
+from fmnist_hpo.config.sections import validate
 from fmnist_hpo.data.datasets import FILES, balanced_subset, load_dataset, make_splits, read_idx, stratified_split
 from fmnist_hpo.errors import DataError
 
 
 def data_cfg(root: Path, **values):
-    return spec.validate({"data": {"root": str(root), "download": False, "val_size": 100, **values}}).data
+    return validate({"data": {"root": str(root), "download": False, "val_size": 100, **values}}).data
 
 
 @pytest.mark.parametrize("compress", [True, False])

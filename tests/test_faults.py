@@ -291,12 +291,12 @@ def test_an_empty_host_is_refused_at_once(tmp_path: Path):
 
 
 def test_a_sweep_still_running_is_refused_without_advising_fresh(tmp_path: Path, data_dir: Path):
-    from fmnist_hpo.config import spec as config
+    from fmnist_hpo.config.sections import validate
     from fmnist_hpo.search.resume import ResumeError, choose_parent
     from fmnist_hpo.search.trial_runs import SweepRuns
     from fmnist_hpo.tracking.tracker import Tracker
 
-    cfg = config.validate(tiny_raw(data_dir, models_dir=str(tmp_path / "models")))
+    cfg = validate(tiny_raw(data_dir, models_dir=str(tmp_path / "models")))
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", cfg.experiment)
     runs = SweepRuns(cfg, tracker, "cpu")
     alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])

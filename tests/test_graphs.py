@@ -17,7 +17,8 @@ import pytest
 import torch
 from conftest import tiny_raw
 
-from fmnist_hpo.config import spec
+from fmnist_hpo.config.loading import to_dict
+from fmnist_hpo.config.sections import Config, validate
 from fmnist_hpo.data.datasets import load_dataset, make_splits
 from fmnist_hpo.errors import ConfigError, DeviceError
 from fmnist_hpo.training import graphs, loop
@@ -41,14 +42,14 @@ def test_true_where_graphs_cannot_run_is_a_clear_error():
         resolve_cuda_graphs(True, CPU, None, compiled=False)
     with pytest.raises(DeviceError, match="fp16"):
         resolve_cuda_graphs(True, CUDA, torch.float16, compiled=False)
-    with pytest.raises(ConfigError, match=r"cuda_graphs: true needs a CUDA device, got train.device: cpu"):
-        spec.validate({"train": {"cuda_graphs": True, "device": "cpu"}})
+    with pytest.raises(ConfigError, match=r"cuda_graphs: true needs a CUDA device, and this run is on cpu"):
+        validate({"train": {"cuda_graphs": True, "device": "cpu"}})
     with pytest.raises(ConfigError, match="exclusive"):
-        spec.validate({"train": {"cuda_graphs": True, "compile": True}})
+        validate({"train": {"cuda_graphs": True, "compile": True}})
 
 
 def test_the_cpu_engine_does_not_capture():
-    engine = make_engine(spec.validate({"train": {"cuda_graphs": "auto"}}).train, CPU, 0)
+    engine = make_engine(validate({"train": {"cuda_graphs": "auto"}}).train, CPU, 0)
     assert not engine.cuda_graphs
 
 
@@ -153,15 +154,15 @@ def graphs_on_cpu(monkeypatch: pytest.MonkeyPatch):
     return install
 
 
-def cpu_cfg(data_dir: Path, dropout: bool = True, **train_settings) -> spec.Config:
+def cpu_cfg(data_dir: Path, dropout: bool = True, **train_settings) -> Config:
     model = {} if dropout else {"conv_dropout": 0.0, "dense1_dropout": 0.0, "dense2_dropout": 0.0}
-    return spec.validate(tiny_raw(data_dir, model={"conv_dropout": 0.2, "dense1_dropout": 0.2, **model},
-                                    data={"augment_flip": True},
-                                    train={"epochs": 3, "scheduler": "step", "step_size": 1, "gamma": 0.5,
-                                           **train_settings}))
+    return validate(tiny_raw(data_dir, model={"conv_dropout": 0.2, "dense1_dropout": 0.2, **model},
+                             data={"augment_flip": True},
+                             train={"epochs": 3, "scheduler": "step", "step_size": 1, "gamma": 0.5,
+                                    **train_settings}))
 
 
-def cpu_run(cfg: spec.Config, data_dir: Path, **kwargs):
+def cpu_run(cfg: Config, data_dir: Path, **kwargs):
     splits = make_splits(load_dataset(cfg.data), cfg.data, CPU)
     return train_and_test(cfg, splits, CPU, **kwargs)
 
@@ -174,8 +175,8 @@ def test_graphed_training_through_the_seam_follows_eager_training(data_dir: Path
     """Capture undoes its warm-up (weights, Adam, dropout's generator), the ragged batch runs eagerly,
     schedulers move the captured learning rate, evaluation pads and masks its last batch."""
     cfg = cpu_cfg(data_dir)
-    eager = cpu_run(spec.validate({**spec.to_dict(cfg), "train": {**spec.to_dict(cfg)["train"],
-                                                                      "cuda_graphs": False}}), data_dir)
+    eager = cpu_run(validate({**to_dict(cfg), "train": {**to_dict(cfg)["train"],
+                                                        "cuda_graphs": False}}), data_dir)
     capturer = graphs_on_cpu(RecordingCapture())
     graphed = cpu_run(cfg, data_dir)
     assert len(capturer.graphs) == 2 and all(g.replays > 0 for g in capturer.graphs)  # training and evaluation
@@ -213,8 +214,8 @@ def test_graphs_are_destroyed_at_trial_end_and_hold_no_cycle(data_dir: Path, gra
 def test_a_failing_capture_turns_graphs_off_with_one_line_and_training_goes_on(
         data_dir: Path, graphs_on_cpu, caplog: pytest.LogCaptureFixture):
     cfg = cpu_cfg(data_dir)
-    eager = cpu_run(spec.validate({**spec.to_dict(cfg), "train": {**spec.to_dict(cfg)["train"],
-                                                                      "cuda_graphs": False}}), data_dir)
+    eager = cpu_run(validate({**to_dict(cfg), "train": {**to_dict(cfg)["train"],
+                                                        "cuda_graphs": False}}), data_dir)
     capturer = graphs_on_cpu(FailingCapture())
     with caplog.at_level(logging.WARNING, logger="fmnist_hpo"):
         first = cpu_run(cfg, data_dir)
@@ -230,8 +231,8 @@ def test_a_failing_capture_turns_graphs_off_with_one_line_and_training_goes_on(
 def test_a_first_replay_that_disagrees_with_eager_turns_graphs_off(data_dir: Path, graphs_on_cpu,
                                                                    caplog: pytest.LogCaptureFixture):
     cfg = cpu_cfg(data_dir, dropout=False)
-    eager = cpu_run(spec.validate({**spec.to_dict(cfg), "train": {**spec.to_dict(cfg)["train"],
-                                                                      "cuda_graphs": False}}), data_dir)
+    eager = cpu_run(validate({**to_dict(cfg), "train": {**to_dict(cfg)["train"],
+                                                        "cuda_graphs": False}}), data_dir)
     capturer = graphs_on_cpu(DisagreeingCapture())
     with caplog.at_level(logging.WARNING, logger="fmnist_hpo"):
         outcome = cpu_run(cfg, data_dir)
@@ -281,7 +282,7 @@ def test_freeing_memory_after_a_failed_trial_survives_a_confused_allocator(monke
 def cuda_run(data_dir: Path, graphs: bool, model: dict | None = None, save_state=None, resume=None, **loop):
     raw = tiny_raw(data_dir, model=model or {}, data={"augment_flip": True, "augment_translate": 2},
                    train={"device": "cuda", "precision": "bf16", "cuda_graphs": graphs, **loop})
-    cfg = spec.validate(raw)
+    cfg = validate(raw)
     splits = make_splits(load_dataset(cfg.data), cfg.data, CUDA)
     return train_and_test(cfg, splits, CUDA, save_state=save_state, resume=resume)
 

@@ -18,9 +18,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from fmnist_hpo.cli.app import app
-from fmnist_hpo.config import spec as config
+from fmnist_hpo.config.loading import apply_overrides, to_dict
+from fmnist_hpo.config.sections import validate
 from fmnist_hpo.data.datasets import read_idx
-from fmnist_hpo.errors import DataError
+from fmnist_hpo.errors import ConfigError, DataError
 from fmnist_hpo.modelops.inference import ImageError, load_image
 from fmnist_hpo.training.checkpoints import CheckpointError, load_model, save_checkpoint
 from fmnist_hpo.training.model import build_model
@@ -71,13 +72,13 @@ def test_a_hostile_set_value_is_refused_in_one_line(tmp_path: Path, data_dir: Pa
     ("train.weight_decay", 1e300, "train.weight_decay: must be <= 1"),
 ])
 def test_values_that_would_crash_later_are_caught_by_validation(key: str, value: float, message: str):
-    with pytest.raises(config.ConfigError, match=message.replace("+", r"\+")):
-        config.validate(config.apply_overrides({}, {key: value}))
+    with pytest.raises(ConfigError, match=message.replace("+", r"\+")):
+        validate(apply_overrides({}, {key: value}))
 
 
 def test_the_last_repeat_seed_is_checked_too():
-    with pytest.raises(config.ConfigError, match="with 3 repeats the last seed would pass"):
-        config.validate({"train": {"seed": 2**32 - 2}, "search": {"repeats": 3}})
+    with pytest.raises(ConfigError, match="with 3 repeats the last seed would pass"):
+        validate({"train": {"seed": 2**32 - 2}, "search": {"repeats": 3}})
 
 
 # --- IDX files: the header first --------------------------------------------------------------------
@@ -114,8 +115,8 @@ def test_an_idx_header_declaring_too_much_is_refused_before_inflating(tmp_path: 
 
 
 def test_predict_idx_refuses_a_gzip_bomb_in_one_line(tmp_path: Path, data_dir: Path):
-    cfg = config.validate(tiny_raw(data_dir))
-    checkpoint = save_checkpoint(tmp_path / "m.pt", build_model(cfg.model), config.to_dict(cfg)["model"])
+    cfg = validate(tiny_raw(data_dir))
+    checkpoint = save_checkpoint(tmp_path / "m.pt", build_model(cfg.model), to_dict(cfg)["model"])
     bomb = tmp_path / "bomb-idx3-ubyte.gz"
     bomb.write_bytes(gzip_of_zeros(idx_header(1_000_000, 28, 28), 4))
     result = runner.invoke(app, ["predict", str(checkpoint), "--idx", str(bomb)])

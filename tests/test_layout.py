@@ -89,6 +89,6 @@ def test_the_rules_catch_an_upward_import_a_lazy_one_and_a_foreign_library():
         "line 1: training imports fmnist_hpo.tracking",
         "line 5: mlflow is imported only in ['tracking'], not in training",
     ]
-    assert broken_rules(ROOT, "from fmnist_hpo.config.spec import Config\n") == [
-        "line 1: root imports fmnist_hpo.config.spec"]
+    assert broken_rules(ROOT, "from fmnist_hpo.config.sections import Config\n") == [
+        "line 1: root imports fmnist_hpo.config.sections"]
     assert broken_rules("analysis", "import torch\n") == ["line 1: analysis never imports torch"]

@@ -1,12 +1,12 @@
 import pytest
 import torch
 
-from fmnist_hpo.config import spec
+from fmnist_hpo.config.sections import validate
 from fmnist_hpo.training.model import build_model, conv_dropout_rates, count_parameters
 
 
 def model_cfg(**values):
-    return spec.validate({"model": values}).model
+    return validate({"model": values}).model
 
 
 @pytest.mark.parametrize("num_blocks", [1, 2, 3, 4, 5, 6])

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import tiny_raw
 
-from fmnist_hpo.config import spec
+from fmnist_hpo.config.sections import sequential_only, validate
 from fmnist_hpo.errors import ConfigError
 from fmnist_hpo.search.packing import INSTALL_RAY, MAX_TRIALS_PER_GPU, resolve_parallel, step_peak_bytes
 
@@ -50,23 +50,23 @@ def test_auto_without_a_measurement_is_one_trial():
 
 
 def test_searches_that_run_sequentially_make_auto_one_trial():
-    grid = spec.validate({"search": {"algo": "grid", "parallel": "auto"}}).search
-    reason = spec.sequential_only(grid)
+    grid = validate({"search": {"algo": "grid", "parallel": "auto"}}).search
+    reason = sequential_only(grid)
     assert reason is not None and "grid" in reason
     trials, note = resolve_parallel(grid.parallel, "cuda", footprint_bytes=GIB, free_bytes=100 * GIB,
                                     ray_available=True, sequential_reason=reason)
     assert trials == 1 and "grid" in note
-    assert spec.sequential_only(spec.validate({"search": {"algo": "tpe"}}).search) is None
+    assert sequential_only(validate({"search": {"algo": "tpe"}}).search) is None
 
 
 def test_auto_is_the_default_and_keeps_sequential_only_settings_valid():
-    assert spec.validate({}).search.parallel == "auto"
-    cfg = spec.validate({"search": {"algo": "anneal", "repeats": 3}})
+    assert validate({}).search.parallel == "auto"
+    cfg = validate({"search": {"algo": "anneal", "repeats": 3}})
     assert cfg.search.parallel == "auto"
     with pytest.raises(ConfigError, match="repeats run on the sequential engine only"):
-        spec.validate({"search": {"parallel": 2, "repeats": 3}})
+        validate({"search": {"parallel": 2, "repeats": 3}})
     with pytest.raises(ConfigError, match=r"must be >= 1"):
-        spec.validate({"search": {"parallel": 0}})
+        validate({"search": {"parallel": 0}})
 
 
 def test_parallel_for_measures_nothing_where_auto_means_one(monkeypatch: pytest.MonkeyPatch):
@@ -77,16 +77,16 @@ def test_parallel_for_measures_nothing_where_auto_means_one(monkeypatch: pytest.
 
     monkeypatch.setattr(packing, "trial_footprint", no_measuring)
     cpu = torch.device("cpu")
-    assert packing.parallel_for(spec.validate({}), cpu, dataset=None) == (1, None)
-    assert packing.parallel_for(spec.validate({"search": {"parallel": 2}}), cpu, dataset=None) == (2, None)
-    trials, note = packing.parallel_for(spec.validate({"search": {"algo": "grid"}}), torch.device("cuda"), dataset=None)
+    assert packing.parallel_for(validate({}), cpu, dataset=None) == (1, None)
+    assert packing.parallel_for(validate({"search": {"parallel": 2}}), cpu, dataset=None) == (2, None)
+    trials, note = packing.parallel_for(validate({"search": {"algo": "grid"}}), torch.device("cuda"), dataset=None)
     assert trials == 1 and "grid" in note
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="measures CUDA memory")
 def test_step_peak_bytes_grows_with_the_batch(data_dir: Path):
-    small = spec.validate(tiny_raw(data_dir, train={"device": "cuda", "batch_size": 32, "eval_batch_size": 32}))
-    large = spec.validate(tiny_raw(data_dir, train={"device": "cuda", "batch_size": 512, "eval_batch_size": 512}))
+    small = validate(tiny_raw(data_dir, train={"device": "cuda", "batch_size": 32, "eval_batch_size": 32}))
+    large = validate(tiny_raw(data_dir, train={"device": "cuda", "batch_size": 512, "eval_batch_size": 512}))
     cuda = torch.device("cuda")
     assert 0 < step_peak_bytes(small, cuda) < step_peak_bytes(large, cuda)
 
@@ -101,20 +101,20 @@ def test_a_sweep_of_one_trial_measures_nothing(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(packing, "trial_footprint", no_measuring)
     monkeypatch.setattr(packing, "ray_installed", lambda: True)
     cuda = torch.device("cuda")
-    assert packing.parallel_for(spec.validate({}), cuda, dataset=None) == (1, None)
+    assert packing.parallel_for(validate({}), cuda, dataset=None) == (1, None)
     one_point = {"search": {"max_evals": 1, "space": {"train.lr": {"loguniform": [1e-4, 1e-2]}}}}
-    assert packing.parallel_for(spec.validate(one_point), cuda, dataset=None) == (1, None)
+    assert packing.parallel_for(validate(one_point), cuda, dataset=None) == (1, None)
 
 
 def test_a_large_space_is_measured_at_its_largest_model():
     from fmnist_hpo.search.packing import footprint_variants
 
-    cfg = spec.validate({"search": {"max_evals": 20, "space": {
+    cfg = validate({"search": {"max_evals": 20, "space": {
         "model.filters": {"choice": [16, 32, 64, 128, 256, 512, 1024]},
         "train.batch_size": {"quniform": [32, 512, 32]},
         "model.architecture": {"choice": ["cnn", "dual_path"]},
         "train.lr": {"loguniform": [1e-4, 1e-2]}}}})
     assert [(v.model.filters, v.train.batch_size, v.model.architecture) for v in footprint_variants(cfg)] == [
         (1024, 512, "cnn"), (1024, 512, "dual_path")]
-    few = spec.validate({"search": {"max_evals": 4, "space": {"model.filters": {"choice": [16, 32]}}}})
+    few = validate({"search": {"max_evals": 4, "space": {"model.filters": {"choice": [16, 32]}}}})
     assert [v.model.filters for v in footprint_variants(few)] == [16, 32]

@@ -11,7 +11,8 @@ from conftest import tiny_raw
 from typer.testing import CliRunner
 
 from fmnist_hpo.cli.app import app
-from fmnist_hpo.config import spec as config
+from fmnist_hpo.config.loading import load
+from fmnist_hpo.config.sections import validate
 from fmnist_hpo.errors import DataError, DeviceError, OutputError
 from fmnist_hpo.search.preflight import preflight
 from fmnist_hpo.tracking.tracker import TrackingError
@@ -33,7 +34,7 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_resolves_what_a_run_uses(workdir: Path, data_dir: Path):
-    resolved = preflight(config.validate(tiny_raw(data_dir, experiment="e1", models_dir="out")))
+    resolved = preflight(validate(tiny_raw(data_dir, experiment="e1", models_dir="out")))
     from fmnist_hpo.training.loop import cpu_has_native_bf16
 
     assert resolved.device == "cpu" and resolved.precision == ("bf16" if cpu_has_native_bf16() else "fp32")
@@ -46,8 +47,8 @@ def test_resolves_what_a_run_uses(workdir: Path, data_dir: Path):
 def test_missing_data_is_an_error_only_without_download(workdir: Path):
     nowhere = workdir / "nowhere"
     with pytest.raises(DataError, match=r"Fashion-MNIST is not in .*nowhere"):
-        preflight(config.validate(tiny_raw(nowhere)))
-    resolved = preflight(config.validate(tiny_raw(nowhere, data={"download": True})))
+        preflight(validate(tiny_raw(nowhere)))
+    resolved = preflight(validate(tiny_raw(nowhere, data={"download": True})))
     assert not resolved.data_present and "will be downloaded" in resolved.describe()[1]
     assert not nowhere.exists()
 
@@ -56,18 +57,18 @@ def test_unwritable_places_are_errors(workdir: Path, data_dir: Path):
     blocker = workdir / "a-file"
     blocker.write_text("not a folder")
     with pytest.raises(OutputError, match=r"cannot create the checkpoint folder .*a-file is a file"):
-        preflight(config.validate(tiny_raw(data_dir, models_dir=str(blocker / "models"))))
+        preflight(validate(tiny_raw(data_dir, models_dir=str(blocker / "models"))))
     with pytest.raises(DataError, match="cannot be downloaded there"):
-        preflight(config.validate(tiny_raw(blocker / "data", data={"download": True})))
+        preflight(validate(tiny_raw(blocker / "data", data={"download": True})))
     with pytest.raises(TrackingError, match="cannot create the MLflow store"):
-        preflight(config.validate(tiny_raw(data_dir, mlflow={"tracking_uri": f"sqlite:///{blocker}/x.db"})))
+        preflight(validate(tiny_raw(data_dir, mlflow={"tracking_uri": f"sqlite:///{blocker}/x.db"})))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_validate_and_dry_run_fail_like_the_run_without_cuda(workdir: Path, data_dir: Path):
     spec = spec_in(workdir, tiny_raw(data_dir))
     with pytest.raises(DeviceError):
-        preflight(config.load(spec, ["train.device=cuda"]))
+        preflight(load(spec, ["train.device=cuda"]))
     for args in (["validate", str(spec), "--set", "train.device=cuda"], ["run", str(spec), "--device", "cuda", "--dry-run"]):
         result = runner.invoke(app, args)
         assert result.exit_code == 2 and result.stderr == (

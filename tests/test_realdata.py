@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fmnist_hpo.config import spec as config
+from fmnist_hpo.config.sections import validate
 from fmnist_hpo.data.datasets import load_dataset, make_splits
 from fmnist_hpo.training.loop import train_and_test
 
@@ -18,14 +18,14 @@ pytestmark = [
 
 
 def test_real_data_has_the_standard_shape():
-    ds = load_dataset(config.validate({"data": {"download": False}}).data)
+    ds = load_dataset(validate({"data": {"download": False}}).data)
     assert ds.train_images.shape == (60_000, 28, 28) and ds.test_images.shape == (10_000, 28, 28)
     assert torch.bincount(torch.from_numpy(ds.test_labels)).tolist() == [1000] * 10
     assert abs(ds.train_images.mean() / 255 - 0.2860) < 1e-3
 
 
 def test_a_few_seconds_of_training_beats_70_percent():
-    cfg = config.validate({
+    cfg = validate({
         "data": {"download": False, "train_subset": 5000, "val_size": 2000},
         "model": {"num_blocks": 3, "filters": 16, "units1": 64, "units2": 32, "conv_dropout": 0.0},
         "train": {"epochs": 2, "batch_size": 64, "lr": 4e-3, "scheduler": "onecycle", "device": "cpu",

@@ -15,7 +15,7 @@ import yaml
 from conftest import tiny_raw
 from mlflow.tracking import MlflowClient
 
-from fmnist_hpo.config import spec as config
+from fmnist_hpo.config.sections import validate
 from fmnist_hpo.data.datasets import load_dataset, make_splits
 from fmnist_hpo.training.checkpoints import (
     CheckpointError,
@@ -35,8 +35,8 @@ class Interrupted(Exception):
 
 @pytest.mark.parametrize("scheduler", ["step", "onecycle"])
 def test_a_resumed_trial_ends_with_the_same_metrics(data_dir: Path, tmp_path: Path, scheduler: str):
-    cfg = config.validate(tiny_raw(data_dir, train={"epochs": 4, "scheduler": scheduler, "step_size": 1},
-                                   data={"augment_flip": True}))
+    cfg = validate(tiny_raw(data_dir, train={"epochs": 4, "scheduler": scheduler, "step_size": 1},
+                            data={"augment_flip": True}))
     splits = make_splits(load_dataset(cfg.data), cfg.data, CPU)
     straight = train_and_test(cfg, splits, CPU)
 

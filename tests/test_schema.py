@@ -12,8 +12,9 @@ import yaml
 from typer.testing import CliRunner
 
 from fmnist_hpo.cli.app import app
-from fmnist_hpo.config import spec
+from fmnist_hpo.config.loading import flatten, to_dict
 from fmnist_hpo.config.schema import SHIPPED_PATH, spec_schema
+from fmnist_hpo.config.sections import field_docs, validate
 from fmnist_hpo.errors import ConfigError
 
 jsonschema = pytest.importorskip("jsonschema")
@@ -70,7 +71,7 @@ def test_every_shipped_config_names_and_passes_the_schema(path: Path, validator:
 ])
 def test_the_schema_rejects_what_the_validator_rejects(raw: dict, validator: jsonschema.Draft202012Validator):
     with pytest.raises(ConfigError):
-        spec.validate(raw)
+        validate(raw)
     assert list(validator.iter_errors(raw)), f"the schema accepts {raw}"
 
 
@@ -82,14 +83,14 @@ def test_the_schema_rejects_what_the_validator_rejects(raw: dict, validator: jso
                           "model.dense1_dropout": {"quniform": [0.0, 0.5, 0.05]}}}},
 ])
 def test_the_schema_accepts_what_the_validator_accepts(raw: dict, validator: jsonschema.Draft202012Validator):
-    spec.validate(raw)
+    validate(raw)
     assert [e.message for e in validator.iter_errors(raw)] == []
 
 
 def test_every_key_carries_its_default_and_help_text():
     schema = spec_schema()
-    docs = spec.field_docs()
-    defaults = spec.flatten(spec.to_dict(spec.validate({})))
+    docs = field_docs()
+    defaults = flatten(to_dict(validate({})))
     for key, doc in docs.items():
         node = schema
         for part in key.split("."):

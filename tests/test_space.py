@@ -5,14 +5,15 @@ import pytest
 from hyperopt import Trials, fmin, rand
 
 from fmnist_hpo.config import space
-from fmnist_hpo.config import spec as config
+from fmnist_hpo.config.loading import apply_overrides
+from fmnist_hpo.config.sections import validate
 from fmnist_hpo.errors import ConfigError
 from fmnist_hpo.search import hyperopt_space
 
 
 def space_problems(entries: dict) -> list[str]:
     with pytest.raises(ConfigError) as info:
-        config.validate({"search": {"space": entries}})
+        validate({"search": {"space": entries}})
     return info.value.problems
 
 
@@ -49,7 +50,7 @@ def test_primitives_sample_real_values_within_bounds():
         "model.units1": {"randint": [64, 70]},
         "train.weight_decay": {"normal": [0.001, 1e-6]},
     }
-    cfg = config.validate({"search": {"space": spec, "max_evals": 30}})
+    cfg = validate({"search": {"space": spec, "max_evals": 30}})
     expressions = hyperopt_space.to_hyperopt(cfg.search.space)
     seen: list[dict] = []
 
@@ -65,7 +66,7 @@ def test_primitives_sample_real_values_within_bounds():
         assert 0.0 <= point["model.dense1_dropout"] <= 0.5
         assert isinstance(point["train.batch_size"], int) and point["train.batch_size"] % 32 == 0
         assert 64 <= point["model.units1"] < 70
-        config.validate(config.apply_overrides({}, point))  # every sample is a valid config
+        validate(apply_overrides({}, point))  # every sample is a valid config
     lrs = [math.log10(p["train.lr"]) for p in seen]
     assert min(lrs) < -3 < max(lrs)  # log scale: both decades are visited
 
@@ -76,5 +77,5 @@ def test_describe_lists_each_key():
 
 
 def test_override_can_reach_a_dotted_search_key():
-    raw = config.apply_overrides({}, {"search.space.train.lr": {"loguniform": [1e-4, 1e-3]}})
+    raw = apply_overrides({}, {"search.space.train.lr": {"loguniform": [1e-4, 1e-3]}})
     assert raw == {"search": {"space": {"train.lr": {"loguniform": [1e-4, 1e-3]}}}}

@@ -57,11 +57,11 @@ def test_two_specs_naming_one_experiment_are_refused_in_one_line(tmp_path: Path,
 
 
 def test_the_shipped_specs_name_distinct_experiments():
-    from fmnist_hpo.config import spec as config_module
+    from fmnist_hpo.config.loading import load
     from fmnist_hpo.search.plan import check_distinct_experiments
 
     paths = sorted(Path(__file__).parents[1].glob("configs/*.yaml"))
-    check_distinct_experiments([(p, config_module.load(p, [], {})) for p in paths])
+    check_distinct_experiments([(p, load(p, [], {})) for p in paths])
 
 
 def test_specs_run_in_order_and_a_rerun_skips_finished_ones(tmp_path: Path, data_dir: Path,
@@ -116,12 +116,12 @@ def test_a_dry_run_estimates_each_experiment(tmp_path: Path, data_dir: Path, mon
 
 
 def test_the_estimate_adds_fixed_costs_to_the_epochs(monkeypatch: pytest.MonkeyPatch):
-    from fmnist_hpo.config import spec as config_module
+    from fmnist_hpo.config.sections import validate
     from fmnist_hpo.search import plan
 
     monkeypatch.setattr(plan, "probe", lambda cfg, device: plan.Probe(epoch_seconds=2.0, test_seconds=0.5,
                                                                       warmup_seconds=1.5))
-    cfg = config_module.validate({"train": {"epochs": 4}, "search": {"max_evals": 3, "space": {
+    cfg = validate({"train": {"epochs": 4}, "search": {"max_evals": 3, "space": {
         "train.lr": {"loguniform": [1e-4, 1e-2]}}}})
     said = []
     result = plan.estimate(cfg, "cpu", on_probe=said.append)

@@ -16,8 +16,10 @@ from conftest import write_dataset
 from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
 
-from fmnist_hpo.config import spec
+from fmnist_hpo.config.loading import to_dict
+from fmnist_hpo.config.sections import validate
 from fmnist_hpo.data.lineage import idx_digest
+from fmnist_hpo.errors import ConfigError
 from fmnist_hpo.tracking.tracker import Tracker, _fluent_tracking_uri, log_trial_model, model_requirements
 from fmnist_hpo.training.checkpoints import save_checkpoint
 from fmnist_hpo.training.model import build_model, with_normalization
@@ -39,10 +41,10 @@ def finished_run(tracker: Tracker) -> str:
 
 
 def tiny_checkpoint(folder: Path, run_id: str) -> tuple[Path, torch.nn.Module]:
-    model_config = spec.validate({"model": TINY_MODEL}).model
+    model_config = validate({"model": TINY_MODEL}).model
     torch.manual_seed(0)
     model = build_model(model_config).eval()
-    path = save_checkpoint(folder / f"{run_id}.pt", model, spec.to_dict(spec.validate({"model": TINY_MODEL}))["model"],
+    path = save_checkpoint(folder / f"{run_id}.pt", model, to_dict(validate({"model": TINY_MODEL}))["model"],
                            run_id=run_id, kept_epoch=1)
     return path, with_normalization(model)
 
@@ -197,14 +199,14 @@ def test_system_metrics_without_psutil_say_what_to_install(tracker: Tracker, mon
 
 
 def test_system_metrics_is_an_mlflow_setting_off_by_default():
-    assert spec.validate({}).mlflow.system_metrics is False
-    assert spec.validate({"mlflow": {"system_metrics": True}}).mlflow.system_metrics is True
-    with pytest.raises(spec.ConfigError, match=r"mlflow\.system_metrics: must be true or false"):
-        spec.validate({"mlflow": {"system_metrics": "yes"}})
+    assert validate({}).mlflow.system_metrics is False
+    assert validate({"mlflow": {"system_metrics": True}}).mlflow.system_metrics is True
+    with pytest.raises(ConfigError, match=r"mlflow\.system_metrics: must be true or false"):
+        validate({"mlflow": {"system_metrics": "yes"}})
 
 
 def test_exp12_model_exports_in_a_few_seconds(tracker: Tracker, finished_run: str):
-    model = with_normalization(build_model(spec.validate({}).model))
+    model = with_normalization(build_model(validate({}).model))
     start = time.perf_counter()
     tracker.log_pytorch_model(finished_run, model, np.zeros((2, 1, 28, 28), dtype=np.float32), 10)
     assert time.perf_counter() - start < 15  # about 2 s on two busy CPU cores; the old path took 7 s

@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import tiny_raw
 
-from fmnist_hpo.config import spec
+from fmnist_hpo.config.sections import validate
 from fmnist_hpo.data.datasets import augment, load_dataset, make_splits, normalize
 from fmnist_hpo.selection import kept_epoch
 from fmnist_hpo.training.loop import EarlyStopping, TrialDiverged, evaluate, make_engine, resolve_device, train_and_test
@@ -13,7 +13,7 @@ CPU = torch.device("cpu")
 
 
 def tiny_run(data_dir: Path, **sections):
-    cfg = spec.validate(tiny_raw(data_dir, **sections))
+    cfg = validate(tiny_raw(data_dir, **sections))
     splits = make_splits(load_dataset(cfg.data), cfg.data, CPU)
     return train_and_test(cfg, splits, CPU)
 
@@ -48,8 +48,8 @@ def test_smoke_run_learns_and_restores_the_best_epoch(data_dir: Path):
 @pytest.mark.parametrize("metric", ["val_accuracy", "val_loss"])
 def test_kept_epoch_follows_the_search_metric_not_the_early_stopping_monitor(data_dir: Path, metric: str):
     monitor = "val_loss" if metric == "val_accuracy" else "val_accuracy"
-    cfg = spec.validate(tiny_raw(data_dir, train={"epochs": 5, "lr": 2e-2, "monitor": monitor, "patience": 5},
-                                   search={"metric": metric}))
+    cfg = validate(tiny_raw(data_dir, train={"epochs": 5, "lr": 2e-2, "monitor": monitor, "patience": 5},
+                            search={"metric": metric}))
     splits = make_splits(load_dataset(cfg.data), cfg.data, CPU)
     outcome = train_and_test(cfg, splits, CPU)
     history = outcome.fit.history
@@ -126,7 +126,7 @@ def test_a_diverging_trial_raises(data_dir: Path, monkeypatch: pytest.MonkeyPatc
 
 
 def test_augmentation_keeps_shape_and_changes_pixels(data_dir: Path):
-    cfg = spec.validate({"data": {"augment_flip": True, "augment_translate": 2, "augment_erase": 1.0}}).data
+    cfg = validate({"data": {"augment_flip": True, "augment_translate": 2, "augment_erase": 1.0}}).data
     x = normalize(torch.randint(0, 255, (16, 1, 28, 28), dtype=torch.uint8))
     out = augment(x, cfg, torch.Generator().manual_seed(0))
     assert out.shape == x.shape and not torch.equal(out, x)
@@ -134,7 +134,7 @@ def test_augmentation_keeps_shape_and_changes_pixels(data_dir: Path):
 
 
 def test_translation_brings_in_black_background_not_grey():
-    cfg = spec.validate({"data": {"augment_translate": 3}}).data
+    cfg = validate({"data": {"augment_translate": 3}}).data
     x = normalize(torch.full((64, 1, 28, 28), 200, dtype=torch.uint8))
     out = augment(x, cfg, torch.Generator().manual_seed(0))
     black = normalize(torch.zeros(1, dtype=torch.uint8)).item()
@@ -189,7 +189,7 @@ def test_auto_precision_on_cpu_is_bf16_only_where_the_cpu_has_native_bf16(monkey
 
 
 def test_progress_within_an_epoch_is_reported_without_changing_the_result(data_dir: Path):
-    cfg = spec.validate(tiny_raw(data_dir, train={"epochs": 2, "batch_size": 8}))
+    cfg = validate(tiny_raw(data_dir, train={"epochs": 2, "batch_size": 8}))
     splits = make_splits(load_dataset(cfg.data), cfg.data, CPU)
     heard: list[tuple[int, int]] = []
     with_progress = train_and_test(cfg, splits, CPU, on_steps=lambda done, total: heard.append((done, total)))

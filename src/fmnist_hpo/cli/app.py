@@ -18,7 +18,7 @@ from fmnist_hpo.cli.help import ConventionalGroup, ConventionalHelp
 from fmnist_hpo.errors import FmnistError, MachineFailure, Terminated
 
 if TYPE_CHECKING:
-    from fmnist_hpo.config.spec import Config
+    from fmnist_hpo.config.sections import Config
     from fmnist_hpo.search.preflight import Resolved
 
 app = typer.Typer(
@@ -82,10 +82,10 @@ RUN_SHORTCUT_FLAGS = {"search.max_evals": "--max-evals", "search.parallel": "--p
 
 def load_config(path: Path, overrides: list[str], flags: dict[str, str] | None = None) -> Config:
     """The validated spec, or exit 2 naming the file, `--set` or the option each problem came from."""
-    from fmnist_hpo.config import spec as config_module
+    from fmnist_hpo.config.loading import load
 
     try:
-        return config_module.load(path, overrides, flags)
+        return load(path, overrides, flags)
     except FmnistError as exc:
         raise fail(str(exc)) from None
 
@@ -259,12 +259,12 @@ def run_several(cfgs: list[Config], mode: str, quiet: bool, resume_command: str)
 
 def load_configs(paths: list[Path], overrides: list[str], flags: dict[str, str]) -> list[Config]:
     """Every spec validated before anything runs; the problems of all of them reported together."""
-    from fmnist_hpo.config import spec as config_module
+    from fmnist_hpo.config.loading import load
 
     configs, problems = [], []
     for path in paths:
         try:
-            configs.append(config_module.load(path, overrides, flags))
+            configs.append(load(path, overrides, flags))
         except FmnistError as exc:
             problems.append(str(exc))
     if problems:
@@ -366,10 +366,10 @@ def serve_ui(
 
     configured = None
     if config is not None:
-        from fmnist_hpo.config import spec as config_module
+        from fmnist_hpo.config.loading import load
 
         try:
-            configured = config_module.load(config).mlflow.tracking_uri
+            configured = load(config).mlflow.tracking_uri
         except FmnistError as exc:
             raise fail(str(exc)) from None
     uri = resolve_tracking_uri(tracking_uri or configured)
@@ -585,10 +585,10 @@ def print_resolved(cfg: Config, resolved: Resolved) -> None:
     """The config as YAML with `auto` and `null` replaced by what a run uses here, then the search space."""
     import yaml
 
-    from fmnist_hpo.config import spec as config_module
+    from fmnist_hpo.config.loading import to_dict
     from fmnist_hpo.config.space import describe, planned_points
 
-    raw = config_module.to_dict(cfg)
+    raw = to_dict(cfg)
     raw["models_dir"] = str(resolved.checkpoint_dir.parent)
     raw["data"]["root"] = str(resolved.data_root)
     raw["train"]["device"] = resolved.device

@@ -1,107 +1,76 @@
-"""A JSON Schema (draft 2020-12) of the experiment spec, generated from config.py's dataclasses.
+"""A JSON Schema (draft 2020-12) of the experiment spec, read from the section models' own schema.
 
 Editors use it for completion, hover text and red squiggles (`# yaml-language-server: $schema=...`).
-The spec is still validated by config.py's own validator: the training engine must import where
-only torch, numpy and pyyaml are installed, and the validator's cross-field checks (a search
-value valid for its key, conv_dropout rates per block) are beyond what a schema says.
+Pydantic's schema has the keys, types, bounds, defaults and help texts; added here are the search
+space (each key a search may vary, with one primitive whose choices are valid values of that key)
+and the sections written in place, so a key's node sits at its dotted path. The rules between keys
+(one dropout rate per block, a searched value valid for its key) stay with validation.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import types
-import typing
-from typing import Any, Literal
+from typing import Any
 
-from fmnist_hpo.config import spec
+from fmnist_hpo.config.sections import Config, field_docs
 from fmnist_hpo.config.space import FIXED_KEYS, FIXED_SECTIONS, PRIMITIVES
 
 SCHEMA_URI = "https://json-schema.org/draft/2020-12/schema"
 SHIPPED_PATH = "schema/fmnist-spec.schema.json"
-_BOUNDS = {"ge": "minimum", "gt": "exclusiveMinimum", "le": "maximum", "lt": "exclusiveMaximum"}
-_SCALARS = {bool: "boolean", int: "integer", float: "number", str: "string"}
 
 
 def spec_schema() -> dict[str, Any]:
     """The whole spec: every section closed to unknown keys, the search space keyed by dotted config keys."""
+    generated = Config.model_json_schema()
+    sections = in_place(generated, generated.pop("$defs", {}))
     schema = {"$schema": SCHEMA_URI, "$id": "https://fmnist-hpo.invalid/fmnist-spec.schema.json",
               "title": "fmnist-hpo experiment spec",
               "description": "One experiment: data, model, training, search space and MLflow settings. "
                              "Every key is optional.",
-              **section_schema(spec.Config),
+              **sections,
               "$defs": {f"{kind}_arguments": primitive_arguments(kind) for kind in PRIMITIVES if kind != "choice"}}
-    schema["properties"]["experiment"]["pattern"] = f"^{spec.EXPERIMENT_NAME.pattern}$"
-    schema["properties"]["search"]["properties"]["space"] = space_schema()
+    search = schema["properties"]["search"]["properties"]
+    search["space"] = space_schema(schema, search["space"])
     return schema
 
 
-def section_schema(cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    properties = {}
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            properties[f.name] = section_schema(tp)
-        else:
-            properties[f.name] = field_schema(f, tp)
-    return {"type": "object", "additionalProperties": False, "properties": properties}
+def in_place(node: Any, defs: dict[str, Any]) -> Any:
+    """node with each $ref replaced by its definition, and without pydantic's titles (the descriptions say more)."""
+    if isinstance(node, list):
+        return [in_place(item, defs) for item in node]
+    if not isinstance(node, dict):
+        return node
+    if "$ref" in node:
+        return in_place(defs[node["$ref"].rsplit("/", 1)[-1]], defs)
+    kept = {}
+    for key, value in node.items():
+        if key == "properties":
+            kept[key] = {name: in_place(child, defs) for name, child in value.items()}
+        elif key != "title":
+            kept[key] = value if key == "default" else in_place(value, defs)
+    return kept
 
 
-def field_schema(f: dataclasses.Field, tp: Any) -> dict[str, Any]:
-    default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-    return {"description": f.metadata.get("doc", ""), **value_schema(tp, f.metadata), "default": default}
-
-
-def value_schema(tp: Any, bounds: typing.Mapping[str, Any]) -> dict[str, Any]:
-    """The schema of one value of type tp, with the field's numeric bounds on every number in it."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        options = [value_schema(a, bounds) for a in args if a is not type(None)]
-        if type(None) in args:
-            options.append({"type": "null"})
-        return options[0] if len(options) == 1 else {"anyOf": options}
-    if origin is Literal:
-        return {"enum": list(args)}
-    if origin is list:
-        return {"type": "array", "items": value_schema(args[0], bounds)}
-    if origin is dict:
-        return {"type": "object"}
-    schema: dict[str, Any] = {"type": _SCALARS[tp]}
-    if tp in (int, float):
-        schema.update({_BOUNDS[key]: bounds[key] for key in _BOUNDS if key in bounds})
-    return schema
-
-
-def space_schema() -> dict[str, Any]:
+def space_schema(schema: dict[str, Any], generated: dict[str, Any]) -> dict[str, Any]:
     """search.space: each key a config key a search may vary, its value one primitive."""
-    hints = flat_fields()
-    searchable = {key: item for key, item in hints.items()
-                  if key not in FIXED_KEYS and not key.startswith(FIXED_SECTIONS)}
-    return {
-        "description": spec.field_docs()["search.space"], "default": {}, "type": "object",
-        "additionalProperties": False,
-        "properties": {key: primitive_schema(f, tp) for key, (f, tp) in searchable.items()},
-    }
+    searchable = [key for key in field_docs() if key not in FIXED_KEYS and not key.startswith(FIXED_SECTIONS)]
+    return {"description": generated["description"], "default": {}, "type": "object", "additionalProperties": False,
+            "properties": {key: primitive_schema(node_at(schema, key)) for key in searchable}}
 
 
-def flat_fields(cls: type = spec.Config, prefix: str = "") -> dict[str, tuple[dataclasses.Field, Any]]:
-    """Dotted key -> (field, type) for every leaf of the spec."""
-    hints = typing.get_type_hints(cls)
-    found: dict[str, tuple[dataclasses.Field, Any]] = {}
-    for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(hints[f.name]):
-            found.update(flat_fields(hints[f.name], f"{prefix}{f.name}."))
-        else:
-            found[f"{prefix}{f.name}"] = (f, hints[f.name])
-    return found
+def node_at(schema: dict[str, Any], key: str) -> dict[str, Any]:
+    node = schema
+    for part in key.split("."):
+        node = node["properties"][part]
+    return node
 
 
-def primitive_schema(f: dataclasses.Field, tp: Any) -> dict[str, Any]:
+def primitive_schema(key_node: dict[str, Any]) -> dict[str, Any]:
     """One Hyperopt primitive for this key; choice options must be valid values of the key itself."""
-    choice = {"type": "array", "minItems": 1, "items": value_schema(tp, f.metadata)}
+    value = {name: part for name, part in key_node.items() if name not in ("description", "default")}
+    choice = {"type": "array", "minItems": 1, "items": value}
     properties = {kind: {"$ref": f"#/$defs/{kind}_arguments"} for kind in PRIMITIVES if kind != "choice"}
-    return {"description": f.metadata.get("doc", ""), "type": "object", "minProperties": 1, "maxProperties": 1,
+    return {"description": key_node["description"], "type": "object", "minProperties": 1, "maxProperties": 1,
             "additionalProperties": False, "properties": {"choice": choice, **properties}}
 
 

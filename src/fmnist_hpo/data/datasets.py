@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
     import torch
 
-    from fmnist_hpo.config.spec import DataConfig
+    from fmnist_hpo.config.sections import DataConfig
 
 FILES = {
     "train_images": "train-images-idx3-ubyte",

@@ -42,10 +42,10 @@ def resolve_model(target: str | None, tracking_uri: str, experiment: str | None 
 
 
 def test_set(data_root: str | None) -> tuple[np.ndarray, np.ndarray]:
-    from fmnist_hpo.config import spec as config_module
+    from fmnist_hpo.config.sections import validate
     from fmnist_hpo.data.datasets import load_dataset
 
-    dataset = load_dataset(config_module.validate({"data": {"root": data_root}}).data)
+    dataset = load_dataset(validate({"data": {"root": data_root}}).data)
     return dataset.test_images, dataset.test_labels
 
 

@@ -415,7 +415,7 @@ class Verifier:
     # --- its data --------------------------------------------------------------------------
 
     def _data_root(self, trial: LoggedTrial) -> Path:
-        from fmnist_hpo.config.spec import validate
+        from fmnist_hpo.config.sections import validate
         from fmnist_hpo.data.datasets import data_root
 
         root = self.request.data_root or _param(trial.params, "data.root")
@@ -424,7 +424,7 @@ class Verifier:
     def _test_set(self, label: str, trial: LoggedTrial) -> tuple[torch.Tensor, torch.Tensor] | None:
         root = self._data_root(trial)
         if root not in self._test_sets:
-            from fmnist_hpo.config.spec import validate
+            from fmnist_hpo.config.sections import validate
             from fmnist_hpo.data.datasets import load_dataset
 
             try:

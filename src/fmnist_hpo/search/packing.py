@@ -16,14 +16,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from fmnist_hpo.config import spec as config_module
+from fmnist_hpo.config.loading import apply_overrides, to_dict
+from fmnist_hpo.config.sections import sequential_only, validate
 from fmnist_hpo.config.space import grid_points, parse_entry, planned_points, probe_values, space_size
-from fmnist_hpo.config.spec import sequential_only
 from fmnist_hpo.data.datasets import Dataset, Split
 from fmnist_hpo.training.loop import evaluate, make_optimizer, prepare_trial, train_epoch
 
 if TYPE_CHECKING:
-    from fmnist_hpo.config.spec import Config
+    from fmnist_hpo.config.sections import Config
 
 CUDA_CONTEXT_BYTES = 600 * 2**20  # a process's CUDA context and cuDNN/cuBLAS handles, where it cannot be measured
 MAX_CONTEXT_BYTES = 4 * 2**30  # more than this "outside the allocator" is other processes, not our context
@@ -44,8 +44,8 @@ def speed_variants(cfg: Config) -> list[Config]:
     size = space_size(searched)
     if not searched or size is None or size > MAX_PROBED_VARIANTS:
         return [cfg]
-    base = config_module.to_dict(cfg)
-    return [config_module.validate(config_module.apply_overrides(base, point)) for point in grid_points(searched)]
+    base = to_dict(cfg)
+    return [validate(apply_overrides(base, point)) for point in grid_points(searched)]
 
 
 def footprint_variants(cfg: Config) -> list[Config]:
@@ -62,9 +62,9 @@ def footprint_variants(cfg: Config) -> list[Config]:
         values = probe_values(kind, args)
         numbers = [v for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
         corner[key] = {"choice": [max(numbers)] if len(numbers) == len(values) else values}
-    base = config_module.to_dict(cfg)
+    base = to_dict(cfg)
     points = grid_points(corner)[:MAX_PROBED_VARIANTS]
-    return [config_module.validate(config_module.apply_overrides(base, point)) for point in points]
+    return [validate(apply_overrides(base, point)) for point in points]
 
 
 def ray_installed() -> bool:

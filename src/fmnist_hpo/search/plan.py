@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fmnist_hpo.config import spec as config_module
+from fmnist_hpo.config.loading import hash_of, to_dict
+from fmnist_hpo.config.sections import Config
 from fmnist_hpo.config.space import planned_points
-from fmnist_hpo.config.spec import Config
 from fmnist_hpo.errors import FmnistError
 from fmnist_hpo.records import SpecOutcome, SweepResult
 from fmnist_hpo.search.packing import speed_variants
@@ -80,8 +80,8 @@ def estimate(cfg: Config, device: torch.device, probe_cache: dict[str, Probe] | 
 
 
 def _probe_key(cfg: Config) -> str:
-    raw = config_module.to_dict(cfg)
-    return config_module.hash_of({"model": raw["model"], "train": raw["train"], "data": raw["data"]})
+    raw = to_dict(cfg)
+    return hash_of({"model": raw["model"], "train": raw["train"], "data": raw["data"]})
 
 
 def probe_cached(cfg: Config, device: torch.device, cache: dict[str, Probe]) -> Probe:

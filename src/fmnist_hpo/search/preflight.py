@@ -21,7 +21,7 @@ from fmnist_hpo.errors import DataError, OutputError
 from fmnist_hpo.training.fits import check_fits
 
 if TYPE_CHECKING:
-    from fmnist_hpo.config.spec import Config
+    from fmnist_hpo.config.sections import Config
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from fmnist_hpo.config import spec as config_module
+from fmnist_hpo.config.loading import apply_overrides, to_dict
+from fmnist_hpo.config.sections import Config, validate
 from fmnist_hpo.config.space import (
     MAX_REPEATED_PROPOSALS,
     config_key,
@@ -54,7 +55,7 @@ def ray_trial(params: dict[str, Any], base: dict[str, Any], dataset: Dataset) ->
     from fmnist_hpo.training.checkpoints import save_checkpoint
     from fmnist_hpo.training.loop import resolve_device, train_and_test
 
-    cfg = config_module.validate(config_module.apply_overrides(base, plain_values(params)))
+    cfg = validate(apply_overrides(base, plain_values(params)))
     device = resolve_device(cfg.train.device)
     splits = make_splits(dataset, cfg.data, device)
     metric = cfg.search.metric
@@ -72,7 +73,7 @@ def ray_trial(params: dict[str, Any], base: dict[str, Any], dataset: Dataset) ->
     record.test_accuracy, record.test_loss = outcome.test_accuracy, outcome.test_loss
     record.total_parameters = outcome.total_parameters
     with tempfile.TemporaryDirectory() as folder:
-        save_checkpoint(Path(folder) / MODEL_FILE, outcome.model, config_module.to_dict(cfg)["model"],
+        save_checkpoint(Path(folder) / MODEL_FILE, outcome.model, to_dict(cfg)["model"],
                         kept_epoch=record.kept_epoch)
         tune.report({"final": 1, "objective": best, **{k: getattr(record, k) for k in FINAL_METRICS}},
                     checkpoint=tune.Checkpoint.from_directory(folder))
@@ -122,7 +123,7 @@ def run_on_ray(runs: SweepRuns, result: SweepResult, progress: SweepProgress, da
     storage = (Path(cfg.models_dir) / cfg.experiment / "ray").absolute()
     name = f"sweep-{result.parent_run_id}"
     trainable = tune.with_resources(
-        tune.with_parameters(ray_trial, base=config_module.to_dict(cfg), dataset=dataset),
+        tune.with_parameters(ray_trial, base=to_dict(cfg), dataset=dataset),
         trial_resources(parallel, search.gpus_per_trial),
     )
     interrupt = Interrupt()
@@ -187,7 +188,7 @@ class Interrupt:
             raise KeyboardInterrupt
 
 
-def distinct_searcher(cfg: config_module.Config, result: SweepResult, cut_off: list[LoggedTrial]) -> Any:
+def distinct_searcher(cfg: Config, result: SweepResult, cut_off: list[LoggedTrial]) -> Any:
     """Ray's HyperOptSearch on the sweep's space, seeded, told the results so far, proposing the
     configurations an interruption cut off first, and only configurations not trained yet."""
     from ray.tune.search.hyperopt import HyperOptSearch
@@ -259,7 +260,7 @@ def distinct(inner: Any, known: dict[tuple, float | None]) -> Any:
     return DistinctSearcher()
 
 
-def tune_config(cfg: config_module.Config, searcher: Any, num_samples: int, parallel: int) -> Any:
+def tune_config(cfg: Config, searcher: Any, num_samples: int, parallel: int) -> Any:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, MedianStoppingRule
     from ray.tune.search import ConcurrencyLimiter

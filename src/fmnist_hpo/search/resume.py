@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fmnist_hpo.config.spec import Config
+from fmnist_hpo.config.sections import Config
 from fmnist_hpo.errors import FmnistError
 from fmnist_hpo.records import LoggedTrial, TrialRecord
 from fmnist_hpo.search.trial_runs import sweep_id

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from loguru import logger
 
-from fmnist_hpo.config import spec as config_module
+from fmnist_hpo.config.loading import to_dict
+from fmnist_hpo.config.sections import Config, validate
 from fmnist_hpo.config.space import (
     MAX_REPEATED_PROPOSALS,
     config_key,
@@ -31,7 +32,6 @@ from fmnist_hpo.config.space import (
     planned_points,
     space_size,
 )
-from fmnist_hpo.config.spec import Config
 from fmnist_hpo.data.datasets import SplitCache, load_dataset
 from fmnist_hpo.data.lineage import idx_digest
 from fmnist_hpo.errors import FmnistError, OutputError
@@ -227,7 +227,7 @@ class Sweep:
         record = self.runs.reopen_trial(interrupted) if interrupted else self.runs.open_trial(point, values, repeat)
         progress.trial_started(record.number, values)
         try:
-            trial_cfg = config_module.validate(trial_config(self.cfg, values, repeat), source=f"trial {record.number}")
+            trial_cfg = validate(trial_config(self.cfg, values, repeat), source=f"trial {record.number}")
             if interrupted is None:
                 self.runs.describe_trial(record, trial_cfg)
             with self._system_metrics(record.run_id):
@@ -293,7 +293,7 @@ class Sweep:
         record.test_accuracy, record.test_loss = outcome.test_accuracy, outcome.test_loss
         record.total_parameters = outcome.total_parameters
         record.checkpoint = save_checkpoint(self.runs.checkpoint_path(record), outcome.model,
-                                            config_module.to_dict(cfg)["model"], run_id=record.run_id,
+                                            to_dict(cfg)["model"], run_id=record.run_id,
                                             kept_epoch=record.kept_epoch)
         state_path.unlink(missing_ok=True)
         self.tracker.set_tags(record.run_id, {"wall_seconds": f"{time.perf_counter() - start:.1f}"})

@@ -16,8 +16,8 @@ from typing import Any
 
 import yaml
 
-from fmnist_hpo.config import spec as config_module
-from fmnist_hpo.config.spec import Config
+from fmnist_hpo.config.loading import apply_overrides, config_hash, dump_yaml, flatten, hash_of, to_dict
+from fmnist_hpo.config.sections import Config
 from fmnist_hpo.data.datasets import Dataset, split_indices
 from fmnist_hpo.errors import DataError, FmnistError, MachineFailure
 from fmnist_hpo.milestones import reached
@@ -40,17 +40,17 @@ def process_tags() -> dict[str, str]:
 
 def sweep_id(cfg: Config) -> str:
     """The identity of a sweep: its config without what may change between a run and its resume."""
-    raw = config_module.to_dict(cfg)
+    raw = to_dict(cfg)
     raw["search"].pop("max_evals")
     raw.pop("mlflow")
     raw.pop("description")
-    return config_module.hash_of(raw)
+    return hash_of(raw)
 
 
 def trial_config(cfg: Config, values: dict[str, Any], repeat: int) -> dict[str, Any]:
     """The raw config of one trial: the sweep's, with the sampled values and the repeat's seed."""
     overrides = {**values, "train.seed": cfg.train.seed + repeat} if repeat else values
-    return config_module.apply_overrides(config_module.to_dict(cfg), overrides)
+    return apply_overrides(to_dict(cfg), overrides)
 
 
 @dataclass(frozen=True)
@@ -80,12 +80,12 @@ class SweepRuns:
     def start_parent(self) -> str:
         cfg = self.cfg
         self.parent_id = self.tracker.start_run(
-            f"sweep-{config_module.config_hash(cfg)}",
-            params=config_module.flatten(config_module.to_dict(cfg)),
-            tags={"fmnist.role": "sweep", "sweep_id": sweep_id(cfg), "config_hash": config_module.config_hash(cfg),
+            f"sweep-{config_hash(cfg)}",
+            params=flatten(to_dict(cfg)),
+            tags={"fmnist.role": "sweep", "sweep_id": sweep_id(cfg), "config_hash": config_hash(cfg),
                   "device": self.device, "mlflow.note.content": cfg.description, **process_tags()},
         )
-        self.tracker.log_text(self.parent_id, config_module.dump_yaml(cfg), "config.yaml")
+        self.tracker.log_text(self.parent_id, dump_yaml(cfg), "config.yaml")
         return self.parent_id
 
     def continue_parent(self, parent_id: str) -> list[LoggedTrial]:
@@ -142,7 +142,7 @@ class SweepRuns:
         point = number if point is None else point
         raw = trial_config(self.cfg, values, repeat)
         run_id = self.tracker.start_run(
-            f"trial-{number:03d}", params=config_module.flatten(raw),
+            f"trial-{number:03d}", params=flatten(raw),
             tags={"fmnist.role": "trial", "trial": str(number), "point": str(point), "repeat": str(repeat),
                   "device": self.device, **self._precision_tag(raw["train"]["precision"]),
                   "sampled": yaml.safe_dump(values, sort_keys=False).strip(), **(tags or {})},
@@ -182,8 +182,8 @@ class SweepRuns:
         return record
 
     def describe_trial(self, record: TrialRecord, trial_cfg: Config) -> None:
-        self.tracker.set_tags(record.run_id, {"config_hash": config_module.config_hash(trial_cfg)})
-        self.tracker.log_text(record.run_id, config_module.dump_yaml(trial_cfg), "config.yaml")
+        self.tracker.set_tags(record.run_id, {"config_hash": config_hash(trial_cfg)})
+        self.tracker.log_text(record.run_id, dump_yaml(trial_cfg), "config.yaml")
 
     def log_epoch(self, record: TrialRecord, metrics: EpochMetrics) -> None:
         self.tracker.log_metrics(record.run_id, metrics.as_dict(), step=metrics.epoch)

@@ -82,7 +82,8 @@ def load_failure(exc: BaseException) -> str:
 
 def load_model(path: str | Path) -> nn.Module:
     """The documented loader: a checkpoint file -> the trained model in eval mode, on the CPU."""
-    from fmnist_hpo.config.spec import ConfigError, validate
+    from fmnist_hpo.config.sections import validate
+    from fmnist_hpo.errors import ConfigError
     from fmnist_hpo.training.model import build_model
 
     payload = read_checkpoint(path)

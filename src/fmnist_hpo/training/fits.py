@@ -14,12 +14,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from fmnist_hpo.config import spec as config_module
+from fmnist_hpo.config.loading import apply_overrides, to_dict
+from fmnist_hpo.config.sections import validate
 from fmnist_hpo.config.space import parse_entry, probe_values
 from fmnist_hpo.errors import ConfigError, DeviceError
 
 if TYPE_CHECKING:
-    from fmnist_hpo.config.spec import Config
+    from fmnist_hpo.config.sections import Config
 
 SIZE_KEYS = ("model.", "train.batch_size")
 
@@ -48,13 +49,13 @@ def training_bytes(cfg: Config) -> tuple[int, int]:
 def largest_variants(cfg: Config) -> list[Config]:
     """The spec, and each searched size key at each edge of its range (one key at a time)."""
     variants = [cfg]
-    base = config_module.to_dict(cfg)
+    base = to_dict(cfg)
     for key, spec in cfg.search.space.items():
         if not key.startswith(SIZE_KEYS):
             continue
         for value in probe_values(*parse_entry(key, spec)):
             try:
-                variants.append(config_module.validate(config_module.apply_overrides(base, {key: value})))
+                variants.append(validate(apply_overrides(base, {key: value})))
             except ConfigError:
                 continue
     return variants

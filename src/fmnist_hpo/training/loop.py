@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fmnist_hpo.config.sections import cuda_graph_conflicts
 from fmnist_hpo.data.datasets import Split, Splits, augment, batches, normalize, steps_per_epoch
 from fmnist_hpo.errors import DeviceError
 from fmnist_hpo.records import EpochMetrics
@@ -30,7 +31,7 @@ from fmnist_hpo.selection import maximizes
 from fmnist_hpo.training import graphs
 
 if TYPE_CHECKING:
-    from fmnist_hpo.config.spec import Config, DataConfig, TrainConfig
+    from fmnist_hpo.config.sections import Config, DataConfig, TrainConfig
 
 
 class TrialDiverged(RuntimeError):
@@ -92,17 +93,12 @@ def resolve_cuda_graphs(setting: bool | str, device: torch.device, dtype: torch.
     process), true: or a clear error."""
     if setting is False or (setting == "auto" and graphs.turned_off() is not None):
         return False
-    if device.type != "cuda":
-        problem = f"needs a CUDA device, and this run is on {device.type}"
-    elif compiled:
-        problem = "and train.compile are exclusive (torch.compile's mode='reduce-overhead' brings its own graphs)"
-    elif dtype == torch.float16:
-        problem = "cannot capture fp16's GradScaler (its step reads the device); use bf16 or fp32"
-    else:
+    conflicts = cuda_graph_conflicts(device.type, compiled, PRECISION_NAMES[dtype])
+    if not conflicts:
         return True
     if setting == "auto":
         return False
-    raise DeviceError(f"train.cuda_graphs: true {problem}")
+    raise DeviceError(conflicts[0])
 
 
 @dataclass

@@ -10,7 +10,7 @@ from torch import nn
 from fmnist_hpo.data.datasets import CLASSES, FMNIST_MEAN, FMNIST_STD
 
 if TYPE_CHECKING:
-    from fmnist_hpo.config.spec import ModelConfig
+    from fmnist_hpo.config.sections import ModelConfig
 
 
 def conv_dropout_rates(cfg: ModelConfig) -> list[float]:
