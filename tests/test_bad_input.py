@@ -130,6 +130,9 @@ def test_a_mistake_in_set_is_blamed_on_set(tmp_path: Path, data_dir: Path):
     result = runner.invoke(app, ["run", str(spec), "--set", "train.epoch=3"])
     assert result.exit_code == 2
     assert result.stderr == "error: --set: train.epoch: unknown key (did you mean 'train.epochs'?)\n"
+    result = runner.invoke(app, ["run", str(spec), "--set", "trian.epochs=2"])  # the option made the section
+    assert result.exit_code == 2
+    assert result.stderr == "error: --set: trian: unknown key (did you mean 'train'?)\n"
     result = runner.invoke(app, ["run", str(spec), "--device", "tpu"])
     assert result.exit_code == 2 and result.stderr.startswith("error: --device: train.device: must be one of")
 

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from fmnist_hpo.config.loading import config_hash, flatten, load, to_dict
+from fmnist_hpo.config.loading import apply_overrides, config_hash, flatten, load, to_dict
 from fmnist_hpo.config.sections import field_docs, validate
 from fmnist_hpo.errors import ConfigError
 
@@ -96,6 +96,46 @@ def test_overrides_are_typed_and_validated(tmp_path: Path):
         load(path, ["train.epochs=-2"])
     with pytest.raises(ConfigError, match="must look like key=value"):
         load(path, ["train.epochs"])
+
+
+def test_a_section_an_override_made_is_blamed_on_the_override(tmp_path: Path):
+    made = tmp_path / "made.yaml"
+    made.write_text("train:\n  epochs: 5\n")
+    written = tmp_path / "written.yaml"
+    written.write_text("trian:\n  epochs: 5\n")
+    for path, overrides, source in ((made, ["trian.epochs=2"], "--set"), (written, ["trian.epochs=2"], str(written)),
+                                    (written, [], str(written))):
+        with pytest.raises(ConfigError) as info:
+            load(path, overrides)
+        assert info.value.problems == ["trian: unknown key (did you mean 'train'?)"]
+        assert info.value.sources == [source], (path.name, overrides)
+
+
+def test_a_value_of_a_right_type_out_of_bounds_is_told_the_bound():
+    assert problems_of({"search": {"parallel": 0}}) == ["search.parallel: must be >= 1, got 0"]
+    assert problems_of({"search": {"parallel": "many"}}) == [
+        "search.parallel: must be an integer or must be one of auto; got str 'many'"]
+    assert problems_of({"model": {"conv_dropout": [0.1, 1.0, 0.1]}}) == ["model.conv_dropout: must be < 1, got 1.0"]
+
+
+def test_the_dataset_is_one_of_three():
+    assert validate({}).data.dataset == "fashion-mnist"
+    assert validate({"data": {"dataset": "kmnist"}}).data.dataset == "kmnist"
+    assert problems_of({"data": {"dataset": "cifar10"}}) == [
+        "data.dataset: must be one of fashion-mnist, mnist, kmnist; got str 'cifar10'"]
+
+
+ODD_VALUES = [None, True, -1, 1.5, 1e308, float("nan"), "", "text", [], [[1]], {}, {1: 2}, {"choice": []}, "x" * 500,
+              2**70]
+
+
+def test_any_odd_value_at_any_key_is_one_short_line():
+    for key in [*field_docs(), "data", "search.space.train.lr", "train.nope"]:
+        for value in ODD_VALUES:
+            try:
+                validate(apply_overrides({}, {key: value}))
+            except ConfigError as exc:
+                assert all("\n" not in p and len(p) < 200 and p.split(": ", 1)[0] for p in exc.problems), (key, value)
 
 
 def test_yaml_exponent_without_dot_is_a_number():

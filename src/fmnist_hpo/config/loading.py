@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from fmnist_hpo.config import bounded_yaml
+from fmnist_hpo.config.problems import shown
 from fmnist_hpo.config.sections import Config, validate
 from fmnist_hpo.errors import ConfigError
 
@@ -93,8 +94,8 @@ def spec_like(path: Path) -> str | None:
              for p in sorted(folder.glob(f"*{suffix}"))}
     starting = sorted(name for name in specs if name.startswith(stem))
     if len(starting) > 1:  # exp1 -> exp10 … exp13: no one of them is the likelier
-        shown = [str(specs[name]) for name in starting[:4]]
-        return "one of " + ", ".join(shown) + (", …" if len(starting) > 4 else "")
+        listed = [str(specs[name]) for name in starting[:4]]
+        return "one of " + ", ".join(listed) + (", …" if len(starting) > 4 else "")
     close = starting or difflib.get_close_matches(stem, specs, n=1, cutoff=0.6)
     return str(specs[close[0]]) if close else None
 
@@ -103,13 +104,13 @@ def parse_override(text: str) -> tuple[str, Any]:
     """'train.epochs=3' -> ('train.epochs', 3); the value is read as YAML."""
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
-        raise ConfigError([f"override {text!r} must look like key=value"], "--set")
+        raise ConfigError([f"override {shown(text)} must look like key=value"], "--set")
     try:
         return key.strip(), bounded_yaml.load(value)
     except bounded_yaml.SpecTooLarge as exc:
-        raise ConfigError([f"override of {key.strip()!r}: value too large ({exc})"], "--set") from None
+        raise ConfigError([f"override of {shown(key.strip())}: value too large ({exc})"], "--set") from None
     except yaml.YAMLError:
-        raise ConfigError([f"override {text!r}: value is not valid YAML"], "--set") from None
+        raise ConfigError([f"override {shown(text)}: value is not valid YAML"], "--set") from None
 
 
 def key_parts(key: str) -> list[str]:

@@ -81,7 +81,7 @@ def _is_model(annotation: Any) -> bool:
 
 def _what_is_wrong(details: list[ErrorDetails], field: Any, parent: type[BaseModel], key: str) -> str:
     if details[0]["type"] == "extra_forbidden":
-        name = key.rsplit(".", 1)[-1]
+        name = str(details[0]["loc"][-1])  # the key as written, dots and all
         hint = difflib.get_close_matches(name, parent.model_fields, n=1)
         prefix = key[: -len(name)]
         return "unknown key" + (f" (did you mean '{prefix}{hint[0]}'?)" if hint else "")
@@ -113,9 +113,9 @@ def _misfit(detail: ErrorDetails) -> str:
     kind, value, ctx = detail["type"], detail["input"], detail.get("ctx", {})
     if kind in BOUNDS:
         name, word = BOUNDS[kind]
-        return f"must be {word} {ctx[name]:g}, got {value}"
+        return f"must be {word} {ctx[name]:g}, got {shown(value)}"
     if kind == "finite_number":
-        return f"must be a finite number, got {value}"
+        return f"must be a finite number, got {shown(value)}"
     if kind == "string_too_long":
         return f"at most {ctx['max_length']} characters, got {len(value)}"
     if kind == "value_error":
@@ -124,7 +124,10 @@ def _misfit(detail: ErrorDetails) -> str:
 
 
 def describe(value: Any) -> str:
-    if value is None:
-        return "null"
-    text = repr(value)  # a problem is one line: a long value is cut, never printed whole
-    return f"{type(value).__name__} {text if len(text) <= 80 else text[:72] + ' ...'}"
+    return "null" if value is None else f"{type(value).__name__} {shown(value)}"
+
+
+def shown(value: Any) -> str:
+    """repr(value), cut: a problem is one line, and a long value is never printed whole."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:72] + " ..."

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
 
-from fmnist_hpo.config.problems import RulesBroken, problems_of
+from fmnist_hpo.config.problems import RulesBroken, problems_of, shown
 from fmnist_hpo.config.space import FIXED_KEYS, FIXED_SECTIONS, parse_entry, probe_values
 from fmnist_hpo.errors import ConfigError
 
@@ -241,7 +241,7 @@ class Config(Section):
     @classmethod
     def _names_a_folder(cls, name: str) -> str:
         if not EXPERIMENT_NAME.fullmatch(name):
-            raise ValueError(f"{name!r} must be 1-100 letters, digits, '.', '_' or '-' (it names a folder under models/)")
+            raise ValueError(f"{shown(name)} must be 1-100 letters, digits, '.', '_' or '-' (it names a folder under models/)")
         return name
 
     @model_validator(mode="after")
@@ -287,7 +287,7 @@ def check_space(cfg: Config) -> list[str]:
         for value in probe_values(kind, args):
             new = [p for p in _problems_of({**base, section: {**base[section], name: value}}) if p not in base_problems]
             if new:
-                problems.append(f"{where}: value {value!r} is invalid for {key}: {new[0].split(': ', 1)[-1]}")
+                problems.append(f"{where}: value {shown(value)} is invalid for {key}: {new[0].split(': ', 1)[-1]}")
                 break
     return problems
 
@@ -301,7 +301,7 @@ def _problems_of(raw: dict[str, Any]) -> list[str]:
 
 
 def field_docs(model: type[BaseModel] = Config, prefix: str = "") -> dict[str, str]:
-    """Dotted key -> help text, for `fmnist validate --keys` and the README reference."""
+    """Dotted key -> help text: the keys a search space may name, and the README reference."""
     docs: dict[str, str] = {}
     for name, info in model.model_fields.items():
         if isinstance(info.annotation, type) and issubclass(info.annotation, Section):

@@ -17,6 +17,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from fmnist_hpo.config.problems import shown
+
 # primitive -> argument names, in the order the YAML list gives them
 PRIMITIVES: dict[str, tuple[str, ...]] = {
     "choice": ("options",),
@@ -39,23 +41,23 @@ FIXED_SECTIONS = ("search.", "mlflow.")
 def parse_entry(key: str, spec: Any) -> tuple[str, list[Any]]:
     """{'loguniform': [1e-4, 1e-2]} -> ('loguniform', [1e-4, 1e-2]); ValueError when malformed."""
     if not isinstance(spec, dict) or len(spec) != 1:
-        raise ValueError(f"must be one primitive and its arguments, e.g. {{choice: [1, 2]}}; got {spec!r}")
+        raise ValueError(f"must be one primitive and its arguments, e.g. {{choice: [1, 2]}}; got {shown(spec)}")
     (kind, args), = spec.items()
     if kind not in PRIMITIVES:
-        raise ValueError(f"unknown primitive {kind!r}; use one of {', '.join(PRIMITIVES)}")
+        raise ValueError(f"unknown primitive {shown(kind)}; use one of {', '.join(PRIMITIVES)}")
     if kind == "choice":
         if not isinstance(args, list) or not args:
             raise ValueError("choice needs a non-empty list of options")
         return kind, args
     names = PRIMITIVES[kind]
     if not isinstance(args, list) or len(args) != len(names):
-        raise ValueError(f"{kind} takes [{', '.join(names)}], got {args!r}")
+        raise ValueError(f"{kind} takes [{', '.join(names)}], got {shown(args)}")
     try:
         numbers = [float(a) if not isinstance(a, bool) else math.nan for a in args]
     except (TypeError, ValueError):
         numbers = [math.nan]
     if any(not math.isfinite(n) for n in numbers):
-        raise ValueError(f"{kind} arguments must be finite numbers, got {args!r}")
+        raise ValueError(f"{kind} arguments must be finite numbers, got {shown(args)}")
     _check_numbers(kind, numbers)
     return kind, numbers
 
