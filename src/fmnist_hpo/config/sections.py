@@ -33,6 +33,8 @@ def _numeric_text_as_float(value: Any) -> Any:
     return value
 
 
+# The bounds sit on the inner type, before the validator: so the JSON Schema carries them as minimum and
+# maximum inside a union or a list too (after a validator pydantic writes them as its own ge, gt, ...).
 def integer(**bounds: float) -> Any:
     """An int within bounds (ge, gt, le, lt): no text, no bool, and a float only when it is whole."""
     return Annotated[int, Strict(), Field(**bounds), BeforeValidator(_whole_float_as_int)]
