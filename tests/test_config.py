@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from fmnist_hpo.config.loading import apply_overrides, config_hash, flatten, load, to_dict
+from fmnist_hpo.config.loading import apply_overrides, config_hash, flatten, hash_of, load, to_dict
 from fmnist_hpo.config.sections import field_docs, validate
 from fmnist_hpo.errors import ConfigError
 
@@ -169,3 +169,11 @@ def test_readme_reference_lists_every_key():
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     missing = [key for key in field_docs() if f"| `{key}` |" not in readme]
     assert missing == []
+
+
+def test_a_key_added_later_leaves_the_hash_of_a_spec_at_its_default_as_it_was():
+    """A sweep interrupted before data.dataset existed is found again by its hash, and resumes."""
+    raw = to_dict(validate({}))
+    before_the_key = {**raw, "data": {k: v for k, v in raw["data"].items() if k != "dataset"}}
+    assert hash_of(raw) == hash_of(before_the_key)
+    assert hash_of({**raw, "data": {**raw["data"], "dataset": "mnist"}}) != hash_of(raw)

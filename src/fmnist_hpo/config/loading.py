@@ -45,7 +45,16 @@ def config_hash(cfg: Config) -> str:
     return hash_of(to_dict(cfg))
 
 
+# keys added after sweeps were recorded: at their default they are left out of a hash, so a sweep
+# interrupted before the key existed keeps its identity and resumes
+ADDED_LATER = {("data", "dataset"): "fashion-mnist"}
+
+
 def hash_of(raw: dict[str, Any]) -> str:
+    raw = copy.deepcopy(raw)
+    for (section, key), default in ADDED_LATER.items():
+        if isinstance(raw.get(section), dict) and raw[section].get(key) == default:
+            del raw[section][key]
     text = json.dumps(raw, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
