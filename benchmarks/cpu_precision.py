@@ -64,7 +64,7 @@ def interleaved_steps(config_path: str, overrides: list[str], blocks: int, steps
 
     sys.path.insert(0, str(ROOT / "src"))
     from fmnist_hpo.config import spec
-    from fmnist_hpo.data.datasets import Split
+    from fmnist_hpo.data.splits import Split
     from fmnist_hpo.training.loop import make_optimizer, prepare_trial
 
     cpu = torch.device("cpu")

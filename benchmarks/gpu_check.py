@@ -55,7 +55,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 from fmnist_hpo.config import spec as config
-from fmnist_hpo.data.datasets import Dataset, Split, Splits, make_splits
+from fmnist_hpo.data.loading import Dataset
+from fmnist_hpo.data.splits import Split, Splits, make_splits
 from fmnist_hpo.search import packing
 from fmnist_hpo.training import (
     graphs,

@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from fmnist_hpo.config import spec as config
 from fmnist_hpo.config.space import parse_entry
-from fmnist_hpo.data.datasets import load_dataset, make_splits
+from fmnist_hpo.data.loading import load_dataset
+from fmnist_hpo.data.splits import make_splits
 from fmnist_hpo.search.pruning import MedianPruner, best_so_far
 from fmnist_hpo.training.loop import resolve_device, train_and_test
 

@@ -7,7 +7,10 @@ import torch
 from conftest import N_TEST, N_TRAIN, write_dataset, write_idx
 
 from fmnist_hpo.config import spec
-from fmnist_hpo.data.datasets import FILES, balanced_subset, load_dataset, make_splits, read_idx, stratified_split
+from fmnist_hpo.data.datasets import FILES
+from fmnist_hpo.data.idx import read_idx
+from fmnist_hpo.data.loading import load_dataset
+from fmnist_hpo.data.splits import balanced_subset, make_splits, stratified_split
 from fmnist_hpo.errors import DataError
 
 

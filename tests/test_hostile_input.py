@@ -19,9 +19,10 @@ from typer.testing import CliRunner
 
 from fmnist_hpo.cli.app import app
 from fmnist_hpo.config import spec as config
-from fmnist_hpo.data.datasets import read_idx
+from fmnist_hpo.data.datasets import FASHION_MNIST
+from fmnist_hpo.data.idx import read_idx
 from fmnist_hpo.errors import DataError
-from fmnist_hpo.modelops.inference import ImageError, load_image
+from fmnist_hpo.modelops.inputs import ImageError, load_image
 from fmnist_hpo.training.checkpoints import CheckpointError, load_model, save_checkpoint
 from fmnist_hpo.training.model import build_model
 
@@ -115,7 +116,8 @@ def test_an_idx_header_declaring_too_much_is_refused_before_inflating(tmp_path: 
 
 def test_predict_idx_refuses_a_gzip_bomb_in_one_line(tmp_path: Path, data_dir: Path):
     cfg = config.validate(tiny_raw(data_dir))
-    checkpoint = save_checkpoint(tmp_path / "m.pt", build_model(cfg.model), config.to_dict(cfg)["model"])
+    checkpoint = save_checkpoint(tmp_path / "m.pt", build_model(cfg.model, FASHION_MNIST), config.to_dict(cfg)["model"],
+                                 FASHION_MNIST)
     bomb = tmp_path / "bomb-idx3-ubyte.gz"
     bomb.write_bytes(gzip_of_zeros(idx_header(1_000_000, 28, 28), 4))
     result = runner.invoke(app, ["predict", str(checkpoint), "--idx", str(bomb)])

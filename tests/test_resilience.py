@@ -16,7 +16,8 @@ from conftest import tiny_raw
 from mlflow.tracking import MlflowClient
 
 from fmnist_hpo.config import spec as config
-from fmnist_hpo.data.datasets import load_dataset, make_splits
+from fmnist_hpo.data.loading import load_dataset
+from fmnist_hpo.data.splits import make_splits
 from fmnist_hpo.training.checkpoints import (
     CheckpointError,
     atomic_write,

@@ -39,6 +39,8 @@ MAX_DESCRIPTION = 10_000  # characters; it is logged as the sweep's note and par
 
 @dataclass(frozen=True)
 class DataConfig:
+    dataset: Literal["fashion-mnist", "mnist", "kmnist"] = setting(
+        "fashion-mnist", "the 28x28 grey 10-class dataset torchvision reads: fashion-mnist, mnist or kmnist")
     root: str | None = setting(None, "folder holding the four IDX files; null: $FMNIST_DATA_DIR, else data/")
     download: bool = setting(True, "download the files with torchvision when they are missing")
     val_size: int = setting(10_000, "training images held out (stratified) for early stopping and the search", ge=10)

@@ -18,7 +18,8 @@ import yaml
 
 from fmnist_hpo.config import spec as config_module
 from fmnist_hpo.config.spec import Config
-from fmnist_hpo.data.datasets import Dataset, split_indices
+from fmnist_hpo.data.loading import Dataset
+from fmnist_hpo.data.splits import split_indices
 from fmnist_hpo.errors import DataError, FmnistError, MachineFailure
 from fmnist_hpo.milestones import reached
 from fmnist_hpo.records import (
