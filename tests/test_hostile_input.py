@@ -142,7 +142,7 @@ def png_declaring(path: Path, width: int, height: int) -> Path:
 @pytest.mark.parametrize("size", [(8000, 8000), (30000, 30000)])
 def test_decompression_bombs_are_refused_before_decoding(tmp_path: Path, size: tuple[int, int]):
     with pytest.raises(ImageError, match="shrink it first"):
-        load_image(png_declaring(tmp_path / "bomb.png", *size))
+        load_image(png_declaring(tmp_path / "bomb.png", *size), FASHION_MNIST)
 
 
 # --- checkpoints ------------------------------------------------------------------------------------
