@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fmnist_hpo.config.loading import load
+
 ROOT = Path(__file__).resolve().parent.parent
 MODES = ("fp32", "auto")
 
@@ -63,8 +65,8 @@ def interleaved_steps(config_path: str, overrides: list[str], blocks: int, steps
     import torch
 
     sys.path.insert(0, str(ROOT / "src"))
-    from fmnist_hpo.config.loading import load
-    from fmnist_hpo.data.datasets import Split
+    from fmnist_hpo.data.splits import Split
+
     from fmnist_hpo.training.loop import make_optimizer, prepare_trial
 
     cpu = torch.device("cpu")

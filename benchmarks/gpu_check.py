@@ -54,9 +54,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
+from fmnist_hpo.data.loading import Dataset
+from fmnist_hpo.data.splits import Split, Splits, make_splits
+
 from fmnist_hpo.config.loading import to_dict
 from fmnist_hpo.config.sections import Config, validate
-from fmnist_hpo.data.datasets import Dataset, Split, Splits, make_splits
+from fmnist_hpo.data.datasets import FASHION_MNIST
 from fmnist_hpo.search import packing
 from fmnist_hpo.training import (
     graphs,
@@ -139,7 +142,7 @@ def synthetic_dataset(n_train: int, n_test: int, seed: int = 0) -> Dataset:
 
     train_labels = (np.arange(n_train) % 10).astype(np.int64)
     test_labels = (np.arange(n_test) % 10).astype(np.int64)
-    return Dataset(images_for(train_labels), train_labels, images_for(test_labels), test_labels)
+    return Dataset(images_for(train_labels), train_labels, images_for(test_labels), test_labels, FASHION_MNIST)
 
 
 def spec(quick: bool, model: dict | None = None, data: dict | None = None, **train_settings: Any) -> Config:

@@ -41,9 +41,9 @@ sys.path.insert(0, str(ROOT / "src"))
 import sweep_throughput
 import time_to_accuracy
 import train_throughput
+from fmnist_hpo.data.loading import load_dataset
 
 from fmnist_hpo.config.loading import load, to_dict
-from fmnist_hpo.data.datasets import load_dataset
 from fmnist_hpo.search.packing import free_gpu_bytes, resolve_parallel, trial_footprint
 from fmnist_hpo.training.loop import resolve_device
 

@@ -26,10 +26,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from fmnist_hpo.data.loading import load_dataset
+from fmnist_hpo.data.splits import make_splits
+
 from fmnist_hpo.config.loading import apply_overrides, load, to_dict
 from fmnist_hpo.config.sections import validate
 from fmnist_hpo.config.space import parse_entry
-from fmnist_hpo.data.datasets import load_dataset, make_splits
 from fmnist_hpo.search.pruning import MedianPruner, best_so_far
 from fmnist_hpo.training.loop import resolve_device, train_and_test
 

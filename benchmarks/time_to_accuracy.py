@@ -19,9 +19,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from fmnist_hpo.data.loading import load_dataset
+from fmnist_hpo.data.splits import make_splits
+
 from fmnist_hpo.config.loading import load
 from fmnist_hpo.config.sections import Config
-from fmnist_hpo.data.datasets import load_dataset, make_splits
 from fmnist_hpo.training.loop import EpochMetrics, evaluate, fit, prepare_trial, resolve_device
 
 THRESHOLDS = (0.930, 0.935, 0.940)

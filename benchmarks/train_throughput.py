@@ -31,9 +31,13 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from fmnist_hpo.data.loading import load_dataset
+from fmnist_hpo.data.splits import Split, make_splits
+
 from fmnist_hpo.config.loading import load
 from fmnist_hpo.config.sections import Config
-from fmnist_hpo.data.datasets import Split, load_dataset, make_splits, normalize
+from fmnist_hpo.data.datasets import dataset_named
+from fmnist_hpo.training.batches import normalize
 from fmnist_hpo.training.loop import make_optimizer, prepare_trial, resolve_device, train_epoch
 from fmnist_hpo.training.model import build_model
 
@@ -136,9 +140,10 @@ def make_runner(mode: str, cfg: Config, cpu_train: Split, train: Split, device: 
                 fast_batch: int, compile_fast: bool, engines: list):
     if mode == "reference":
         torch.manual_seed(0)
-        model = build_model(cfg.model).to(device)
+        info = dataset_named(cfg.data.dataset)
+        model = build_model(cfg.model, info).to(device)
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
-        dataset = TensorDataset(normalize(cpu_train.images), cpu_train.labels)
+        dataset = TensorDataset(normalize(cpu_train.images, info), cpu_train.labels)
         loader = DataLoader(dataset, batch_size=64, shuffle=True)
         return lambda: reference_epoch(model, loader, optimizer, device)
     graphs = mode.endswith("+graphs")

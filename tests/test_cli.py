@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from fmnist_hpo.cli.app import app
 from fmnist_hpo.search import sweep as sweep_module
-from fmnist_hpo.training.checkpoints import load_model, read_checkpoint
+from fmnist_hpo.training.checkpoints import load_trained, read_checkpoint
 from fmnist_hpo.training.model import with_normalization
 
 runner = CliRunner()
@@ -133,7 +133,7 @@ def test_run_end_to_end_into_sqlite(tmp_path: Path, data_dir: Path, monkeypatch:
     assert best.data.metrics["kept_val_accuracy"] == max(c.data.metrics["kept_val_accuracy"] for c in children)
     checkpoint = Path("models/e2e", f"{best.info.run_id}.pt")
     assert read_checkpoint(checkpoint)["model_config"]["filters"] == int(best.data.params["model.filters"])
-    model = with_normalization(load_model(checkpoint))
+    model = with_normalization(*load_trained(checkpoint))
     images = np.random.default_rng(0).random((3, 1, 28, 28), dtype=np.float32)
     expected = model(torch.from_numpy(images)).detach()
     logged = mlflow.pytorch.load_model(best.data.tags["model_uri"])
@@ -189,7 +189,8 @@ def test_engine_and_benchmarks_import_without_mlflow_hyperopt_loguru_or_ray():
     code = (
         "import sys, runpy\n"
         "for name in ('mlflow', 'hyperopt', 'loguru', 'ray'): sys.modules[name] = None\n"
-        "import fmnist_hpo.training.loop, fmnist_hpo.data.datasets, fmnist_hpo.training.model, fmnist_hpo.training.checkpoints\n"
+        "import fmnist_hpo.training.loop, fmnist_hpo.data.loading, fmnist_hpo.data.splits, fmnist_hpo.training.model\n"
+        "import fmnist_hpo.training.checkpoints\n"
         "import fmnist_hpo.config.sections, fmnist_hpo.config.space, fmnist_hpo.search.pruning, fmnist_hpo.modelops.inference\n"
         "fmnist_hpo.config.sections.validate({'search': {'space': {'train.lr': {'loguniform': [1e-4, 1e-2]}}}})\n"
         f"for script in ('train_throughput', 'time_to_accuracy', 'sweep_throughput', 'gpu_check'):\n"

@@ -16,10 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_raw
+from fmnist_hpo.data.loading import load_dataset
+from fmnist_hpo.data.splits import make_splits
 
 from fmnist_hpo.config.loading import to_dict
 from fmnist_hpo.config.sections import Config, validate
-from fmnist_hpo.data.datasets import load_dataset, make_splits
+from fmnist_hpo.data.datasets import FASHION_MNIST
 from fmnist_hpo.errors import ConfigError, DeviceError
 from fmnist_hpo.training import graphs, loop
 from fmnist_hpo.training.loop import fit, make_engine, prepare_trial, resolve_cuda_graphs, train_and_test
@@ -49,7 +51,7 @@ def test_true_where_graphs_cannot_run_is_a_clear_error():
 
 
 def test_the_cpu_engine_does_not_capture():
-    engine = make_engine(validate({"train": {"cuda_graphs": "auto"}}).train, CPU, 0)
+    engine = make_engine(validate({"train": {"cuda_graphs": "auto"}}).train, CPU, 0, FASHION_MNIST)
     assert not engine.cuda_graphs
 
 

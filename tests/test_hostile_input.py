@@ -14,15 +14,16 @@ import pytest
 import torch
 import yaml
 from conftest import tiny_raw
+from fmnist_hpo.data.idx import read_idx
 from PIL import Image
 from typer.testing import CliRunner
 
 from fmnist_hpo.cli.app import app
 from fmnist_hpo.config.loading import apply_overrides, to_dict
 from fmnist_hpo.config.sections import validate
-from fmnist_hpo.data.datasets import read_idx
+from fmnist_hpo.data.datasets import FASHION_MNIST
 from fmnist_hpo.errors import ConfigError, DataError
-from fmnist_hpo.modelops.inference import ImageError, load_image
+from fmnist_hpo.modelops.inputs import ImageError, load_image
 from fmnist_hpo.training.checkpoints import CheckpointError, load_model, save_checkpoint
 from fmnist_hpo.training.model import build_model
 
@@ -116,7 +117,8 @@ def test_an_idx_header_declaring_too_much_is_refused_before_inflating(tmp_path: 
 
 def test_predict_idx_refuses_a_gzip_bomb_in_one_line(tmp_path: Path, data_dir: Path):
     cfg = validate(tiny_raw(data_dir))
-    checkpoint = save_checkpoint(tmp_path / "m.pt", build_model(cfg.model), to_dict(cfg)["model"])
+    checkpoint = save_checkpoint(tmp_path / "m.pt", build_model(cfg.model, FASHION_MNIST), to_dict(cfg)["model"],
+                                 FASHION_MNIST)
     bomb = tmp_path / "bomb-idx3-ubyte.gz"
     bomb.write_bytes(gzip_of_zeros(idx_header(1_000_000, 28, 28), 4))
     result = runner.invoke(app, ["predict", str(checkpoint), "--idx", str(bomb)])
@@ -141,7 +143,7 @@ def png_declaring(path: Path, width: int, height: int) -> Path:
 @pytest.mark.parametrize("size", [(8000, 8000), (30000, 30000)])
 def test_decompression_bombs_are_refused_before_decoding(tmp_path: Path, size: tuple[int, int]):
     with pytest.raises(ImageError, match="shrink it first"):
-        load_image(png_declaring(tmp_path / "bomb.png", *size))
+        load_image(png_declaring(tmp_path / "bomb.png", *size), FASHION_MNIST)
 
 
 # --- checkpoints ------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from fmnist_hpo.config.sections import validate
+from fmnist_hpo.data.datasets import FASHION_MNIST
 from fmnist_hpo.training.model import build_model, conv_dropout_rates, count_parameters
 
 
@@ -12,7 +13,7 @@ def model_cfg(**values):
 @pytest.mark.parametrize("num_blocks", [1, 2, 3, 4, 5, 6])
 @pytest.mark.parametrize("variant", [{}, {"residual": True}, {"architecture": "dual_path"}, {"batchnorm": False}])
 def test_every_depth_and_variant_gives_ten_logits(num_blocks: int, variant: dict):
-    model = build_model(model_cfg(num_blocks=num_blocks, filters=4, units1=8, units2=8, **variant)).eval()
+    model = build_model(model_cfg(num_blocks=num_blocks, filters=4, units1=8, units2=8, **variant), FASHION_MNIST).eval()
     assert model(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
 
 
@@ -20,17 +21,17 @@ def test_study_model_parameter_count():
     # 3 conv layers (bias-free, BatchNorm) + BN; dense 256->192->96 (bias-free, BatchNorm) + 96->10
     conv = (1 * 9 * 256 + 2 * 256) + 2 * (256 * 9 * 256 + 2 * 256)
     dense = (256 * 192 + 2 * 192) + (192 * 96 + 2 * 96) + (96 * 10 + 10)
-    assert count_parameters(build_model(model_cfg())) == conv + dense == 1_252_618
+    assert count_parameters(build_model(model_cfg(), FASHION_MNIST)) == conv + dense == 1_252_618
 
 
 def test_without_batchnorm_layers_have_biases_and_no_norms():
-    model = build_model(model_cfg(batchnorm=False, num_blocks=2, filters=4, units1=8, units2=8))
+    model = build_model(model_cfg(batchnorm=False, num_blocks=2, filters=4, units1=8, units2=8), FASHION_MNIST)
     assert not any(isinstance(m, torch.nn.BatchNorm2d | torch.nn.BatchNorm1d) for m in model.modules())
     assert count_parameters(model) == (9 * 4 + 4) + (4 * 9 * 4 + 4) + (4 * 8 + 8) + (8 * 8 + 8) + (8 * 10 + 10)
 
 
 def test_residual_adds_a_projection_only_where_shapes_differ():
-    model = build_model(model_cfg(residual=True, num_blocks=3, filters=4))
+    model = build_model(model_cfg(residual=True, num_blocks=3, filters=4), FASHION_MNIST)
     blocks = list(model.towers[0])[:3]
     assert blocks[0].shortcut is None
     assert all(isinstance(b.shortcut, torch.nn.Identity) for b in blocks[1:])
@@ -47,6 +48,6 @@ def test_dropout_placement(placement: str, expected: list):
 
 def test_per_block_dropout_rates():
     cfg = model_cfg(num_blocks=3, conv_dropout=[0.1, 0.2, 0.3])
-    model = build_model(cfg)
+    model = build_model(cfg, FASHION_MNIST)
     rates = [b.dropout.p for b in list(model.towers[0])[:3]]
     assert rates == [0.1, 0.2, 0.3]

@@ -17,13 +17,15 @@ import pytest
 import torch
 import yaml
 from conftest import tiny_raw
+from fmnist_hpo.data.idx import read_idx
 from mlflow.tracking import MlflowClient
 from PIL import Image
 from typer.testing import CliRunner
 
 from fmnist_hpo.cli.app import app
-from fmnist_hpo.data.datasets import CLASSES, FILES, read_idx
-from fmnist_hpo.modelops.inference import load_image, predict_logits
+from fmnist_hpo.data.datasets import FASHION_MNIST, FILES
+from fmnist_hpo.modelops.inference import predict_logits
+from fmnist_hpo.modelops.inputs import load_image
 from fmnist_hpo.training.checkpoints import load_model
 
 runner = CliRunner()
@@ -64,15 +66,15 @@ def test_evaluate_matches_a_direct_computation(in_sweep_folder: dict, tmp_path: 
     images = read_idx(next(sweep["data_dir"].glob(FILES["test_images"] + "*")))
     labels = read_idx(next(sweep["data_dir"].glob(FILES["test_labels"] + "*"))).astype(np.int64)
     model = load_model(Path("models/served") / f"{sweep['best']}.pt")
-    predicted = predict_logits(model, images).argmax(1).numpy()
+    predicted = predict_logits(model, images, FASHION_MNIST).argmax(1).numpy()
     accuracy = float((predicted == labels).mean())
     assert f"test accuracy {accuracy:.4f}" in result.stdout
     recall_0 = float((predicted[labels == 0] == 0).mean())
-    assert f"{CLASSES[0]:<12}" in result.stdout and f"{recall_0:>8.4f}" in result.stdout
+    assert f"{FASHION_MNIST.classes[0]:<12}" in result.stdout and f"{recall_0:>8.4f}" in result.stdout
     matrix = result.stdout.split("columns: predicted class)\n")[1].splitlines()
     assert matrix[0].split() == ["T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
                                  "Bag", "Ankle"]  # every column named by one word, every row in full
-    assert [line[:12].strip() for line in matrix[1:11]] == list(CLASSES)
+    assert [line[:12].strip() for line in matrix[1:11]] == list(FASHION_MNIST.classes)
     assert int(matrix[1].split()[1]) == int(((labels == 0) & (predicted == 0)).sum())
     assert Image.open(png).format == "PNG"
     run = sweep["client"].get_run(sweep["best"])
@@ -95,7 +97,7 @@ def test_predict_images_and_idx(in_sweep_folder: dict, tmp_path: Path):
     sweep = in_sweep_folder
     images = read_idx(next(sweep["data_dir"].glob(FILES["test_images"] + "*")))
     checkpoint = Path("models/served") / f"{sweep['best']}.pt"
-    expected = predict_logits(load_model(checkpoint), images[:2]).softmax(1)
+    expected = predict_logits(load_model(checkpoint), images[:2], FASHION_MNIST).softmax(1)
     gray = tmp_path / "gray.png"
     Image.fromarray(images[0]).save(gray)
     colour = tmp_path / "colour.jpg"  # a dark-on-light colour photo three times the size
@@ -104,13 +106,14 @@ def test_predict_images_and_idx(in_sweep_folder: dict, tmp_path: Path):
     assert result.exit_code == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     top = expected.argmax(1).tolist()
-    assert lines[0].startswith(f"{gray}: {CLASSES[top[0]]}")
-    assert f"{CLASSES[top[0]]} {expected[0].max():.3f}" in lines[0]
+    assert lines[0].startswith(f"{gray}: {FASHION_MNIST.classes[top[0]]}")
+    assert f"{FASHION_MNIST.classes[top[0]]} {expected[0].max():.3f}" in lines[0]
     # the dark-on-light JPEG comes back as the light-on-dark original (inverted, shrunk), up to JPEG's loss;
     # a model trained for one epoch on 400 images has near-ties, so its class is checked on what was loaded
-    loaded = load_image(colour)
+    loaded = load_image(colour, FASHION_MNIST)
     assert np.corrcoef(loaded.ravel(), images[1].ravel())[0, 1] > 0.9  # not inverted: that would be near -1
-    assert lines[1].startswith(f"{colour}: {CLASSES[int(predict_logits(load_model(checkpoint), loaded[None]).argmax())]}")
+    loaded_top = int(predict_logits(load_model(checkpoint), loaded[None], FASHION_MNIST).argmax())
+    assert lines[1].startswith(f"{colour}: {FASHION_MNIST.classes[loaded_top]}")
     idx_file = str(next(sweep["data_dir"].glob(FILES["test_images"] + "*")))
     idx = runner.invoke(app, ["predict", sweep["best"], "--idx", idx_file, "--tracking-uri", sweep["uri"], "--limit", "3"])
     assert idx.exit_code == 0, idx.stderr
@@ -118,7 +121,7 @@ def test_predict_images_and_idx(in_sweep_folder: dict, tmp_path: Path):
     assert [line.split(":")[0] for line in lines[:3]] == [f"{Path(idx_file).name}[{i}]" for i in range(3)]
     assert lines[3] == f"... {len(images) - 3} more not shown (--limit 0 prints all)"
     labels = read_idx(next(sweep["data_dir"].glob(FILES["test_labels"] + "*")))  # found beside the images
-    right = int((predict_logits(load_model(checkpoint), images).argmax(1).numpy() == labels).sum())
+    right = int((predict_logits(load_model(checkpoint), images, FASHION_MNIST).argmax(1).numpy() == labels).sum())
     assert lines[4].startswith(f"accuracy {right / len(images):.4f} ({right} of {len(images)} images right; labels: ")
     everything = runner.invoke(app, ["predict", str(checkpoint), "--idx", idx_file, "--limit", "0"])
     assert len(everything.stdout.strip().splitlines()) == len(images) + 1  # every image, then the accuracy

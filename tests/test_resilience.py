@@ -13,10 +13,11 @@ import pytest
 import torch
 import yaml
 from conftest import tiny_raw
+from fmnist_hpo.data.loading import load_dataset
+from fmnist_hpo.data.splits import make_splits
 from mlflow.tracking import MlflowClient
 
 from fmnist_hpo.config.sections import validate
-from fmnist_hpo.data.datasets import load_dataset, make_splits
 from fmnist_hpo.training.checkpoints import (
     CheckpointError,
     atomic_write,

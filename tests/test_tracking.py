@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from fmnist_hpo.config.loading import to_dict
 from fmnist_hpo.config.sections import validate
+from fmnist_hpo.data.datasets import FASHION_MNIST
 from fmnist_hpo.data.lineage import idx_digest
 from fmnist_hpo.errors import ConfigError
 from fmnist_hpo.tracking.tracker import Tracker, _fluent_tracking_uri, log_trial_model, model_requirements
@@ -43,10 +44,10 @@ def finished_run(tracker: Tracker) -> str:
 def tiny_checkpoint(folder: Path, run_id: str) -> tuple[Path, torch.nn.Module]:
     model_config = validate({"model": TINY_MODEL}).model
     torch.manual_seed(0)
-    model = build_model(model_config).eval()
+    model = build_model(model_config, FASHION_MNIST).eval()
     path = save_checkpoint(folder / f"{run_id}.pt", model, to_dict(validate({"model": TINY_MODEL}))["model"],
-                           run_id=run_id, kept_epoch=1)
-    return path, with_normalization(model)
+                           FASHION_MNIST, run_id=run_id, kept_epoch=1)
+    return path, with_normalization(model, FASHION_MNIST)
 
 
 def load_logged(tracker: Tracker, uri: str) -> torch.nn.Module:
@@ -135,16 +136,16 @@ def test_the_idx_digest_covers_contents_not_compression(tmp_path: Path):
     gzipped = write_dataset(tmp_path / "gz", n_train=40, n_test=10)
     plain = write_dataset(tmp_path / "plain", n_train=40, n_test=10, compress=False)
     other = write_dataset(tmp_path / "other", n_train=50, n_test=10)
-    assert idx_digest(gzipped) == idx_digest(plain) != idx_digest(other)
-    assert len(idx_digest(gzipped)) == 32
+    assert idx_digest(gzipped, FASHION_MNIST) == idx_digest(plain, FASHION_MNIST) != idx_digest(other, FASHION_MNIST)
+    assert len(idx_digest(gzipped, FASHION_MNIST)) == 32
     any_file = next(plain.iterdir())
     any_file.write_bytes(any_file.read_bytes()[:-1] + b"\x01")
-    assert idx_digest(plain) != idx_digest(gzipped)
+    assert idx_digest(plain, FASHION_MNIST) != idx_digest(gzipped, FASHION_MNIST)
 
 
 def test_datasets_are_the_runs_inputs_with_their_split(tracker: Tracker, finished_run: str, tmp_path: Path):
     root = write_dataset(tmp_path / "data", n_train=40, n_test=10)
-    digest = idx_digest(root)
+    digest = idx_digest(root, FASHION_MNIST)
     sizes = {"train": 30, "validation": 10, "test": 10}
     tracker.log_datasets(finished_run, digest, str(root), split_seed=3, sizes=sizes)
     inputs = tracker.client.get_run(finished_run).inputs.dataset_inputs
@@ -206,7 +207,7 @@ def test_system_metrics_is_an_mlflow_setting_off_by_default():
 
 
 def test_exp12_model_exports_in_a_few_seconds(tracker: Tracker, finished_run: str):
-    model = with_normalization(build_model(validate({}).model))
+    model = with_normalization(build_model(validate({}).model, FASHION_MNIST), FASHION_MNIST)
     start = time.perf_counter()
     tracker.log_pytorch_model(finished_run, model, np.zeros((2, 1, 28, 28), dtype=np.float32), 10)
     assert time.perf_counter() - start < 15  # about 2 s on two busy CPU cores; the old path took 7 s

@@ -3,10 +3,13 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_raw
+from fmnist_hpo.data.loading import load_dataset
+from fmnist_hpo.data.splits import make_splits
 
 from fmnist_hpo.config.sections import validate
-from fmnist_hpo.data.datasets import augment, load_dataset, make_splits, normalize
+from fmnist_hpo.data.datasets import FASHION_MNIST
 from fmnist_hpo.selection import kept_epoch
+from fmnist_hpo.training.batches import augment, normalize
 from fmnist_hpo.training.loop import EarlyStopping, TrialDiverged, evaluate, make_engine, resolve_device, train_and_test
 
 CPU = torch.device("cpu")
@@ -55,7 +58,7 @@ def test_kept_epoch_follows_the_search_metric_not_the_early_stopping_monitor(dat
     history = outcome.fit.history
     assert outcome.fit.kept_epoch == kept_epoch(history, metric)
     # the kept weights are that epoch's: re-scoring the validation split gives its figures exactly
-    engine = make_engine(cfg.train, CPU, 0)
+    engine = make_engine(cfg.train, CPU, 0, FASHION_MNIST)
     val_loss, val_acc = evaluate(outcome.model, splits.val, engine, cfg.train.eval_batch_size)
     assert (val_loss, val_acc) == (history[outcome.fit.kept_epoch].val_loss, history[outcome.fit.kept_epoch].val_accuracy)
 
@@ -114,8 +117,8 @@ def test_a_diverging_trial_raises(data_dir: Path, monkeypatch: pytest.MonkeyPatc
 
     real_build = model_module.build_model
 
-    def poisoned_build(cfg):
-        model = real_build(cfg)
+    def poisoned_build(cfg, info):
+        model = real_build(cfg, info)
         with torch.no_grad():
             next(model.parameters()).fill_(float("nan"))
         return model
@@ -127,23 +130,23 @@ def test_a_diverging_trial_raises(data_dir: Path, monkeypatch: pytest.MonkeyPatc
 
 def test_augmentation_keeps_shape_and_changes_pixels(data_dir: Path):
     cfg = validate({"data": {"augment_flip": True, "augment_translate": 2, "augment_erase": 1.0}}).data
-    x = normalize(torch.randint(0, 255, (16, 1, 28, 28), dtype=torch.uint8))
-    out = augment(x, cfg, torch.Generator().manual_seed(0))
+    x = normalize(torch.randint(0, 255, (16, 1, 28, 28), dtype=torch.uint8), FASHION_MNIST)
+    out = augment(x, cfg, torch.Generator().manual_seed(0), FASHION_MNIST)
     assert out.shape == x.shape and not torch.equal(out, x)
     assert (out == 0).any()  # erased patches are set to the (normalised) mean
 
 
 def test_translation_brings_in_black_background_not_grey():
     cfg = validate({"data": {"augment_translate": 3}}).data
-    x = normalize(torch.full((64, 1, 28, 28), 200, dtype=torch.uint8))
-    out = augment(x, cfg, torch.Generator().manual_seed(0))
-    black = normalize(torch.zeros(1, dtype=torch.uint8)).item()
+    x = normalize(torch.full((64, 1, 28, 28), 200, dtype=torch.uint8), FASHION_MNIST)
+    out = augment(x, cfg, torch.Generator().manual_seed(0), FASHION_MNIST)
+    black = normalize(torch.zeros(1, dtype=torch.uint8), FASHION_MNIST).item()
     shifted = out != x
     assert shifted.any() and torch.allclose(out[shifted], torch.tensor(black))
 
 
 def test_onecycle_counts_only_the_batches_that_run():
-    from fmnist_hpo.data.datasets import batches, steps_per_epoch
+    from fmnist_hpo.training.batches import batches, steps_per_epoch
 
     for n, size in [(401, 50), (400, 50), (1, 64), (65, 64), (66, 64)]:
         ran = sum(1 for _ in batches(n, size, torch.Generator().manual_seed(0), CPU))

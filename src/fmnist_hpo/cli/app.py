@@ -393,6 +393,8 @@ def serve_ui(
 
 
 TrackingOption = Annotated[str | None, typer.Option(help="MLflow tracking URI (default: sqlite:///mlflow.db)")]
+DatasetOption = Annotated[str | None, typer.Option(
+    help="fashion-mnist, mnist or kmnist; must be the one the model was trained on (default: that one)")]
 
 
 @app.command()
@@ -404,10 +406,10 @@ def evaluate(
     data_root: Annotated[str | None, typer.Option(help="folder with the IDX files (default: $FMNIST_DATA_DIR, data/)")] = None,
     png: Annotated[Path | None, typer.Option("--png", help="where to write the confusion matrix")] = None,
     log: Annotated[bool, typer.Option("--log", metavar="", help="attach the numbers and the PNG to the run in MLflow")] = False,
+    dataset: DatasetOption = None,
     tracking_uri: TrackingOption = None,
 ) -> None:
     """Score a trained model on the test set: accuracy, per-class precision/recall, confusion matrix."""
-    from fmnist_hpo.data.datasets import CLASSES
     from fmnist_hpo.modelops.inference import confusion_lines
     from fmnist_hpo.modelops.operations import evaluate_and_report, resolve_model
     from fmnist_hpo.tracking.tracker import resolve_tracking_uri
@@ -420,15 +422,16 @@ def evaluate(
     try:
         resolved = resolve_model(target, uri, experiment)
         name = resolved.run_id or resolved.checkpoint.stem
-        evaluation, written = evaluate_and_report(resolved, data_root, png or Path(f"confusion_{name}.png"), log, uri)
+        evaluation, written = evaluate_and_report(resolved, data_root, png or Path(f"confusion_{name}.png"), log, uri,
+                                                  dataset)
     except FmnistError as exc:
         raise fail(str(exc)) from None
     typer.echo(f"{name}: test accuracy {evaluation.accuracy:.4f}, loss {evaluation.loss:.4f}")
     typer.echo(f"{'class':<12}{'precision':>10}{'recall':>8}")
-    for i, cls in enumerate(CLASSES):
+    for i, cls in enumerate(evaluation.classes):
         typer.echo(f"{cls:<12}{evaluation.precision[i]:>10.4f}{evaluation.recall[i]:>8.4f}")
     typer.echo("confusion matrix (rows: true class, columns: predicted class)")
-    typer.echo("\n".join(confusion_lines(evaluation.confusion)))
+    typer.echo("\n".join(confusion_lines(evaluation.confusion, evaluation.classes)))
     typer.echo(f"wrote {written}" + (" and attached it to the run" if log else ""))
 
 
@@ -441,50 +444,34 @@ def predict(
     labels: Annotated[Path | None, typer.Option(
         help="IDX labels for --idx, to print the accuracy (default: the labels file beside it, if any)")] = None,
     limit: Annotated[int, typer.Option(min=0, help="--idx: print this many predictions (0: all)")] = 10,
+    dataset: DatasetOption = None,
     tracking_uri: TrackingOption = None,
 ) -> None:
     """Class name and top-3 probabilities for images; with --idx and its labels, the accuracy."""
-    import numpy as np
-
-    from fmnist_hpo.data.datasets import read_idx
-    from fmnist_hpo.modelops.inference import accuracy_line, labels_beside, load_image, read_labels, top_k
-    from fmnist_hpo.modelops.operations import resolve_model
+    from fmnist_hpo.modelops.inference import accuracy_line, top_k
+    from fmnist_hpo.modelops.inputs import check_input_files, idx_inputs, picture_inputs
+    from fmnist_hpo.modelops.operations import dataset_for, resolve_model
     from fmnist_hpo.tracking.tracker import resolve_tracking_uri
 
     if not images and idx is None:
         raise fail("give image files, or --idx FILE")
     if labels is not None and idx is None:
         raise fail("--labels goes with --idx FILE")
-    for path in [*(images or []), *([idx] if idx is not None else []), *([labels] if labels is not None else [])]:
-        if not path.is_file():
-            raise fail(f"{path}: {'is a directory, not an image file' if path.is_dir() else 'no such file'}")
-    truth = None
     try:
+        check_input_files([*(images or []), *([idx] if idx is not None else []), *([labels] if labels is not None else [])])
         resolved = resolve_model(model, resolve_tracking_uri(tracking_uri))
-        if idx is not None:
-            batch = read_idx(idx, item_shape=(28, 28))  # the header is checked before the data is inflated
-            if batch.ndim != 3 or batch.shape[1:] != (28, 28):
-                raise FmnistError(f"{idx}: expected 28x28 images, got shape {batch.shape}")
-            labels = labels or labels_beside(idx)
-            truth = read_labels(labels, len(batch)) if labels is not None else None
-            total = len(batch)
-            if truth is None and limit:
-                batch = batch[:limit]  # nothing to score: predict only what is printed
-            names = [f"{idx.name}[{i}]" for i in range(len(batch))]
-        else:
-            batch = np.stack([load_image(path) for path in images])
-            names = [str(path) for path in images]
-            total = len(names)
+        info = dataset_for(resolved, dataset)
+        inputs = idx_inputs(idx, labels, limit, info) if idx is not None else picture_inputs(images, info)
     except FmnistError as exc:
         raise fail(str(exc)) from None
-    ranked_all = top_k(resolved.model, batch)
-    shown = len(names) if idx is None or not limit else min(limit, len(names))
-    for name, ranked in zip(names[:shown], ranked_all, strict=False):
+    ranked_all = top_k(resolved.model, inputs.images, info)
+    shown = len(inputs.names) if idx is None or not limit else min(limit, len(inputs.names))
+    for name, ranked in zip(inputs.names[:shown], ranked_all, strict=False):
         typer.echo(f"{name}: {ranked[0][0]}  ({', '.join(f'{cls} {p:.3f}' for cls, p in ranked)})")
-    if shown < total:
-        typer.echo(f"... {total - shown} more not shown (--limit 0 prints all)")
-    if truth is not None:
-        typer.echo(accuracy_line(ranked_all, truth, labels))
+    if shown < inputs.total:
+        typer.echo(f"... {inputs.total - shown} more not shown (--limit 0 prints all)")
+    if inputs.truth is not None:
+        typer.echo(accuracy_line(ranked_all, inputs.truth, inputs.labels, info))
 
 
 @app.command()

@@ -34,7 +34,7 @@ PRIMITIVES: dict[str, tuple[str, ...]] = {
 MAX_REPEATED_PROPOSALS = 200
 
 # keys a search must not move: they define the sweep itself, not a trial
-FIXED_KEYS = ("experiment", "description", "models_dir")
+FIXED_KEYS = ("experiment", "description", "models_dir", "data.dataset")  # one sweep, one dataset
 FIXED_SECTIONS = ("search.", "mlflow.")
 
 

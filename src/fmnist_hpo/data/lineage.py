@@ -1,26 +1,29 @@
-"""Where a run's data came from: a fingerprint of the Fashion-MNIST IDX files, for MLflow's dataset tracking."""
+"""Where a run's data came from: a fingerprint of the dataset's IDX files, for MLflow's dataset tracking."""
 
 from __future__ import annotations
 
 import gzip
 import hashlib
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
-from fmnist_hpo.data.datasets import FILES, find_files
+from fmnist_hpo.data.loading import find_files
 from fmnist_hpo.errors import DataError
+
+if TYPE_CHECKING:
+    from fmnist_hpo.data.datasets import DatasetInfo
 
 _CHUNK = 1 << 20
 
 
-def idx_digest(root: Path) -> str:
-    """SHA-256 (hex, 32 characters) of the four IDX files' contents in root.
+def idx_digest(root: Path, info: DatasetInfo) -> str:
+    """SHA-256 (hex, 32 characters) of the contents of info's four IDX files in root.
 
     The decompressed bytes are hashed, so the gzipped and the plain files of the same data agree.
     """
-    paths = find_files(root)
+    paths = find_files(root, info)
     if paths is None:
-        raise DataError(f"{root}: not all of {', '.join(FILES.values())} are here")
+        raise DataError(f"{root}: not all of {info.title}'s {', '.join(info.files.values())} are here")
     digest = hashlib.sha256()
     for key in sorted(paths):
         digest.update(key.encode())

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import yaml
 
+from fmnist_hpo.data.datasets import UNNAMED, DatasetInfo, dataset_named
 from fmnist_hpo.errors import DataError
 from fmnist_hpo.records import EPOCH_METRICS, TRIAL_SECONDS, EpochMetrics, LoggedTrial
 from fmnist_hpo.selection import kept_epoch, select
@@ -114,6 +115,11 @@ def _trial_precision(trial: LoggedTrial) -> str:
     return "fp32" if configured == "auto" and trial.tags.get("device") == "cpu" else str(configured)
 
 
+def _trial_dataset(trial: LoggedTrial) -> DatasetInfo:
+    """The dataset a trial trained on; a run from before the key was logged trained on Fashion-MNIST."""
+    return dataset_named(str(_param(trial.params, "data.dataset", UNNAMED.name)))
+
+
 def _param(params: dict[str, str], key: str, default: Any = None) -> Any:
     """A logged param back as its value (params are logged as JSON, strings as they are)."""
     if key not in params:
@@ -134,8 +140,8 @@ class Verifier:
         self.request = request
         self.report = Report()
         self._models_by_run: dict[str, list[Any]] | None = None
-        self._test_sets: dict[Path, tuple[torch.Tensor, torch.Tensor] | None] = {}
-        self._digests: dict[Path, str | None] = {}
+        self._test_sets: dict[tuple[Path, str], tuple[torch.Tensor, torch.Tensor] | None] = {}  # by (root, dataset)
+        self._digests: dict[tuple[Path, str], str | None] = {}
         self._experiment = ""
 
     # --- findings -------------------------------------------------------------------------
@@ -335,6 +341,9 @@ class Verifier:
         if saved_epoch is not None and int(saved_epoch) != trial.kept_epoch:
             self.problem(label, trial.run_id, "checkpoint", f"{name} holds epoch {saved_epoch}, the run kept epoch "
                          f"{trial.kept_epoch}")
+        trained_on, run_on = payload.get("dataset", UNNAMED.name), _param(trial.params, "data.dataset", UNNAMED.name)
+        if trained_on != run_on:
+            self.problem(label, trial.run_id, "checkpoint", f"{name} was trained on {trained_on}, the run on {run_on}")
         differ = sorted(k for k, v in payload["model_config"].items()
                         if f"model.{k}" in trial.params and _param(trial.params, f"model.{k}") != v)
         if differ:
@@ -342,7 +351,7 @@ class Verifier:
                          f"in {', '.join(differ)}")
 
     def check_rescore(self, label: str, trial: LoggedTrial, model: torch.nn.Module) -> None:
-        from fmnist_hpo.data.datasets import Split
+        from fmnist_hpo.data.splits import Split
         from fmnist_hpo.training.loop import Engine, evaluate
 
         test = self._test_set(label, trial)
@@ -352,7 +361,7 @@ class Verifier:
         model = model.to(memory_format=torch.channels_last) if channels_last else model
         precision = _trial_precision(trial)
         dtype = torch.bfloat16 if precision == "bf16" else None  # re-scored in what it was scored in, where the CPU can
-        engine = Engine(torch.device("cpu"), dtype, torch.Generator(), channels_last=channels_last)
+        engine = Engine(torch.device("cpu"), dtype, torch.Generator(), _trial_dataset(trial), channels_last=channels_last)
         _, accuracy = evaluate(model, Split(*test), engine, int(_param(trial.params, "train.eval_batch_size", 256)))
         self.report.rescored += 1
         logged, count = trial.metrics["test_accuracy"], len(test[1])
@@ -403,9 +412,11 @@ class Verifier:
             return
         from fmnist_hpo.training.model import with_normalization
 
-        images = torch.from_numpy(np.random.default_rng(0).random((16, 1, 28, 28), dtype=np.float32))
+        info = _trial_dataset(trial)
+        shape = (16, info.channels, *info.image_shape)
+        images = torch.from_numpy(np.random.default_rng(0).random(shape, dtype=np.float32))
         with torch.inference_mode():
-            expected = with_normalization(checkpoint_model.to(memory_format=torch.contiguous_format))(images)
+            expected = with_normalization(checkpoint_model.to(memory_format=torch.contiguous_format), info)(images)
             got = logged(images)
         gap = float((got - expected).abs().max())
         if not gap <= LOGIT_TOLERANCE:
@@ -416,25 +427,27 @@ class Verifier:
 
     def _data_root(self, trial: LoggedTrial) -> Path:
         from fmnist_hpo.config.sections import validate
-        from fmnist_hpo.data.datasets import data_root
+        from fmnist_hpo.data.loading import data_root
 
         root = self.request.data_root or _param(trial.params, "data.root")
         return data_root(validate({"data": {"root": root, "download": False}}).data).absolute()
 
     def _test_set(self, label: str, trial: LoggedTrial) -> tuple[torch.Tensor, torch.Tensor] | None:
-        root = self._data_root(trial)
-        if root not in self._test_sets:
+        root, info = self._data_root(trial), _trial_dataset(trial)
+        key = (root, info.name)
+        if key not in self._test_sets:
             from fmnist_hpo.config.sections import validate
-            from fmnist_hpo.data.datasets import load_dataset
+            from fmnist_hpo.data.loading import load_dataset
 
             try:
-                dataset = load_dataset(validate({"data": {"root": str(root), "download": False}}).data)
-                self._test_sets[root] = (torch.from_numpy(dataset.test_images).unsqueeze(1),
-                                         torch.from_numpy(dataset.test_labels))
+                data = {"root": str(root), "download": False, "dataset": info.name}
+                dataset = load_dataset(validate({"data": data}).data)
+                self._test_sets[key] = (torch.from_numpy(dataset.test_images).unsqueeze(1),
+                                        torch.from_numpy(dataset.test_labels))
             except DataError as exc:
-                self._test_sets[root] = None
+                self._test_sets[key] = None
                 self.note(label, trial.run_id, "rescore", f"test accuracy cannot be re-scored: {exc}")
-        return self._test_sets[root]
+        return self._test_sets[key]
 
     def check_lineage(self, label: str, trial: LoggedTrial) -> None:
         from fmnist_hpo.data.lineage import idx_digest
@@ -443,14 +456,15 @@ class Verifier:
         if not inputs:
             self.note(label, trial.run_id, "lineage", "no dataset lineage recorded (a run from before it was)")
             return
-        root = self._data_root(trial)
-        if root not in self._digests:
+        root, info = self._data_root(trial), _trial_dataset(trial)
+        key = (root, info.name)
+        if key not in self._digests:
             try:
-                self._digests[root] = idx_digest(root)
+                self._digests[key] = idx_digest(root, info)
             except (DataError, OSError) as exc:
-                self._digests[root] = None
+                self._digests[key] = None
                 self.note(label, trial.run_id, "lineage", f"dataset digests cannot be checked: {exc}")
-        digest = self._digests[root]
+        digest = self._digests[key]
         for item in inputs:
             files = item.profile.get("files_digest")
             own = split_fingerprint(str(files), item.context, item.profile.get("split_seed"),

@@ -19,7 +19,9 @@ import torch
 from fmnist_hpo.config.loading import apply_overrides, to_dict
 from fmnist_hpo.config.sections import sequential_only, validate
 from fmnist_hpo.config.space import grid_points, parse_entry, planned_points, probe_values, space_size
-from fmnist_hpo.data.datasets import Dataset, Split
+from fmnist_hpo.data.datasets import dataset_named
+from fmnist_hpo.data.loading import Dataset
+from fmnist_hpo.data.splits import noise_split
 from fmnist_hpo.training.loop import evaluate, make_optimizer, prepare_trial, train_epoch
 
 if TYPE_CHECKING:
@@ -79,7 +81,7 @@ def resolve_parallel(setting: int | str, device: torch.device | str, footprint_b
 
     setting: an int (returned as it is) or "auto". On CUDA, auto packs as many trials per GPU as
     free_bytes holds footprint_bytes (see trial_footprint), at most MAX_TRIALS_PER_GPU each and one
-    CPU core per trial; on CPU or MPS it is 1. sequential_reason (config.sequential_only) forces 1.
+    CPU core per trial; on CPU or MPS it is 1. sequential_reason (sequential_only) forces 1.
     ray_available: None looks for the ray package.
     """
     if setting != "auto":
@@ -129,18 +131,17 @@ def step_peak_bytes(cfg: Config, device: torch.device) -> int:
     before = torch.cuda.memory_reserved(device)
     batch = max(cfg.train.batch_size, cfg.train.eval_batch_size)
     generator = torch.Generator(device=device).manual_seed(0)
-    images = torch.randint(0, 256, (batch, 1, 28, 28), dtype=torch.uint8, device=device, generator=generator)
-    labels = torch.randint(0, 10, (batch,), device=device, generator=generator)
-    train = Split(images[:cfg.train.batch_size], labels[:cfg.train.batch_size])
+    data = noise_split(batch, dataset_named(cfg.data.dataset), device, generator)
+    train = data.first(cfg.train.batch_size)
     model, engine = prepare_trial(cfg, device)
     try:
         train_epoch(model, train, make_optimizer(model, cfg.train, engine), engine, cfg.train, cfg.data)
-        evaluate(model, Split(images, labels), engine, cfg.train.eval_batch_size)
+        evaluate(model, data, engine, cfg.train.eval_batch_size)
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_reserved(device) - before
     finally:
         engine.release_graphs()
-    del model, engine, images, labels, train
+    del model, engine, data, train
     torch.cuda.empty_cache()
     return peak
 

@@ -27,7 +27,6 @@ from fmnist_hpo.search.packing import speed_variants
 if TYPE_CHECKING:
     import torch
 
-TRAIN_IMAGES, TEST_IMAGES = 60_000, 10_000
 # fixed costs no probe of the model sees, measured on a busy 2-core CPU with an SQLite store: a trial's
 # run opened, logged and closed with its checkpoint; a sweep's start-up (imports, reading the data,
 # opening the store) and its selected model logged as an MLflow model
@@ -94,9 +93,9 @@ def probe_cached(cfg: Config, device: torch.device, cache: dict[str, Probe]) -> 
 def probe(cfg: Config, device: torch.device, steps: int = 2) -> Probe:
     """The cost of cfg's model on device: rounds of a few timed steps and evaluation batches, each
     figure the median of its rounds, so one round slowed by a busy core does not set the estimate."""
-    import torch
-
-    from fmnist_hpo.data.datasets import Split, steps_per_epoch
+    from fmnist_hpo.data.datasets import dataset_named
+    from fmnist_hpo.data.splits import noise_split
+    from fmnist_hpo.training.batches import steps_per_epoch
     from fmnist_hpo.training.loop import evaluate, make_optimizer, make_schedulers, prepare_trial, train_epoch
 
     model, engine = prepare_trial(cfg, device)
@@ -104,21 +103,19 @@ def probe(cfg: Config, device: torch.device, steps: int = 2) -> Probe:
     _, step_scheduler = make_schedulers(optimizer, cfg.train, steps * PROBE_ROUNDS[1] + 1,
                                         cycle_momentum=not engine.cuda_graphs)
 
-    def split(n: int) -> Split:
-        images = torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, device=device)
-        return Split(images, torch.randint(0, 10, (n,), device=device))
-
     batch, eval_batch = cfg.train.batch_size, cfg.train.eval_batch_size
-    train_split, eval_split = split(batch * steps), split(eval_batch)
-    first = _timed(lambda: train_epoch(model, split(batch), optimizer, engine, cfg.train, cfg.data, step_scheduler))
+    info = dataset_named(cfg.data.dataset)
+    train_split, eval_split = noise_split(batch * steps, info, device), noise_split(eval_batch, info, device)
+    first = _timed(lambda: train_epoch(model, noise_split(batch, info, device), optimizer, engine, cfg.train,
+                                       cfg.data, step_scheduler))
     step = _median_seconds(lambda: train_epoch(model, train_split, optimizer, engine, cfg.train, cfg.data,
                                                step_scheduler)) / steps
     evaluate(model, eval_split, engine, eval_batch)
     eval_batch_seconds = _median_seconds(lambda: evaluate(model, eval_split, engine, eval_batch))
     engine.release_graphs()  # a graph that failed here has already turned graphs off (auto) and trained eagerly
-    train_images = cfg.data.train_subset or TRAIN_IMAGES - cfg.data.val_size
+    train_images = cfg.data.train_subset or info.train_images - cfg.data.val_size
     epoch = steps_per_epoch(train_images, batch) * step + math.ceil(cfg.data.val_size / eval_batch) * eval_batch_seconds
-    return Probe(epoch, math.ceil(TEST_IMAGES / eval_batch) * eval_batch_seconds, max(0.0, first - step))
+    return Probe(epoch, math.ceil(info.test_images / eval_batch) * eval_batch_seconds, max(0.0, first - step))
 
 
 def _median_seconds(fn) -> float:  # type: ignore[no-untyped-def]

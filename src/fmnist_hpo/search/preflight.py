@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from fmnist_hpo.data.datasets import data_root, find_files, missing_data
+from fmnist_hpo.data.datasets import dataset_named
+from fmnist_hpo.data.loading import data_root, find_files, missing_data
 from fmnist_hpo.errors import DataError, OutputError
 from fmnist_hpo.training.fits import check_fits
 
@@ -62,15 +63,15 @@ def resolve_compute(cfg: Config) -> tuple[str, str]:
 
 def check_data(cfg: Config) -> tuple[Path, bool]:
     """(data folder, whether the four files are there); missing files are an error without data.download."""
-    root = data_root(cfg.data).absolute()
-    if find_files(root) is not None:
+    root, info = data_root(cfg.data).absolute(), dataset_named(cfg.data.dataset)
+    if find_files(root, info) is not None:
         return root, True
     if not cfg.data.download:
-        raise missing_data(root)
+        raise missing_data(root, info)
     try:
         check_creatable(root, "the data folder")
     except OutputError as exc:
-        raise DataError(f"Fashion-MNIST is not in {root} and cannot be downloaded there: {exc}") from None
+        raise DataError(f"{info.title} is not in {root} and cannot be downloaded there: {exc}") from None
     return root, False
 
 

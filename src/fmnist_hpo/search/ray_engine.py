@@ -36,7 +36,7 @@ from fmnist_hpo.search.hyperopt_space import add_to_history, to_hyperopt
 from fmnist_hpo.selection import kept_epoch, objective
 
 if TYPE_CHECKING:
-    from fmnist_hpo.data.datasets import Dataset
+    from fmnist_hpo.data.loading import Dataset
     from fmnist_hpo.search.progress import SweepProgress
     from fmnist_hpo.search.trial_runs import SweepRuns
 
@@ -51,7 +51,8 @@ def ray_trial(params: dict[str, Any], base: dict[str, Any], dataset: Dataset) ->
     """One trial inside a Ray worker: train, report every epoch, report the final model."""
     from ray import tune
 
-    from fmnist_hpo.data.datasets import make_splits
+    from fmnist_hpo.data.datasets import dataset_named
+    from fmnist_hpo.data.splits import make_splits
     from fmnist_hpo.training.checkpoints import save_checkpoint
     from fmnist_hpo.training.loop import resolve_device, train_and_test
 
@@ -74,7 +75,7 @@ def ray_trial(params: dict[str, Any], base: dict[str, Any], dataset: Dataset) ->
     record.total_parameters = outcome.total_parameters
     with tempfile.TemporaryDirectory() as folder:
         save_checkpoint(Path(folder) / MODEL_FILE, outcome.model, to_dict(cfg)["model"],
-                        kept_epoch=record.kept_epoch)
+                        dataset_named(cfg.data.dataset), kept_epoch=record.kept_epoch)
         tune.report({"final": 1, "objective": best, **{k: getattr(record, k) for k in FINAL_METRICS}},
                     checkpoint=tune.Checkpoint.from_directory(folder))
 

@@ -32,8 +32,10 @@ from fmnist_hpo.config.space import (
     planned_points,
     space_size,
 )
-from fmnist_hpo.data.datasets import SplitCache, load_dataset
+from fmnist_hpo.data.datasets import dataset_named
 from fmnist_hpo.data.lineage import idx_digest
+from fmnist_hpo.data.loading import load_dataset
+from fmnist_hpo.data.splits import SplitCache
 from fmnist_hpo.errors import FmnistError, OutputError
 from fmnist_hpo.faults import machine_failure
 from fmnist_hpo.records import EpochMetrics, LoggedTrial, SweepResult, TrialRecord
@@ -293,7 +295,8 @@ class Sweep:
         record.test_accuracy, record.test_loss = outcome.test_accuracy, outcome.test_loss
         record.total_parameters = outcome.total_parameters
         record.checkpoint = save_checkpoint(self.runs.checkpoint_path(record), outcome.model,
-                                            to_dict(cfg)["model"], run_id=record.run_id,
+                                            to_dict(cfg)["model"], dataset_named(cfg.data.dataset),
+                                            run_id=record.run_id,
                                             kept_epoch=record.kept_epoch)
         state_path.unlink(missing_ok=True)
         self.tracker.set_tags(record.run_id, {"wall_seconds": f"{time.perf_counter() - start:.1f}"})
@@ -339,7 +342,8 @@ def run_from_config(cfg: Config, show_bars: bool | None = None, resume: str = "a
     data.get(cfg.data)
     check_writable(resolved.checkpoint_dir)
     tracker = Tracker(resolved.tracking_uri, cfg.experiment)
-    lineage = Lineage(data.dataset, str(resolved.data_root), idx_digest(resolved.data_root))
+    digest = idx_digest(resolved.data_root, dataset_named(cfg.data.dataset))
+    lineage = Lineage(data.dataset, str(resolved.data_root), digest)
     if on_ready is not None:
         on_ready()
     parent = choose_parent(tracker, cfg, resume, ask, say=logger.info)

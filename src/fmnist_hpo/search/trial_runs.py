@@ -18,7 +18,8 @@ import yaml
 
 from fmnist_hpo.config.loading import apply_overrides, config_hash, dump_yaml, flatten, hash_of, to_dict
 from fmnist_hpo.config.sections import Config
-from fmnist_hpo.data.datasets import Dataset, split_indices
+from fmnist_hpo.data.loading import Dataset
+from fmnist_hpo.data.splits import split_indices
 from fmnist_hpo.errors import DataError, FmnistError, MachineFailure
 from fmnist_hpo.milestones import reached
 from fmnist_hpo.records import (

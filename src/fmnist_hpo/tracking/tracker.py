@@ -789,13 +789,14 @@ def alive_elsewhere(trial_tags: dict[str, str]) -> bool:
 def log_trial_model(tracker: Tracker, run_id: str, checkpoint: Path) -> str:
     """Log a trial's checkpoint as an MLflow model (pt2, pickle-free) linked to its run; tag the run with it.
 
-    The logged model takes float images in [0, 1] of shape (N, 1, 28, 28) and returns logits.
+    The logged model takes float images in [0, 1] of shape (N, 1, 28, 28) (its dataset's channels and
+    size) and returns a logit per class.
     """
-    from fmnist_hpo.data.datasets import CLASSES, IMAGE_SIZE
-    from fmnist_hpo.training.checkpoints import load_model
+    from fmnist_hpo.training.checkpoints import load_trained
     from fmnist_hpo.training.model import with_normalization
 
-    example = np.zeros((2, 1, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)  # batch 2 keeps the batch dim dynamic
-    uri = tracker.log_pytorch_model(run_id, with_normalization(load_model(checkpoint)), example, len(CLASSES))
+    model, info = load_trained(checkpoint)
+    example = np.zeros((2, info.channels, *info.image_shape), dtype=np.float32)  # batch 2 keeps the batch dim dynamic
+    uri = tracker.log_pytorch_model(run_id, with_normalization(model, info), example, len(info.classes))
     tracker.set_tags(run_id, {"model_uri": uri})
     return uri

@@ -1,4 +1,4 @@
-"""Checkpoints: a state_dict plus the model config, written atomically, read without pickle code.
+"""Checkpoints: a state_dict plus the model config and the dataset, written atomically, read without pickle code.
 
 A checkpoint holds only tensors, strings, numbers, lists and dicts, so `torch.load(path,
 weights_only=True)` reads it and a file that tries to run code on load is refused.
@@ -7,16 +7,18 @@ weights_only=True)` reads it and a file that tries to run code on load is refuse
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import pickle
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from fmnist_hpo.data.datasets import CLASSES, FMNIST_MEAN, FMNIST_STD
-from fmnist_hpo.errors import FmnistError
+from fmnist_hpo.data.datasets import UNNAMED, DatasetInfo, dataset_named
+from fmnist_hpo.errors import DataError, FmnistError
 from fmnist_hpo.files import atomic_write
 
 FORMAT_VERSION = 1
@@ -43,13 +45,15 @@ def torch_save(obj: Any, path: Path) -> None:
         raise OSError(errno.EIO, f"write failed ({str(exc).strip()[:120]})", str(path)) from exc
 
 
-def save_checkpoint(path: Path, model: nn.Module, model_config: dict[str, Any], **extra: Any) -> Path:
+def save_checkpoint(path: Path, model: nn.Module, model_config: dict[str, Any], info: DatasetInfo,
+                    **extra: Any) -> Path:
     payload = {
         "format_version": FORMAT_VERSION,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "model_config": model_config,
-        "classes": list(CLASSES),
-        "normalization": {"mean": FMNIST_MEAN, "std": FMNIST_STD},
+        "dataset": info.name,
+        "classes": list(info.classes),
+        "normalization": {"mean": info.mean, "std": info.std},
         **extra,
     }
     atomic_write(path, lambda tmp: torch_save(payload, tmp))
@@ -80,31 +84,47 @@ def load_failure(exc: BaseException) -> str:
     return (text.splitlines() or [type(exc).__name__])[0][:200]
 
 
+def trained_on(path: str | Path, payload: dict[str, Any]) -> DatasetInfo:
+    """The dataset a checkpoint's model was trained on; one from before checkpoints named it: Fashion-MNIST."""
+    name = payload.get("dataset", UNNAMED.name)
+    try:
+        return dataset_named(str(name))
+    except DataError as exc:
+        raise CheckpointError(f"{path}: trained on {exc}") from None
+
+
 def load_model(path: str | Path) -> nn.Module:
     """The documented loader: a checkpoint file -> the trained model in eval mode, on the CPU."""
+    return load_trained(path)[0]
+
+
+def load_trained(path: str | Path) -> tuple[nn.Module, DatasetInfo]:
+    """A checkpoint file -> (the trained model in eval mode on the CPU, the dataset it was trained on)."""
     from fmnist_hpo.config.sections import validate
     from fmnist_hpo.errors import ConfigError
     from fmnist_hpo.training.model import build_model
 
     payload = read_checkpoint(path)
+    info = trained_on(path, payload)
     try:
         model_cfg = validate({"model": payload["model_config"]}).model
     except ConfigError as exc:
         raise CheckpointError(f"{path}: its model config is invalid ({exc})") from None
-    _check_shapes(path, build_model, model_cfg, payload["state_dict"])  # before allocating what the config declares
-    model = build_model(model_cfg)
+    build = functools.partial(build_model, model_cfg, info)
+    _check_shapes(path, build, payload["state_dict"])  # before allocating what the config declares
+    model = build()
     try:
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: weights do not fit its model config ({str(exc)[:200]})") from None
-    return model.eval()
+    return model.eval(), info
 
 
-def _check_shapes(path: Path, build: Any, model_cfg: Any, weights: Any) -> None:
+def _check_shapes(path: Path, build: Callable[[], nn.Module], weights: Any) -> None:
     """The weights fit the model the config declares, checked on the meta device (which allocates nothing),
     so a tiny file declaring a huge model costs nothing."""
     with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in build(model_cfg).state_dict().items()}
+        expected = {k: tuple(v.shape) for k, v in build().state_dict().items()}
     given = {k: tuple(v.shape) for k, v in weights.items() if isinstance(v, torch.Tensor)} \
         if isinstance(weights, dict) else {}
     if given != expected:

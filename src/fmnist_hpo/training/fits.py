@@ -27,6 +27,7 @@ SIZE_KEYS = ("model.", "train.batch_size")
 
 def training_bytes(cfg: Config) -> tuple[int, int]:
     """(a lower bound of the bytes training cfg's model takes, its parameter count)."""
+    from fmnist_hpo.data.datasets import dataset_named
     from fmnist_hpo.training.model import build_model
 
     activations = 0
@@ -36,10 +37,11 @@ def training_bytes(cfg: Config) -> tuple[int, int]:
         if isinstance(output, torch.Tensor):
             activations += output.numel()
 
+    info = dataset_named(cfg.data.dataset)
     with torch.device("meta"):
-        model = build_model(cfg.model)
+        model = build_model(cfg.model, info)
         hooks = [m.register_forward_hook(count) for m in model.modules() if not list(m.children())]
-        model.train()(torch.zeros(cfg.train.batch_size, 1, 28, 28))
+        model.train()(torch.zeros(cfg.train.batch_size, info.channels, *info.image_shape))
     for hook in hooks:
         hook.remove()
     parameters = sum(p.numel() for p in model.parameters())

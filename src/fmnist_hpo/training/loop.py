@@ -24,11 +24,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from fmnist_hpo.config.sections import cuda_graph_conflicts
-from fmnist_hpo.data.datasets import Split, Splits, augment, batches, normalize, steps_per_epoch
+from fmnist_hpo.data.datasets import DatasetInfo, dataset_named
+from fmnist_hpo.data.splits import Split, Splits
 from fmnist_hpo.errors import DeviceError
 from fmnist_hpo.records import EpochMetrics
 from fmnist_hpo.selection import maximizes
 from fmnist_hpo.training import graphs
+from fmnist_hpo.training.batches import augment, batches, normalize, steps_per_epoch
 
 if TYPE_CHECKING:
     from fmnist_hpo.config.sections import Config, DataConfig, TrainConfig
@@ -142,11 +144,13 @@ class FitResult:
 
 @dataclass
 class Engine:
-    """What one trial trains with: the device, the autocast dtype and the RNG for batches."""
+    """What one trial trains with: the device, the autocast dtype, the RNG for batches and the dataset
+    (whose mean and std normalise them)."""
 
     device: torch.device
     dtype: torch.dtype | None
     generator: torch.Generator
+    dataset: DatasetInfo
     channels_last: bool = False
     scaler: torch.amp.GradScaler | None = field(default=None)
     cuda_graphs: bool = False
@@ -161,7 +165,7 @@ class Engine:
         return torch.autocast(self.device.type, dtype=self.dtype)
 
     def inputs(self, images: torch.Tensor) -> torch.Tensor:
-        return model_inputs(images, self.channels_last)
+        return model_inputs(images, self.dataset, self.channels_last)
 
     def release_graphs(self) -> None:
         """Destroy the captured graphs and their memory pools now, not whenever the collector runs."""
@@ -171,9 +175,9 @@ class Engine:
         self.train_graph = self.eval_graph = None
 
 
-def model_inputs(images: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    """uint8 images -> what the model takes: normalised floats, in NHWC where channels_last."""
-    x = normalize(images)
+def model_inputs(images: torch.Tensor, info: DatasetInfo, channels_last: bool) -> torch.Tensor:
+    """uint8 images -> what the model takes: floats normalised for info, in NHWC where channels_last."""
+    x = normalize(images, info)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
@@ -187,7 +191,7 @@ def fall_back(engine: Engine, error: graphs.GraphError) -> None:
     engine.cuda_graphs = False
 
 
-def make_engine(cfg: TrainConfig, device: torch.device, seed: int) -> Engine:
+def make_engine(cfg: TrainConfig, device: torch.device, seed: int, info: DatasetInfo) -> Engine:
     dtype = resolve_precision(cfg.precision, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input shapes: autotuned kernels pay off after one batch
@@ -197,6 +201,7 @@ def make_engine(cfg: TrainConfig, device: torch.device, seed: int) -> Engine:
         device=device,
         dtype=dtype,
         generator=generator,
+        dataset=info,
         channels_last=cfg.channels_last and device.type in ("cuda", "cpu"),  # MPS support is patchy
         scaler=torch.amp.GradScaler(device.type) if dtype == torch.float16 else None,
         cuda_graphs=resolve_cuda_graphs(cfg.cuda_graphs, device, dtype, cfg.compile),
@@ -224,7 +229,7 @@ def train_epoch(model: nn.Module, split: Split, optimizer: torch.optim.Optimizer
     model.train()  # replays ignore the mode; the eager steps do not
     seen = 0
     for idx in epoch_batches(len(split), cfg.batch_size, engine):
-        x = augment(engine.inputs(split.images[idx]), data_cfg, engine.generator)
+        x = augment(engine.inputs(split.images[idx]), data_cfg, engine.generator, engine.dataset)
         y = split.labels[idx]
         if not (graph is not None and len(idx) == graph.batch_size and _replayed(graph, x, y, engine)):
             graph = engine.train_graph  # None once graphs have failed
@@ -318,7 +323,8 @@ def _eval_graph(model: nn.Module, split: Split, engine: Engine, batch_size: int)
         engine.eval_graph = None
     try:
         engine.eval_graph = graphs.GraphedEvaluation(model, batch_size, split.images,
-                                                     functools.partial(model_inputs, channels_last=engine.channels_last),
+                                                     functools.partial(model_inputs, info=engine.dataset,
+                                                                       channels_last=engine.channels_last),
                                                      engine.dtype)
     except graphs.GraphError as exc:
         fall_back(engine, exc)
@@ -491,8 +497,9 @@ def prepare_trial(cfg: Config, device: torch.device) -> tuple[nn.Module, Engine]
     from fmnist_hpo.training.model import build_model
 
     torch.manual_seed(cfg.train.seed)
-    engine = make_engine(cfg.train, device, cfg.train.seed)
-    model = build_model(cfg.model).to(device)
+    info = dataset_named(cfg.data.dataset)
+    engine = make_engine(cfg.train, device, cfg.train.seed, info)
+    model = build_model(cfg.model, info).to(device)
     if engine.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if cfg.train.compile:

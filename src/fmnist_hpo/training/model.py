@@ -7,10 +7,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from fmnist_hpo.data.datasets import CLASSES, FMNIST_MEAN, FMNIST_STD
-
 if TYPE_CHECKING:
     from fmnist_hpo.config.sections import ModelConfig
+    from fmnist_hpo.data.datasets import DatasetInfo
 
 
 def conv_dropout_rates(cfg: ModelConfig) -> list[float]:
@@ -50,11 +49,11 @@ class ConvBlock(nn.Module):
         return self.dropout(self.pool(y))
 
 
-def _tower(cfg: ModelConfig, kernel_size: int) -> nn.Sequential:
+def _tower(cfg: ModelConfig, kernel_size: int, in_channels: int) -> nn.Sequential:
     blocks = []
     for i, rate in enumerate(conv_dropout_rates(cfg)):
         blocks.append(ConvBlock(
-            in_channels=1 if i == 0 else cfg.filters,
+            in_channels=in_channels if i == 0 else cfg.filters,
             out_channels=cfg.filters,
             kernel_size=kernel_size,
             batchnorm=cfg.batchnorm,
@@ -75,17 +74,17 @@ def _dense(in_features: int, out_features: int, batchnorm: bool, dropout: float)
 
 
 class FashionCNN(nn.Module):
-    """Conv tower(s) -> global average pool -> two dense layers -> 10 logits."""
+    """Conv tower(s) -> global average pool -> two dense layers -> a logit per class of the dataset."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, info: DatasetInfo) -> None:
         super().__init__()
         kernels = (3, 5) if cfg.architecture == "dual_path" else (3,)
-        self.towers = nn.ModuleList(_tower(cfg, k) for k in kernels)
+        self.towers = nn.ModuleList(_tower(cfg, k, info.channels) for k in kernels)
         features = cfg.filters * len(kernels)
         self.head = nn.Sequential(
             *_dense(features, cfg.units1, cfg.batchnorm, cfg.dense1_dropout),
             *_dense(cfg.units1, cfg.units2, cfg.batchnorm, cfg.dense2_dropout),
-            nn.Linear(cfg.units2, len(CLASSES)),
+            nn.Linear(cfg.units2, len(info.classes)),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -93,8 +92,8 @@ class FashionCNN(nn.Module):
         return self.head(features[0] if len(features) == 1 else torch.cat(features, dim=1))
 
 
-def build_model(cfg: ModelConfig) -> FashionCNN:
-    return FashionCNN(cfg)
+def build_model(cfg: ModelConfig, info: DatasetInfo) -> FashionCNN:
+    return FashionCNN(cfg, info)
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -104,13 +103,14 @@ def count_parameters(model: nn.Module) -> int:
 class NormalizedClassifier(nn.Module):
     """Takes images as floats in [0, 1] (what torchvision's ToTensor gives) and returns logits."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, info: DatasetInfo) -> None:
         super().__init__()
         self.model = model
+        self.mean, self.std = info.mean, info.std
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model((x - FMNIST_MEAN) / FMNIST_STD)
+        return self.model((x - self.mean) / self.std)
 
 
-def with_normalization(model: nn.Module) -> nn.Module:
-    return NormalizedClassifier(model).eval()
+def with_normalization(model: nn.Module, info: DatasetInfo) -> nn.Module:
+    return NormalizedClassifier(model, info).eval()
