@@ -138,5 +138,5 @@ def test_a_trial_of_another_dataset_gets_no_splits_of_this_one(tmp_path: Path):
 
 
 def test_a_search_cannot_vary_the_dataset():
-    with pytest.raises(ConfigError, match="a search cannot vary data.dataset"):
+    with pytest.raises(ConfigError, match=r"a search cannot vary data\.dataset"):
         validate({"search": {"space": {"data.dataset": {"choice": ["mnist", "kmnist"]}}}})
