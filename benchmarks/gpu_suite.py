@@ -45,7 +45,7 @@ import train_throughput
 from fmnist_hpo.config import spec
 from fmnist_hpo.data.datasets import load_dataset
 from fmnist_hpo.search.packing import free_gpu_bytes, resolve_parallel, trial_footprint
-from fmnist_hpo.training.loop import resolve_device
+from fmnist_hpo.training.device import resolve_device
 
 EXP12, FAST, BEST = (str(ROOT / "configs" / name) for name in ("exp12.yaml", "fast.yaml", "best.yaml"))
 QUICK = ["data.train_subset=2000", "data.val_size=2000", "model.filters=32", "train.epochs=1"]

@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from fmnist_hpo.config import spec
 from fmnist_hpo.data.datasets import Split, load_dataset, make_splits, normalize
-from fmnist_hpo.training.loop import make_optimizer, prepare_trial, resolve_device, train_epoch
+from fmnist_hpo.training.device import resolve_device
+from fmnist_hpo.training.loop import make_optimizer, prepare_trial, train_epoch
 from fmnist_hpo.training.model import build_model
 
 MODES = ("reference", "engine64", "enginefast", "engine64+graphs", "enginefast+graphs")

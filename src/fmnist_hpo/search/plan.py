@@ -21,6 +21,7 @@ from fmnist_hpo.config import spec as config_module
 from fmnist_hpo.config.space import planned_points
 from fmnist_hpo.config.spec import Config
 from fmnist_hpo.errors import FmnistError
+from fmnist_hpo.files import models_folder
 from fmnist_hpo.records import SpecOutcome, SweepResult
 from fmnist_hpo.search.packing import speed_variants
 
@@ -171,7 +172,7 @@ def finished_before(cfg: Config) -> SweepResult | None:
             if p.params.get("search.max_evals") == str(cfg.search.max_evals)]
     if not same:
         return None
-    models_dir = Path(cfg.models_dir) / cfg.experiment
+    models_dir = models_folder(cfg.models_dir, cfg.experiment)
     trials = [TrialRecord.from_logged(t, models_dir) for t in tracker.trials_of(same[0].run_id)
               if t.tags.get("interrupted") != "true"]
     return SweepResult(cfg.experiment, same[0].run_id, cfg.search.metric, trials)

@@ -15,7 +15,7 @@ import os
 import shutil
 import signal
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,10 +29,11 @@ from fmnist_hpo.config.space import (
     planned_points,
 )
 from fmnist_hpo.errors import FmnistError, Terminated
-from fmnist_hpo.files import atomic_write
+from fmnist_hpo.files import atomic_write, models_folder
 from fmnist_hpo.records import EPOCH_METRICS, EPOCH_TIMINGS, FINAL_METRICS, EpochMetrics, LoggedTrial, SweepResult, TrialRecord
 from fmnist_hpo.search.hyperopt_space import add_to_history, to_hyperopt
 from fmnist_hpo.selection import kept_epoch, objective
+from fmnist_hpo.training.hooks import FitHooks
 
 if TYPE_CHECKING:
     from fmnist_hpo.data.datasets import Dataset
@@ -52,30 +53,38 @@ def ray_trial(params: dict[str, Any], base: dict[str, Any], dataset: Dataset) ->
 
     from fmnist_hpo.data.datasets import make_splits
     from fmnist_hpo.training.checkpoints import save_checkpoint
-    from fmnist_hpo.training.loop import resolve_device, train_and_test
+    from fmnist_hpo.training.device import resolve_device
+    from fmnist_hpo.training.loop import train_and_test
 
     cfg = config_module.validate(config_module.apply_overrides(base, plain_values(params)))
     device = resolve_device(cfg.train.device)
     splits = make_splits(dataset, cfg.data, device)
-    metric = cfg.search.metric
-    best = math.inf
-
-    def on_epoch(m: EpochMetrics) -> None:
-        # no training state travels with the report: a cut-off trial is rerun from the start, never restored
-        nonlocal best  # the objective so far is the kept epoch's: schedulers compare trials on it
-        best = min(best, objective(metric, m.val_loss, m.val_accuracy))
-        tune.report({**m.as_dict(), "epoch": m.epoch, "objective": best})
-
-    outcome = train_and_test(cfg, splits, device, on_epoch)
+    reports = ReportToTune(cfg.search.metric)
+    outcome = train_and_test(cfg, splits, device, reports)
     record = TrialRecord(-1, "", {})
-    record.keep(outcome.fit.kept, outcome.fit.history)
-    record.test_accuracy, record.test_loss = outcome.test_accuracy, outcome.test_loss
-    record.total_parameters = outcome.total_parameters
+    outcome.record_into(record)
     with tempfile.TemporaryDirectory() as folder:
         save_checkpoint(Path(folder) / MODEL_FILE, outcome.model, config_module.to_dict(cfg)["model"],
                         kept_epoch=record.kept_epoch)
-        tune.report({"final": 1, "objective": best, **{k: getattr(record, k) for k in FINAL_METRICS}},
+        tune.report({"final": 1, "objective": reports.best, **{k: getattr(record, k) for k in FINAL_METRICS}},
                     checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+class ReportToTune(FitHooks):
+    """Every epoch's metrics to Tune, with the objective so far: the kept epoch's, which schedulers compare.
+
+    No training state travels with a report: a cut-off trial is rerun from the start, never restored.
+    """
+
+    def __init__(self, metric: str) -> None:
+        self.metric = metric
+        self.best = math.inf
+
+    def epoch_done(self, metrics: EpochMetrics, state: Callable[[], dict[str, Any]]) -> None:
+        from ray import tune
+
+        self.best = min(self.best, objective(self.metric, metrics.val_loss, metrics.val_accuracy))
+        tune.report({**metrics.as_dict(), "epoch": metrics.epoch, "objective": self.best})
 
 
 def trial_resources(parallel: int, gpus_per_trial: float | None) -> dict[str, float]:
@@ -119,7 +128,7 @@ def run_on_ray(runs: SweepRuns, result: SweepResult, progress: SweepProgress, da
     remaining = planned_points(search.space, search.algo, search.max_evals) - len(result.trials)
     if remaining <= 0:
         return
-    storage = (Path(cfg.models_dir) / cfg.experiment / "ray").absolute()
+    storage = (models_folder(cfg.models_dir, cfg.experiment) / "ray").absolute()
     name = f"sweep-{result.parent_run_id}"
     trainable = tune.with_resources(
         tune.with_parameters(ray_trial, base=config_module.to_dict(cfg), dataset=dataset),

@@ -36,6 +36,7 @@ from fmnist_hpo.data.datasets import SplitCache, load_dataset
 from fmnist_hpo.data.lineage import idx_digest
 from fmnist_hpo.errors import FmnistError, OutputError
 from fmnist_hpo.faults import machine_failure
+from fmnist_hpo.files import state_file
 from fmnist_hpo.records import EpochMetrics, LoggedTrial, SweepResult, TrialRecord
 from fmnist_hpo.search.hyperopt_space import add_to_history, to_hyperopt
 from fmnist_hpo.search.interrupts import raise_if_requested
@@ -47,6 +48,7 @@ from fmnist_hpo.search.trial_runs import Lineage, SweepRuns, trial_config
 from fmnist_hpo.selection import objective
 from fmnist_hpo.tracking.tracker import Tracker, TrackingError
 from fmnist_hpo.training.checkpoints import CheckpointError, read_training_state, save_checkpoint, save_training_state
+from fmnist_hpo.training.hooks import FitHooks
 from fmnist_hpo.training.loop import train_and_test
 from fmnist_hpo.training.repair import LostCheckpoint
 
@@ -238,7 +240,7 @@ class Sweep:
             failure = machine_failure(exc)
             if failure is not None:  # a full disk or a read-only folder: the sweep stops, resumable
                 raise failure from exc
-            (self.runs.models_dir / f"{record.run_id}.state.pt").unlink(missing_ok=True)
+            state_file(self.runs.models_dir, record.run_id).unlink(missing_ok=True)
             self.runs.close_failed(record, _reason(exc))
             _free_device_memory(self.device)
         else:
@@ -258,45 +260,49 @@ class Sweep:
 
     def _train(self, cfg: Config, record: TrialRecord, progress: SweepProgress) -> None:
         splits = self.data.get(cfg.data)
-        state_path = self.runs.models_dir / f"{record.run_id}.state.pt"
+        state_path = state_file(self.runs.models_dir, record.run_id)
         resume = read_training_state(state_path) if state_path.exists() else None
-        seen: list[EpochMetrics] = [EpochMetrics(**m) for m in resume["history"]] if resume else []
-        logged_from = time.perf_counter()
-
-        def on_epoch(m: EpochMetrics) -> None:
-            nonlocal logged_from
-            logged_from = time.perf_counter()
-            raise_if_requested()
-            seen.append(m)
-            self.runs.log_epoch(record, m)
-            progress.epoch_done(record.number, m)
-
-        def save_state(state: dict[str, Any]) -> None:  # runs right after on_epoch: their cost is the epoch's bookkeeping
-            save_training_state(state_path, state)
-            self.runs.log_bookkeeping(record, seen[-1].epoch, time.perf_counter() - logged_from)
-
-        def steps_done(done: int, total: int) -> None:
-            raise_if_requested()
-            progress.steps_done(len(seen), done, total)
-
-        def should_prune(_: EpochMetrics) -> bool:
-            return self.pruner is not None and self.pruner.should_prune(self._curve(seen))
-
+        hooks = TrialHooks(self, record, progress, state_path, resume)
         start = time.perf_counter()
-        outcome = train_and_test(cfg, splits, self.device, on_epoch, resume, save_state=save_state,
-                                 should_prune=should_prune,
-                                 on_steps=steps_done)
+        outcome = train_and_test(cfg, splits, self.device, hooks, resume)
         if self.pruner is not None:
-            self.pruner.record(self._curve(seen))
-        record.keep(outcome.fit.kept, outcome.fit.history)
-        record.pruned_at = None if outcome.fit.pruned_at is None else outcome.fit.pruned_at + 1
-        record.test_accuracy, record.test_loss = outcome.test_accuracy, outcome.test_loss
-        record.total_parameters = outcome.total_parameters
+            self.pruner.record(self._curve(hooks.seen))
+        outcome.record_into(record)
         record.checkpoint = save_checkpoint(self.runs.checkpoint_path(record), outcome.model,
                                             config_module.to_dict(cfg)["model"], run_id=record.run_id,
                                             kept_epoch=record.kept_epoch)
         state_path.unlink(missing_ok=True)
         self.tracker.set_tags(record.run_id, {"wall_seconds": f"{time.perf_counter() - start:.1f}"})
+
+
+class TrialHooks(FitHooks):
+    """Around each epoch of a sequential trial: log it, show it, save the training state, ask the pruner."""
+
+    def __init__(self, sweep: Sweep, record: TrialRecord, progress: SweepProgress, state_path: Path,
+                 resume: dict[str, Any] | None) -> None:
+        self.sweep = sweep
+        self.record = record
+        self.progress = progress
+        self.state_path = state_path
+        self.seen: list[EpochMetrics] = [EpochMetrics(**m) for m in resume["history"]] if resume else []
+
+    def steps_done(self, done: int, total: int) -> None:
+        raise_if_requested()
+        self.progress.steps_done(len(self.seen), done, total)
+
+    def epoch_done(self, metrics: EpochMetrics, state: Callable[[], dict[str, Any]]) -> None:
+        logged_from = time.perf_counter()
+        raise_if_requested()
+        self.seen.append(metrics)
+        runs = self.sweep.runs
+        runs.log_epoch(self.record, metrics)
+        self.progress.epoch_done(self.record.number, metrics)
+        save_training_state(self.state_path, state())
+        runs.log_bookkeeping(self.record, metrics.epoch, time.perf_counter() - logged_from)
+
+    def should_prune(self, metrics: EpochMetrics) -> bool:
+        pruner = self.sweep.pruner
+        return pruner is not None and pruner.should_prune(self.sweep._curve(self.seen))
 
 
 def _reason(exc: BaseException) -> str:

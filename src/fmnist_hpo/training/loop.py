@@ -25,9 +25,11 @@ from torch import nn
 
 from fmnist_hpo.data.datasets import Split, Splits, augment, batches, normalize, steps_per_epoch
 from fmnist_hpo.errors import DeviceError
-from fmnist_hpo.records import EpochMetrics
+from fmnist_hpo.records import EpochMetrics, TrialRecord
 from fmnist_hpo.selection import maximizes
 from fmnist_hpo.training import graphs
+from fmnist_hpo.training.device import resolve_precision
+from fmnist_hpo.training.hooks import FitHooks
 
 if TYPE_CHECKING:
     from fmnist_hpo.config.spec import Config, DataConfig, TrainConfig
@@ -35,55 +37,6 @@ if TYPE_CHECKING:
 
 class TrialDiverged(RuntimeError):
     """The training loss became NaN or infinite."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if name not in available:
-        raise DeviceError(f"unknown device {name!r}; use auto, cuda, mps or cpu")
-    if not available[name]:
-        raise DeviceError(f"device {name!r} is not available on this machine (torch {torch.__version__})")
-    return torch.device(name)
-
-
-def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for plain fp32."""
-    if name == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        if device.type == "cpu" and cpu_has_native_bf16():
-            return torch.bfloat16
-        return None
-    if name == "fp16" and device.type == "cpu":
-        raise DeviceError("train.precision: fp16 needs cuda or mps; use bf16 or fp32 on cpu")
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
-
-
-PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-
-
-def precision_name(name: str, device: torch.device) -> str:
-    """What train.precision `name` computes in on device: fp32, bf16 or fp16 (auto resolved)."""
-    return PRECISION_NAMES[resolve_precision(name, device)]
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether oneDNN runs bf16 convolutions natively here (AVX512-BF16 or AMX): 1.5x to 2.4x a fp32
-    step of the study's CNN with channels_last (issue 17, AMD EPYC). Elsewhere bf16 is emulated."""
-    if not torch.backends.mkldnn.is_available():
-        return False
-    capabilities = getattr(torch.cpu, "get_capabilities", None)  # torch >= 2.8; older: the private probes
-    if capabilities is not None:
-        found = capabilities()
-        return bool(found.get("avx512_bf16") or found.get("amx_bf16"))
-    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(probe() for probe in probes if probe is not None)
 
 
 def resolve_cuda_graphs(setting: bool | str, device: torch.device, dtype: torch.dtype | None,
@@ -157,7 +110,6 @@ class Engine:
     graphs_required: bool = False  # train.cuda_graphs: true: a failing graph fails the trial
     train_graph: graphs.GraphedTraining | None = None  # the last captured step, reused while it fits
     eval_graph: graphs.GraphedEvaluation | None = None
-    on_steps: Callable[[int, int], None] | None = None  # progress within an epoch: (steps done, steps)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.dtype is None:
@@ -216,8 +168,10 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, engine: Engine) -> torch.
 
 def train_epoch(model: nn.Module, split: Split, optimizer: torch.optim.Optimizer, engine: Engine,
                 cfg: TrainConfig, data_cfg: DataConfig,
-                step_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> tuple[float, float]:
+                step_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+                on_steps: Callable[[int, int], None] | None = None) -> tuple[float, float]:
     """One pass over the training split; returns (mean loss, accuracy), read from the device once.
+    on_steps hears (steps done, steps in the epoch) as epoch_batches tells it.
 
     Under CUDA graphs every full batch is replayed and the ragged last one runs eagerly, on the same
     model, optimizer and totals; the batches and their augmentation are the same either way.
@@ -227,7 +181,7 @@ def train_epoch(model: nn.Module, split: Split, optimizer: torch.optim.Optimizer
     totals.reset()
     model.train()  # replays ignore the mode; the eager steps do not
     seen = 0
-    for idx in epoch_batches(len(split), cfg.batch_size, engine):
+    for idx in epoch_batches(len(split), cfg.batch_size, engine, on_steps):
         x = augment(engine.inputs(split.images[idx]), data_cfg, engine.generator)
         y = split.labels[idx]
         if not (graph is not None and len(idx) == graph.batch_size and _replayed(graph, x, y, engine)):
@@ -287,15 +241,16 @@ def _replayed(graph: graphs.GraphedTraining, x: torch.Tensor, y: torch.Tensor, e
     return True
 
 
-def epoch_batches(n: int, batch_size: int, engine: Engine) -> Iterator[torch.Tensor]:
-    """The epoch's batches; engine.on_steps hears (steps done, steps in the epoch) about 100 times an epoch
+def epoch_batches(n: int, batch_size: int, engine: Engine,
+                  on_steps: Callable[[int, int], None] | None = None) -> Iterator[torch.Tensor]:
+    """The epoch's batches; on_steps hears (steps done, steps in the epoch) about 100 times an epoch
     (a CPU epoch can take minutes), never in a way that waits for the device."""
     total = steps_per_epoch(n, batch_size)
     every = max(1, total // 100)
     for done, idx in enumerate(batches(n, batch_size, engine.generator, engine.device), start=1):
         yield idx
-        if engine.on_steps is not None and (done % every == 0 or done == total):
-            engine.on_steps(done, total)
+        if on_steps is not None and (done % every == 0 or done == total):
+            on_steps(done, total)
 
 
 def evaluate(model: nn.Module, split: Split, engine: Engine, batch_size: int = 1024) -> tuple[float, float]:
@@ -362,19 +317,15 @@ def make_schedulers(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_pe
     return None, None
 
 
-def fit(model: nn.Module, splits: Splits, cfg: Config, engine: Engine,
-        on_epoch: Callable[[EpochMetrics], None] | None = None,
-        resume: dict[str, Any] | None = None,
-        save_state: Callable[[dict[str, Any]], None] | None = None,
-        should_prune: Callable[[EpochMetrics], bool] | None = None) -> FitResult:
+def fit(model: nn.Module, splits: Splits, cfg: Config, engine: Engine, hooks: FitHooks | None = None,
+        resume: dict[str, Any] | None = None) -> FitResult:
     """Train with early stopping on the validation split and return the kept epoch's weights.
 
     The kept epoch is the best by the sweep's metric (cfg.search.metric, see selection.py); early
     stopping watches cfg.train.monitor with its own patience and only decides when to stop.
-    save_state receives, after every epoch, everything needed to continue (see training_state);
-    passing that dict back as resume continues from the next epoch with the same result.
-    should_prune(metrics) -> True ends training after that epoch, like early stopping does.
+    hooks hears every epoch and may prune (see hooks.py); resume is a state they were handed.
     """
+    hooks = hooks or FitHooks()
     train_cfg = cfg.train
     optimizer = make_optimizer(model, train_cfg, engine)
     steps = steps_per_epoch(len(splits.train), train_cfg.batch_size)
@@ -396,7 +347,8 @@ def fit(model: nn.Module, splits: Splits, cfg: Config, engine: Engine,
         # stop after the GPU has finished: no extra synchronisation is needed.
         start = time.perf_counter()
         lr = float(optimizer.param_groups[0]["lr"])
-        train_loss, train_acc = train_epoch(model, splits.train, optimizer, engine, train_cfg, cfg.data, step_scheduler)
+        train_loss, train_acc = train_epoch(model, splits.train, optimizer, engine, train_cfg, cfg.data, step_scheduler,
+                                            hooks.steps_done)
         trained = time.perf_counter()
         if not math.isfinite(train_loss):
             raise TrialDiverged(f"training loss became {train_loss} at epoch {epoch}")
@@ -415,11 +367,8 @@ def fit(model: nn.Module, splits: Splits, cfg: Config, engine: Engine,
         if loop.keeper.update(val_acc if loop.keeper.maximize else val_loss, epoch):
             loop.best_state = _snapshot(model)
         loop.next_epoch = epoch + 1
-        if on_epoch is not None:
-            on_epoch(metrics)
-        if save_state is not None:
-            save_state(training_state(loop, model, optimizer, schedulers, engine))
-        if should_prune is not None and epoch < train_cfg.epochs - 1 and should_prune(metrics):
+        hooks.epoch_done(metrics, functools.partial(training_state, loop, model, optimizer, schedulers, engine))
+        if epoch < train_cfg.epochs - 1 and hooks.should_prune(metrics):
             pruned_at = epoch
             break
     model.load_state_dict(loop.best_state)
@@ -489,6 +438,13 @@ class TrialOutcome:
     test_accuracy: float
     total_parameters: int
 
+    def record_into(self, record: TrialRecord) -> None:
+        """The trial's figures, as both engines log them: the kept epoch, the pruned one (1-based) and the test."""
+        record.keep(self.fit.kept, self.fit.history)
+        record.pruned_at = None if self.fit.pruned_at is None else self.fit.pruned_at + 1
+        record.test_accuracy, record.test_loss = self.test_accuracy, self.test_loss
+        record.total_parameters = self.total_parameters
+
 
 def prepare_trial(cfg: Config, device: torch.device) -> tuple[nn.Module, Engine]:
     """The seeded model on the device (channels_last, compiled as configured) and its engine."""
@@ -504,19 +460,14 @@ def prepare_trial(cfg: Config, device: torch.device) -> tuple[nn.Module, Engine]
     return model, engine
 
 
-def train_and_test(cfg: Config, splits: Splits, device: torch.device,
-                   on_epoch: Callable[[EpochMetrics], None] | None = None,
-                   resume: dict[str, Any] | None = None,
-                   save_state: Callable[[dict[str, Any]], None] | None = None,
-                   should_prune: Callable[[EpochMetrics], bool] | None = None,
-                   on_steps: Callable[[int, int], None] | None = None) -> TrialOutcome:
+def train_and_test(cfg: Config, splits: Splits, device: torch.device, hooks: FitHooks | None = None,
+                   resume: dict[str, Any] | None = None) -> TrialOutcome:
     """Build the model, fit it on train/val, then score the kept epoch's weights once on the test set."""
     from fmnist_hpo.training.model import count_parameters
 
     model, engine = prepare_trial(cfg, device)
-    engine.on_steps = on_steps
     try:
-        result = fit(model, splits, cfg, engine, on_epoch, resume, save_state, should_prune)
+        result = fit(model, splits, cfg, engine, hooks, resume)
         test_loss, test_acc = evaluate(model, splits.test, engine, cfg.train.eval_batch_size)
     finally:
         engine.release_graphs()
