@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,16 +33,17 @@ from fmnist_hpo.config.space import (
 from fmnist_hpo.config.spec import Config
 from fmnist_hpo.data.datasets import SplitCache, load_dataset
 from fmnist_hpo.data.lineage import idx_digest
-from fmnist_hpo.errors import FmnistError, OutputError
+from fmnist_hpo.errors import FmnistError
 from fmnist_hpo.faults import machine_failure
 from fmnist_hpo.files import state_file
 from fmnist_hpo.records import EpochMetrics, LoggedTrial, SweepResult, TrialRecord
 from fmnist_hpo.search.hyperopt_space import add_to_history, to_hyperopt
 from fmnist_hpo.search.interrupts import raise_if_requested
 from fmnist_hpo.search.packing import parallel_for
+from fmnist_hpo.search.preflight import Resolved, preflight
 from fmnist_hpo.search.progress import SweepProgress
 from fmnist_hpo.search.pruning import MedianPruner, best_so_far
-from fmnist_hpo.search.resume import choose_parent, reload
+from fmnist_hpo.search.resume import ResumeMode, choose_parent, reload
 from fmnist_hpo.search.trial_runs import Lineage, SweepRuns, trial_config
 from fmnist_hpo.selection import objective
 from fmnist_hpo.tracking.tracker import Tracker, TrackingError
@@ -321,34 +321,24 @@ def _free_device_memory(device: torch.device) -> None:
         torch.mps.empty_cache()
 
 
-def check_writable(folder: Path) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"{folder}: cannot create the checkpoint folder ({exc.strerror})") from None
-    if not os.access(folder, os.W_OK):
-        raise OutputError(f"{folder}: the checkpoint folder is not writable")
-
-
-def run_from_config(cfg: Config, show_bars: bool | None = None, resume: str = "ask", ask: Any = None,
+def run_from_config(cfg: Config, resolved: Resolved | None = None, show_bars: bool | None = None,
+                    mode: ResumeMode = ResumeMode.ASK, ask: Any = None,
                     on_ready: Callable[[], None] | None = None) -> SweepResult:
     """Everything `fmnist run` does after parsing: every input is checked before anything is written.
 
+    resolved is what preflight(cfg) found (the CLI checks every spec before the first runs); None: checked here.
     on_ready is called once the data is on the device and the store is open, before the first
     question or progress bar (the CLI ends its 'preparing' status there).
     """
-    from fmnist_hpo.search.preflight import preflight
-
-    resolved = preflight(cfg)
+    resolved = resolved or preflight(cfg)
     device = torch.device(resolved.device)
     data = SplitCache(load_dataset(cfg.data), device)
     data.get(cfg.data)
-    check_writable(resolved.checkpoint_dir)
     tracker = Tracker(resolved.tracking_uri, cfg.experiment)
     lineage = Lineage(data.dataset, str(resolved.data_root), idx_digest(resolved.data_root))
     if on_ready is not None:
         on_ready()
-    parent = choose_parent(tracker, cfg, resume, ask, say=logger.info)
+    parent = choose_parent(tracker, cfg, mode, ask, say=logger.info)
     result = Sweep(cfg, data, tracker, show_bars, lineage).run(resume_parent=parent)
     if not result.finished:
         count = f"all {len(result.trials)} trials" if len(result.trials) > 1 else "the only trial"
