@@ -32,6 +32,7 @@ from fmnist_hpo.errors import FmnistError, Terminated
 from fmnist_hpo.files import atomic_write, models_folder
 from fmnist_hpo.records import EPOCH_METRICS, EPOCH_TIMINGS, FINAL_METRICS, EpochMetrics, LoggedTrial, SweepResult, TrialRecord
 from fmnist_hpo.search.hyperopt_space import add_to_history, to_hyperopt
+from fmnist_hpo.search.strategy import Trained, exhausted_note
 from fmnist_hpo.selection import kept_epoch, objective
 from fmnist_hpo.training.hooks import FitHooks
 
@@ -145,8 +146,7 @@ def run_on_ray(runs: SweepRuns, result: SweepResult, progress: SweepProgress, da
         tuner.fit()
     interrupt.raise_if_set()
     if searcher.exhausted:
-        result.note = (f"{search.algo} proposed only configurations already trained, {MAX_REPEATED_PROPOSALS} times "
-                       f"in a row: stopped after {len(result.trials)} distinct configurations of {search.max_evals}")
+        result.note = exhausted_note(search.algo, MAX_REPEATED_PROPOSALS, len(result.trials), search.max_evals)
     shutil.rmtree(storage / name, ignore_errors=True)  # finished: the MLflow runs and models/ hold everything
 
 
@@ -208,24 +208,27 @@ def distinct_searcher(cfg: config_module.Config, result: SweepResult, cut_off: l
     inner = HyperOptSearch(to_hyperopt(search.space), metric="objective", mode="min",
                            random_state_seed=search.seed + 7919 * len(done), n_initial_points=startup,
                            points_to_evaluate=rerun or None)
-    known: dict[tuple, float | None] = {}
+    trained = Trained()
     for trial in done:  # HyperOptSearch built its Hyperopt Trials when given the space; extend them
         loss = trial.objective(search.metric) if trial.status == "ok" else None
         add_to_history(inner._hpopt_trials, search.space, trial.values, loss)
-        known[config_key(trial.values)] = loss
+        trained.record(trial.values, loss)
     inner._hpopt_trials.refresh()
-    return distinct(inner, known)
+    return distinct(inner, trained)
 
 
-def distinct(inner: Any, known: dict[tuple, float | None]) -> Any:
-    """inner wrapped so that a configuration already trained (or training) is never proposed to Tune."""
+def distinct(inner: Any, trained: Trained) -> Any:
+    """inner wrapped so that a configuration already trained (or training) is never proposed to Tune.
+
+    One training is recorded with no loss until it completes: a twin proposed meanwhile is dropped.
+    """
     from ray.tune.search import Searcher
 
     class DistinctSearcher(Searcher):
         def __init__(self) -> None:
             super().__init__(metric="objective", mode="min")
             self.exhausted = False
-            self.live: dict[str, tuple[str, tuple]] = {}  # Tune trial id -> (inner trial id, config key)
+            self.live: dict[str, tuple[str, dict[str, Any]]] = {}  # Tune trial id -> (inner trial id, values)
             self.asked = 0
 
         def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
@@ -238,12 +241,12 @@ def distinct(inner: Any, known: dict[tuple, float | None]) -> Any:
                 proposal = inner.suggest(inner_id)
                 if proposal is None or proposal == Searcher.FINISHED:
                     return proposal
-                key = config_key(plain_values(proposal))
-                training = {k for _, k in self.live.values()}
-                if key not in known and key not in training:
-                    self.live[trial_id] = (inner_id, key)
+                values = plain_values(proposal)
+                if trained.is_new(values):
+                    trained.record(values, None)
+                    self.live[trial_id] = (inner_id, values)
                     return proposal
-                loss = known.get(key)  # answered from the stored result; a twin still training is dropped
+                loss = trained.loss(values)  # answered from the stored result; a twin still training is dropped
                 inner.on_trial_complete(inner_id, {"objective": loss} if loss is not None else None, error=loss is None)
             self.exhausted = True
             return Searcher.FINISHED
@@ -255,8 +258,8 @@ def distinct(inner: Any, known: dict[tuple, float | None]) -> Any:
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
             if trial_id not in self.live:
                 return
-            inner_id, key = self.live.pop(trial_id)
-            known[key] = None if error or not result else result.get("objective")
+            inner_id, values = self.live.pop(trial_id)
+            trained.record(values, None if error or not result else result.get("objective"))
             inner.on_trial_complete(inner_id, result, error)
 
         def save(self, checkpoint_path: str) -> None:

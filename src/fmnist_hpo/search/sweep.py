@@ -1,17 +1,16 @@
 """The sweep driver: every configuration is trained once (repeats aside), tested once and logged.
 
-The sequential engine asks Hyperopt for points one at a time (or walks every point of a grid or of
-a space smaller than max_evals); a point Hyperopt proposes again is answered from the stored result
-without training, so max_evals counts distinct trained configurations. With several trials at
-once (search.parallel above 1, or `auto` on a GPU with room for more, see packing.py) the same
-search runs on Ray Tune (ray_engine.py). Both write MLflow through trial_runs.SweepRuns.
+strategy.py chooses the configurations (a grid's points, or Hyperopt's proposals, one proposed
+again answered from its stored result); this module runs each as trials on one device, one at a
+time, and takes an interrupted sweep back from the store. With several trials at once
+(search.parallel above 1, or `auto` on a GPU with room for more, see packing.py) the same search
+runs on Ray Tune (ray_engine.py). Both write MLflow through trial_runs.SweepRuns.
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
-import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,14 +21,7 @@ import torch
 from loguru import logger
 
 from fmnist_hpo.config import spec as config_module
-from fmnist_hpo.config.space import (
-    MAX_REPEATED_PROPOSALS,
-    config_key,
-    grid_points,
-    plain_values,
-    planned_points,
-    space_size,
-)
+from fmnist_hpo.config.space import planned_points
 from fmnist_hpo.config.spec import Config
 from fmnist_hpo.data.datasets import SplitCache, load_dataset
 from fmnist_hpo.data.lineage import idx_digest
@@ -37,13 +29,13 @@ from fmnist_hpo.errors import FmnistError
 from fmnist_hpo.faults import machine_failure
 from fmnist_hpo.files import state_file
 from fmnist_hpo.records import EpochMetrics, LoggedTrial, SweepResult, TrialRecord
-from fmnist_hpo.search.hyperopt_space import add_to_history, to_hyperopt
 from fmnist_hpo.search.interrupts import raise_if_requested
 from fmnist_hpo.search.packing import parallel_for
 from fmnist_hpo.search.preflight import Resolved, preflight
 from fmnist_hpo.search.progress import SweepProgress
 from fmnist_hpo.search.pruning import MedianPruner, best_so_far
 from fmnist_hpo.search.resume import ResumeMode, choose_parent, reload
+from fmnist_hpo.search.strategy import Trained, explore
 from fmnist_hpo.search.trial_runs import Lineage, SweepRuns, trial_config
 from fmnist_hpo.selection import objective
 from fmnist_hpo.tracking.tracker import Tracker, TrackingError
@@ -59,9 +51,6 @@ class SweepFailed(FmnistError):
     def __init__(self, message: str, result: SweepResult) -> None:
         super().__init__(message)
         self.result = result
-
-
-Known = dict[tuple, tuple[dict[str, Any], float | None]]  # config key -> (values, mean objective or None)
 
 
 class Sweep:
@@ -150,67 +139,19 @@ class Sweep:
                            parallel)
             self.interrupted.clear()
             return
-        known = self._finish_started_points(result, progress)
-        size = space_size(search.space)
-        if search.algo == "grid" or (size is not None and size <= search.max_evals):
-            if search.space and search.algo != "grid" and size < search.max_evals:
-                result.note = (f"the search space holds only {size} configurations: each was trained once "
-                               f"(search.max_evals {search.max_evals})")
-            for values in grid_points(search.space):
-                if config_key(values) not in known:
-                    known[config_key(values)] = (values, self.evaluate_point(next(self._points), values, result, progress))
-            return
-        self._hyperopt(result, progress, known)
+        trained = self._finish_started_points(result, progress)
+        note = explore(search, trained, lambda values: self.evaluate_point(next(self._points), values, result, progress))
+        if note:
+            result.note = note
 
-    def _finish_started_points(self, result: SweepResult, progress: SweepProgress) -> Known:
+    def _finish_started_points(self, result: SweepResult, progress: SweepProgress) -> Trained:
         """Every configuration started before an interruption, with its missing repeats run (or continued)."""
         values_of = ({t.point: t.values for t in result.trials} | {p: t.values for (p, _), t in self.interrupted.items()}
                      | {t.point: t.values for t in self.lost})
-        known: Known = {}
+        trained = Trained()
         for point in sorted(values_of):
-            values = values_of[point]
-            known[config_key(values)] = (values, self.evaluate_point(point, values, result, progress))
-        return known
-
-    def _hyperopt(self, result: SweepResult, progress: SweepProgress, known: Known) -> None:
-        from hyperopt import STATUS_FAIL, STATUS_OK, Trials, anneal, fmin, rand, tpe
-        from hyperopt.exceptions import AllTrialsFailed
-
-        logging.getLogger("hyperopt").setLevel(logging.CRITICAL)  # a trial's error is ours to report, once
-        search = self.cfg.search
-        history = Trials()
-        for values, loss in known.values():
-            add_to_history(history, search.space, values, loss)
-        history.refresh()
-        if len(known) >= search.max_evals:
-            return
-        repeated = 0
-
-        def evaluate(point: dict[str, Any]) -> dict[str, Any]:
-            nonlocal repeated
-            values = plain_values(point)
-            key = config_key(values)
-            if key in known:  # trained already: answer from the stored result
-                repeated += 1
-            else:
-                repeated = 0
-                known[key] = (values, self.evaluate_point(next(self._points), values, result, progress))
-            loss = known[key][1]
-            return {"status": STATUS_FAIL} if loss is None else {"status": STATUS_OK, "loss": loss}
-
-        def enough(_: Any, *args: Any) -> tuple[bool, Any]:
-            return len(known) >= search.max_evals or repeated >= MAX_REPEATED_PROPOSALS, args
-
-        algo = {"tpe": tpe, "random": rand, "anneal": anneal}[search.algo].suggest
-        # a resumed search draws from a new stream, or random search would repeat its first points
-        rstate = np.random.default_rng([search.seed, len(history.trials)] if history.trials else search.seed)
-        budget = len(history.trials) + (search.max_evals - len(known)) * (MAX_REPEATED_PROPOSALS + 1)
-        with contextlib.suppress(AllTrialsFailed):  # every failure is recorded; run_from_config reports it
-            fmin(evaluate, to_hyperopt(search.space), algo=algo, max_evals=budget, trials=history, rstate=rstate,
-                 early_stop_fn=enough, show_progressbar=False, return_argmin=False)
-        if len(known) < search.max_evals:
-            result.note = (f"{search.algo} proposed only configurations already trained, {repeated} times in a row: "
-                           f"stopped after {len(known)} distinct configurations of {search.max_evals}")
+            trained.record(values_of[point], self.evaluate_point(point, values_of[point], result, progress))
+        return trained
 
     def evaluate_point(self, point: int, values: dict[str, Any], result: SweepResult,
                        progress: SweepProgress) -> float | None:
