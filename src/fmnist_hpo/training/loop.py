@@ -330,7 +330,6 @@ def fit(model: nn.Module, splits: Splits, cfg: Config, engine: Engine, hooks: Fi
     optimizer = make_optimizer(model, train_cfg, engine)
     steps = steps_per_epoch(len(splits.train), train_cfg.batch_size)
     schedulers = make_schedulers(optimizer, train_cfg, steps, cycle_momentum=not engine.cuda_graphs)
-    epoch_scheduler, step_scheduler = schedulers
     loop = LoopState(EarlyStopping(train_cfg.patience, train_cfg.min_delta, maximize=maximizes(train_cfg.monitor)),
                      keeper=EarlyStopping(None, 0.0, maximize=maximizes(cfg.search.metric)),
                      best_state=_snapshot(model))
@@ -338,35 +337,12 @@ def fit(model: nn.Module, splits: Splits, cfg: Config, engine: Engine, hooks: Fi
         restore_training_state(resume, loop, model, optimizer, schedulers, engine)
         if engine.cuda_graphs:
             graphs.keep_capturable(optimizer, engine.device)
-    stopper = loop.stopper
     pruned_at = None
     for epoch in range(loop.next_epoch, train_cfg.epochs):
-        if stopper.should_stop:
+        if loop.stopper.should_stop:
             break
-        # train_epoch and evaluate end by reading their totals from the device, so these clocks
-        # stop after the GPU has finished: no extra synchronisation is needed.
-        start = time.perf_counter()
-        lr = float(optimizer.param_groups[0]["lr"])
-        train_loss, train_acc = train_epoch(model, splits.train, optimizer, engine, train_cfg, cfg.data, step_scheduler,
-                                            hooks.steps_done)
-        trained = time.perf_counter()
-        if not math.isfinite(train_loss):
-            raise TrialDiverged(f"training loss became {train_loss} at epoch {epoch}")
-        val_loss, val_acc = evaluate(model, splits.val, engine, train_cfg.eval_batch_size)
-        evaluated = time.perf_counter()
-        if not math.isfinite(val_loss):
-            raise TrialDiverged(f"validation loss became {val_loss} at epoch {epoch}")
-        if epoch_scheduler is not None:
-            epoch_scheduler.step()
-        seconds = time.perf_counter() - start
-        loop.train_seconds += seconds
-        metrics = EpochMetrics(epoch, train_loss, train_acc, val_loss, val_acc, lr, seconds,
-                               train_seconds=trained - start, eval_seconds=evaluated - trained)
-        loop.history.append(metrics)
-        stopper.update(val_acc if stopper.maximize else val_loss, epoch)
-        if loop.keeper.update(val_acc if loop.keeper.maximize else val_loss, epoch):
-            loop.best_state = _snapshot(model)
-        loop.next_epoch = epoch + 1
+        metrics = run_epoch(model, splits, optimizer, schedulers, engine, cfg, epoch, hooks.steps_done)
+        loop.record(metrics, model)
         hooks.epoch_done(metrics, functools.partial(training_state, loop, model, optimizer, schedulers, engine))
         if epoch < train_cfg.epochs - 1 and hooks.should_prune(metrics):
             pruned_at = epoch
@@ -374,6 +350,29 @@ def fit(model: nn.Module, splits: Splits, cfg: Config, engine: Engine, hooks: Fi
     model.load_state_dict(loop.best_state)
     return FitResult(loop.history, loop.keeper.best_epoch, loop.best_state, loop.train_seconds,
                      stopped_early=len(loop.history) < train_cfg.epochs, pruned_at=pruned_at)
+
+
+def run_epoch(model: nn.Module, splits: Splits, optimizer: torch.optim.Optimizer, schedulers: tuple[Any, Any],
+              engine: Engine, cfg: Config, epoch: int, on_steps: Callable[[int, int], None]) -> EpochMetrics:
+    """Train one epoch, validate, step the per-epoch scheduler; a loss that is not finite ends the trial."""
+    epoch_scheduler, step_scheduler = schedulers
+    # train_epoch and evaluate end by reading their totals from the device, so these clocks
+    # stop after the GPU has finished: no extra synchronisation is needed.
+    start = time.perf_counter()
+    lr = float(optimizer.param_groups[0]["lr"])
+    train_loss, train_acc = train_epoch(model, splits.train, optimizer, engine, cfg.train, cfg.data, step_scheduler,
+                                        on_steps)
+    trained = time.perf_counter()
+    if not math.isfinite(train_loss):
+        raise TrialDiverged(f"training loss became {train_loss} at epoch {epoch}")
+    val_loss, val_acc = evaluate(model, splits.val, engine, cfg.train.eval_batch_size)
+    evaluated = time.perf_counter()
+    if not math.isfinite(val_loss):
+        raise TrialDiverged(f"validation loss became {val_loss} at epoch {epoch}")
+    if epoch_scheduler is not None:
+        epoch_scheduler.step()
+    return EpochMetrics(epoch, train_loss, train_acc, val_loss, val_acc, lr, time.perf_counter() - start,
+                        train_seconds=trained - start, eval_seconds=evaluated - trained)
 
 
 @dataclass
@@ -386,6 +385,15 @@ class LoopState:
     history: list[EpochMetrics] = field(default_factory=list)
     train_seconds: float = 0.0
     next_epoch: int = 0
+
+    def record(self, metrics: EpochMetrics, model: nn.Module) -> None:
+        """An epoch done: its figures kept, both trackers told, its weights kept where it is the best so far."""
+        self.train_seconds += metrics.epoch_seconds
+        self.history.append(metrics)
+        self.stopper.update(metrics.val_accuracy if self.stopper.maximize else metrics.val_loss, metrics.epoch)
+        if self.keeper.update(metrics.val_accuracy if self.keeper.maximize else metrics.val_loss, metrics.epoch):
+            self.best_state = _snapshot(model)
+        self.next_epoch = metrics.epoch + 1
 
 
 def training_state(loop: LoopState, model: nn.Module, optimizer: torch.optim.Optimizer,
