@@ -106,7 +106,7 @@ class Sweep:
         if self.pruner is not None:
             for trial in reloaded.done:
                 if trial.status == "ok" and trial.run_id not in lost_ids:  # a lost one is trained again
-                    self.pruner.record(self._curve(self.tracker.history(trial.run_id)))
+                    self.pruner.record(self.curve(self.tracker.history(trial.run_id)))
 
     def _lost_checkpoints(self, done: list[TrialRecord], logged: list[LoggedTrial]) -> list[LoggedTrial]:
         """Finished trials whose checkpoint neither loads nor can be restored from its artifact copy: closed."""
@@ -194,7 +194,7 @@ class Sweep:
             return contextlib.nullcontext()
         return self.tracker.system_metrics(run_id)
 
-    def _curve(self, history: list[EpochMetrics]) -> list[float]:
+    def curve(self, history: list[EpochMetrics]) -> list[float]:
         """Best-so-far of the search objective per epoch (lower is better), for the median pruner."""
         metric = self.cfg.search.metric
         return best_so_far([objective(metric, m.val_loss, m.val_accuracy) for m in history])
@@ -207,7 +207,7 @@ class Sweep:
         start = time.perf_counter()
         outcome = train_and_test(cfg, splits, self.device, hooks, resume)
         if self.pruner is not None:
-            self.pruner.record(self._curve(hooks.seen))
+            self.pruner.record(self.curve(hooks.seen))
         outcome.record_into(record)
         record.checkpoint = save_checkpoint(self.runs.checkpoint_path(record), outcome.model,
                                             config_module.to_dict(cfg)["model"], run_id=record.run_id,
@@ -243,7 +243,7 @@ class TrialHooks(FitHooks):
 
     def should_prune(self, metrics: EpochMetrics) -> bool:
         pruner = self.sweep.pruner
-        return pruner is not None and pruner.should_prune(self.sweep._curve(self.seen))
+        return pruner is not None and pruner.should_prune(self.sweep.curve(self.seen))
 
 
 def _reason(exc: BaseException) -> str:
