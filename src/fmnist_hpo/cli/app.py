@@ -188,7 +188,7 @@ def run_one(cfg: Config, mode: ResumeMode, quiet: bool, resume_command: str, reg
         typer.echo(f"{cfg.experiment}: finished before (sweep {earlier.parent_run_id}); --fresh to rerun")
     try:
         with terminate_as_interrupt(), preparing("loading the data and opening the store", not quiet) as ready:
-            result = earlier or run_from_config(cfg, resolved, show_bars=False if quiet else None, mode=mode,
+            result = earlier or run_from_config(cfg, resolved=resolved, show_bars=False if quiet else None, mode=mode,
                                                 ask=ask_on_terminal(), on_ready=ready)
     except SweepFailed as exc:
         console.print(results_table(exc.result))
