@@ -66,7 +66,6 @@ def interleaved_steps(config_path: str, overrides: list[str], blocks: int, steps
 
     sys.path.insert(0, str(ROOT / "src"))
     from fmnist_hpo.data.splits import Split
-
     from fmnist_hpo.training.loop import make_optimizer, prepare_trial
 
     cpu = torch.device("cpu")
@@ -124,7 +123,7 @@ def main() -> None:
                         help="only the interleaved step timing (seconds, where whole runs take minutes)")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
-    from fmnist_hpo.training.loop import cpu_has_native_bf16
+    from fmnist_hpo.training.device import cpu_has_native_bf16
 
     steps = interleaved_steps(args.config, args.overrides, blocks=10, steps=10)
     print(f"native bf16 on this CPU: {cpu_has_native_bf16()}  ({os.cpu_count()} cores)")

@@ -54,18 +54,19 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from fmnist_hpo.data.loading import Dataset
-from fmnist_hpo.data.splits import Split, Splits, make_splits
-
 from fmnist_hpo.config.loading import to_dict
 from fmnist_hpo.config.sections import Config, validate
 from fmnist_hpo.data.datasets import FASHION_MNIST
+from fmnist_hpo.data.loading import Dataset
+from fmnist_hpo.data.splits import Split, Splits, make_splits
+from fmnist_hpo.records import EpochMetrics
 from fmnist_hpo.search import packing
 from fmnist_hpo.training import (
     graphs,
     loop,
 )
 from fmnist_hpo.training.checkpoints import read_training_state, save_training_state
+from fmnist_hpo.training.hooks import FitHooks
 from fmnist_hpo.training.loop import evaluate, fit, prepare_trial, train_and_test
 
 PART_TIMEOUT = 150  # seconds; a part that takes longer is reported as timed out, the rest still run
@@ -493,12 +494,13 @@ def part_resume(device: torch.device, quick: bool) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         state_file = Path(folder) / "trial.state.pt"
 
-        def save_then_stop(state: dict) -> None:
-            save_training_state(state_file, state)
-            raise Stop  # the process is killed after its first epoch's state reached the disk
+        class SaveThenStop(FitHooks):
+            def epoch_done(self, metrics: EpochMetrics, state: Callable[[], dict]) -> None:
+                save_training_state(state_file, state())
+                raise Stop  # the process is killed after its first epoch's state reached the disk
 
         with contextlib.suppress(Stop):
-            trial(cfg, splits, device, save_state=save_then_stop)
+            trial(cfg, splits, device, hooks=SaveThenStop())
         resumed = trial(cfg, splits, device, resume=read_training_state(state_file))
     ours = [m.train_loss for m in resumed["history"]] + [m.val_loss for m in resumed["history"]]
     theirs = [m.train_loss for m in whole["history"]] + [m.val_loss for m in whole["history"]]

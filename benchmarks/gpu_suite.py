@@ -41,11 +41,11 @@ sys.path.insert(0, str(ROOT / "src"))
 import sweep_throughput
 import time_to_accuracy
 import train_throughput
-from fmnist_hpo.data.loading import load_dataset
 
 from fmnist_hpo.config.loading import load, to_dict
+from fmnist_hpo.data.loading import load_dataset
 from fmnist_hpo.search.packing import free_gpu_bytes, resolve_parallel, trial_footprint
-from fmnist_hpo.training.loop import resolve_device
+from fmnist_hpo.training.device import resolve_device
 
 EXP12, FAST, BEST = (str(ROOT / "configs" / name) for name in ("exp12.yaml", "fast.yaml", "best.yaml"))
 QUICK = ["data.train_subset=2000", "data.val_size=2000", "model.filters=32", "train.epochs=1"]

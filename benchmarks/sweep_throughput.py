@@ -26,14 +26,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from fmnist_hpo.data.loading import load_dataset
-from fmnist_hpo.data.splits import make_splits
-
 from fmnist_hpo.config.loading import apply_overrides, load, to_dict
 from fmnist_hpo.config.sections import validate
 from fmnist_hpo.config.space import parse_entry
+from fmnist_hpo.data.loading import load_dataset
+from fmnist_hpo.data.splits import make_splits
+from fmnist_hpo.records import EpochMetrics
 from fmnist_hpo.search.pruning import MedianPruner, best_so_far
-from fmnist_hpo.training.loop import resolve_device, train_and_test
+from fmnist_hpo.training.device import resolve_device
+from fmnist_hpo.training.hooks import FitHooks
+from fmnist_hpo.training.loop import train_and_test
 
 _worker: dict[str, Any] = {}
 
@@ -87,6 +89,18 @@ def throughput(raw: dict[str, Any], points: list[dict[str, Any]], parallel: int,
     return len(points) * 3600 / seconds
 
 
+class AskPruner(FitHooks):
+    """Each epoch's validation accuracy to the median pruner (None: never prune)."""
+
+    def __init__(self, pruner: MedianPruner | None) -> None:
+        self.pruner = pruner
+        self.seen: list[float] = []
+
+    def should_prune(self, metrics: EpochMetrics) -> bool:
+        self.seen.append(-metrics.val_accuracy)
+        return self.pruner is not None and self.pruner.should_prune(best_so_far(self.seen))
+
+
 def pruning(raw: dict[str, Any], points: list[dict[str, Any]], device_name: str, grace: int) -> dict[str, Any]:
     device = resolve_device(device_name)
     dataset = load_dataset(validate(raw).data)
@@ -96,15 +110,10 @@ def pruning(raw: dict[str, Any], points: list[dict[str, Any]], device_name: str,
         trials = []
         for point in points:
             cfg = validate(apply_overrides(raw, point))
-            seen: list[float] = []
-
-            def should_prune(m: Any, seen: list[float] = seen, pruner: MedianPruner | None = pruner) -> bool:
-                seen.append(-m.val_accuracy)
-                return pruner is not None and pruner.should_prune(best_so_far(seen))
-
-            result = train_and_test(cfg, make_splits(dataset, cfg.data, device), device, should_prune=should_prune)
+            asked = AskPruner(pruner)
+            result = train_and_test(cfg, make_splits(dataset, cfg.data, device), device, asked)
             if pruner is not None:
-                pruner.record(best_so_far(seen))
+                pruner.record(best_so_far(asked.seen))
             trials.append((result.fit.kept.val_accuracy, result.test_accuracy, result.fit.pruned_at is not None))
         best = max(trials)
         outcome[label] = {"wall_seconds": time.perf_counter() - start, "best_val_accuracy": best[0],

@@ -13,18 +13,20 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from fmnist_hpo.data.loading import load_dataset
-from fmnist_hpo.data.splits import make_splits
-
 from fmnist_hpo.config.loading import load
 from fmnist_hpo.config.sections import Config
-from fmnist_hpo.training.loop import EpochMetrics, evaluate, fit, prepare_trial, resolve_device
+from fmnist_hpo.data.loading import load_dataset
+from fmnist_hpo.data.splits import make_splits
+from fmnist_hpo.training.device import resolve_device
+from fmnist_hpo.training.hooks import FitHooks
+from fmnist_hpo.training.loop import EpochMetrics, evaluate, fit, prepare_trial
 
 THRESHOLDS = (0.930, 0.935, 0.940)
 
@@ -52,18 +54,20 @@ def measure(cfg: Config, device: torch.device, verbose: bool = False) -> dict:
     splits = make_splits(load_dataset(cfg.data), cfg.data, device)
     model, engine = prepare_trial(cfg, device)
     curve: list[dict[str, float]] = []
-    elapsed = 0.0
 
-    def on_epoch(m: EpochMetrics) -> None:
-        nonlocal elapsed
-        elapsed += m.epoch_seconds
-        _, test_acc = evaluate(model, splits.test, engine, cfg.train.eval_batch_size)
-        curve.append({"epoch": m.epoch, "train_seconds": elapsed, "val_accuracy": m.val_accuracy, "test_accuracy": test_acc})
-        if verbose:
-            print(f"epoch {m.epoch:3d}  {elapsed:7.1f}s  val {m.val_accuracy:.4f}  test {test_acc:.4f}", flush=True)
+    class TestEveryEpoch(FitHooks):
+        elapsed = 0.0
+
+        def epoch_done(self, m: EpochMetrics, state: Callable[[], dict]) -> None:
+            self.elapsed += m.epoch_seconds
+            _, test_acc = evaluate(model, splits.test, engine, cfg.train.eval_batch_size)
+            curve.append({"epoch": m.epoch, "train_seconds": self.elapsed, "val_accuracy": m.val_accuracy,
+                          "test_accuracy": test_acc})
+            if verbose:
+                print(f"epoch {m.epoch:3d}  {self.elapsed:7.1f}s  val {m.val_accuracy:.4f}  test {test_acc:.4f}", flush=True)
 
     try:
-        result = fit(model, splits, cfg, engine, on_epoch)
+        result = fit(model, splits, cfg, engine, TestEveryEpoch())
         _, selected_test = evaluate(model, splits.test, engine, cfg.train.eval_batch_size)
     finally:
         engine.release_graphs()  # the next seed's capture must not meet this one's graphs in the collector

@@ -31,14 +31,14 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from fmnist_hpo.data.loading import load_dataset
-from fmnist_hpo.data.splits import Split, make_splits
-
 from fmnist_hpo.config.loading import load
 from fmnist_hpo.config.sections import Config
 from fmnist_hpo.data.datasets import dataset_named
+from fmnist_hpo.data.loading import load_dataset
+from fmnist_hpo.data.splits import Split, make_splits
 from fmnist_hpo.training.batches import normalize
-from fmnist_hpo.training.loop import make_optimizer, prepare_trial, resolve_device, train_epoch
+from fmnist_hpo.training.device import resolve_device
+from fmnist_hpo.training.loop import make_optimizer, prepare_trial, train_epoch
 from fmnist_hpo.training.model import build_model
 
 MODES = ("reference", "engine64", "enginefast", "engine64+graphs", "enginefast+graphs")

@@ -33,6 +33,7 @@ from fmnist_hpo.search import (
     sweep,
     trial_runs,
 )
+from fmnist_hpo.search.resume import ResumeMode
 from fmnist_hpo.tracking import tracker
 from fmnist_hpo.training import loop
 
@@ -117,7 +118,7 @@ def main() -> None:
         profiler = cProfile.Profile() if args.profile else None
         if profiler:
             profiler.enable()
-        result = sweep.run_from_config(cfg, show_bars=False, resume="fresh")
+        result = sweep.run_from_config(cfg, show_bars=False, mode=ResumeMode.FRESH)
         if profiler:
             profiler.disable()
             profiler.dump_stats(args.profile)

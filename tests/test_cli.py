@@ -275,7 +275,7 @@ def test_run_opens_with_where_it_works_and_closes_with_where_results_are(tmp_pat
     assert result.exit_code == 0, result.stderr
     lines = result.output.splitlines()
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    from fmnist_hpo.training.loop import cpu_has_native_bf16
+    from fmnist_hpo.training.device import cpu_has_native_bf16
 
     precision = "bf16" if cpu_has_native_bf16() else "fp32"  # what precision: auto is on this CPU
     assert lines[0] == (f"tiny: device: cpu ({precision}); data: {data_dir}; store: {store}; "

@@ -292,7 +292,7 @@ def test_an_empty_host_is_refused_at_once(tmp_path: Path):
 
 def test_a_sweep_still_running_is_refused_without_advising_fresh(tmp_path: Path, data_dir: Path):
     from fmnist_hpo.config.sections import validate
-    from fmnist_hpo.search.resume import ResumeError, choose_parent
+    from fmnist_hpo.search.resume import ResumeError, ResumeMode, choose_parent
     from fmnist_hpo.search.trial_runs import SweepRuns
     from fmnist_hpo.tracking.tracker import Tracker
 
@@ -303,7 +303,7 @@ def test_a_sweep_still_running_is_refused_without_advising_fresh(tmp_path: Path,
     try:
         runs.start_parent()
         tracker.set_tags(runs.parent_id, {"pid": str(alive.pid)})
-        for mode in ("resume", "fresh", "ask"):
+        for mode in (ResumeMode.RESUME, ResumeMode.FRESH, ResumeMode.ASK):
             with pytest.raises(ResumeError) as refused:
                 choose_parent(tracker, cfg, mode)
             assert f"still running (pid {alive.pid} on this host)" in str(refused.value)

@@ -16,14 +16,15 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_raw
-from fmnist_hpo.data.loading import load_dataset
-from fmnist_hpo.data.splits import make_splits
 
 from fmnist_hpo.config.loading import to_dict
 from fmnist_hpo.config.sections import Config, validate
 from fmnist_hpo.data.datasets import FASHION_MNIST
+from fmnist_hpo.data.loading import load_dataset
+from fmnist_hpo.data.splits import make_splits
 from fmnist_hpo.errors import ConfigError, DeviceError
 from fmnist_hpo.training import graphs, loop
+from fmnist_hpo.training.hooks import FitHooks
 from fmnist_hpo.training.loop import fit, make_engine, prepare_trial, resolve_cuda_graphs, train_and_test
 
 CPU = torch.device("cpu")
@@ -169,6 +170,16 @@ def cpu_run(cfg: Config, data_dir: Path, **kwargs):
     return train_and_test(cfg, splits, CPU, **kwargs)
 
 
+class KeepStates(FitHooks):
+    """A copy of the training state after every epoch, as the sweep would save it."""
+
+    def __init__(self) -> None:
+        self.states: list[dict] = []
+
+    def epoch_done(self, metrics, state) -> None:
+        self.states.append(copy.deepcopy(state()))
+
+
 def losses(outcome) -> list[float]:
     return [m.train_loss for m in outcome.fit.history] + [m.val_loss for m in outcome.fit.history]
 
@@ -191,9 +202,9 @@ def test_a_graphed_trial_resumed_from_its_state_matches_an_uninterrupted_one(dat
     """With dropout: the warm-up before each capture draws from the generator and must give it back."""
     graphs_on_cpu(RecordingCapture())
     cfg = cpu_cfg(data_dir)
-    states = []
-    whole = cpu_run(cfg, data_dir, save_state=lambda s: states.append(copy.deepcopy(s)))
-    resumed = cpu_run(cfg, data_dir, resume=states[0])
+    kept = KeepStates()
+    whole = cpu_run(cfg, data_dir, hooks=kept)
+    resumed = cpu_run(cfg, data_dir, resume=kept.states[0])
     assert graphs.turned_off() is None  # both replayed graphs throughout
     assert losses(resumed) == losses(whole)
 
@@ -281,12 +292,12 @@ def test_freeing_memory_after_a_failed_trial_survives_a_confused_allocator(monke
     sweep._free_device_memory(CUDA)  # the sweep's except clause: the next trial still runs
 
 
-def cuda_run(data_dir: Path, graphs: bool, model: dict | None = None, save_state=None, resume=None, **loop):
+def cuda_run(data_dir: Path, graphs: bool, model: dict | None = None, hooks=None, resume=None, **loop):
     raw = tiny_raw(data_dir, model=model or {}, data={"augment_flip": True, "augment_translate": 2},
                    train={"device": "cuda", "precision": "bf16", "cuda_graphs": graphs, **loop})
     cfg = validate(raw)
     splits = make_splits(load_dataset(cfg.data), cfg.data, CUDA)
-    return train_and_test(cfg, splits, CUDA, save_state=save_state, resume=resume)
+    return train_and_test(cfg, splits, CUDA, hooks, resume)
 
 
 @needs_cuda
@@ -313,9 +324,9 @@ def test_captured_training_with_dropout_augmentation_and_one_cycle_learns(data_d
 
 @needs_cuda
 def test_a_captured_run_resumes_from_its_saved_state(data_dir: Path):
-    states = []
-    whole = cuda_run(data_dir, True, save_state=lambda s: states.append(copy.deepcopy(s)), epochs=3, scheduler="cosine")
-    resumed = cuda_run(data_dir, True, resume=states[0], epochs=3, scheduler="cosine")
+    kept = KeepStates()
+    whole = cuda_run(data_dir, True, hooks=kept, epochs=3, scheduler="cosine")
+    resumed = cuda_run(data_dir, True, resume=kept.states[0], epochs=3, scheduler="cosine")
     assert [m.epoch for m in resumed.fit.history] == [0, 1, 2]
     assert [m.lr for m in resumed.fit.history] == pytest.approx([m.lr for m in whole.fit.history])
     # the warm-up gives the generator back: the same dropout masks, up to nondeterministic atomics

@@ -35,7 +35,7 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def test_resolves_what_a_run_uses(workdir: Path, data_dir: Path):
     resolved = preflight(validate(tiny_raw(data_dir, experiment="e1", models_dir="out")))
-    from fmnist_hpo.training.loop import cpu_has_native_bf16
+    from fmnist_hpo.training.device import cpu_has_native_bf16
 
     assert resolved.device == "cpu" and resolved.precision == ("bf16" if cpu_has_native_bf16() else "fp32")
     assert resolved.data_root == data_dir and resolved.data_present

@@ -13,11 +13,11 @@ import pytest
 import torch
 import yaml
 from conftest import tiny_raw
-from fmnist_hpo.data.loading import load_dataset
-from fmnist_hpo.data.splits import make_splits
 from mlflow.tracking import MlflowClient
 
 from fmnist_hpo.config.sections import validate
+from fmnist_hpo.data.loading import load_dataset
+from fmnist_hpo.data.splits import make_splits
 from fmnist_hpo.training.checkpoints import (
     CheckpointError,
     atomic_write,
@@ -25,6 +25,7 @@ from fmnist_hpo.training.checkpoints import (
     read_training_state,
     save_training_state,
 )
+from fmnist_hpo.training.hooks import FitHooks
 from fmnist_hpo.training.loop import train_and_test
 
 CPU = torch.device("cpu")
@@ -43,13 +44,14 @@ def test_a_resumed_trial_ends_with_the_same_metrics(data_dir: Path, tmp_path: Pa
 
     state_file = tmp_path / "trial.state.pt"
 
-    def save_then_die(state: dict) -> None:
-        save_training_state(state_file, state)
-        if state["next_epoch"] == 2:
-            raise Interrupted
+    class SaveThenDie(FitHooks):
+        def epoch_done(self, metrics, state) -> None:
+            save_training_state(state_file, state())
+            if metrics.epoch == 1:
+                raise Interrupted
 
     with pytest.raises(Interrupted):
-        train_and_test(cfg, splits, CPU, save_state=save_then_die)
+        train_and_test(cfg, splits, CPU, SaveThenDie())
     resumed = train_and_test(cfg, splits, CPU, resume=read_training_state(state_file))
     assert [m.val_loss for m in resumed.fit.history] == [m.val_loss for m in straight.fit.history]
     assert resumed.test_accuracy == straight.test_accuracy

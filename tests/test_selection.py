@@ -143,3 +143,17 @@ def test_a_configuration_whose_weak_repeats_were_pruned_cannot_win_on_its_lucky_
              record(5, 1, 2, 0.81, 0.81, pruned_at=2)]
     chosen = select(steady + lucky, "val_accuracy")
     assert [r.number for r in chosen.runs] == [0, 1, 2]
+
+
+def test_a_configuration_proposed_again_is_answered_from_its_stored_result_and_counted():
+    from fmnist_hpo.config.space import MAX_REPEATED_PROPOSALS
+    from fmnist_hpo.search.strategy import Trained
+
+    trained = Trained()
+    assert trained.is_new({"model.filters": 8})
+    trained.record({"model.filters": 8}, 0.25)
+    for _ in range(MAX_REPEATED_PROPOSALS - 1):
+        assert not trained.is_new({"model.filters": 8})
+    assert trained.loss({"model.filters": 8}) == 0.25 and not trained.exhausted
+    assert not trained.is_new({"model.filters": 8}) and trained.exhausted
+    assert trained.is_new({"model.filters": 16}) and trained.repeated == 0 and len(trained) == 1

@@ -3,14 +3,16 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_raw
-from fmnist_hpo.data.loading import load_dataset
-from fmnist_hpo.data.splits import make_splits
 
 from fmnist_hpo.config.sections import validate
 from fmnist_hpo.data.datasets import FASHION_MNIST
+from fmnist_hpo.data.loading import load_dataset
+from fmnist_hpo.data.splits import make_splits
 from fmnist_hpo.selection import kept_epoch
 from fmnist_hpo.training.batches import augment, normalize
-from fmnist_hpo.training.loop import EarlyStopping, TrialDiverged, evaluate, make_engine, resolve_device, train_and_test
+from fmnist_hpo.training.device import resolve_device
+from fmnist_hpo.training.hooks import FitHooks
+from fmnist_hpo.training.loop import EarlyStopping, TrialDiverged, evaluate, make_engine, train_and_test
 
 CPU = torch.device("cpu")
 
@@ -173,7 +175,7 @@ def test_bf16_autocast_trains_to_the_same_accuracy_as_fp32(data_dir: Path):
 
 def test_fp16_is_refused_on_cpu():
     from fmnist_hpo.errors import DeviceError
-    from fmnist_hpo.training.loop import resolve_precision
+    from fmnist_hpo.training.device import resolve_precision
 
     with pytest.raises(DeviceError, match="fp16 needs cuda or mps"):
         resolve_precision("fp16", CPU)
@@ -182,20 +184,25 @@ def test_fp16_is_refused_on_cpu():
 
 @pytest.mark.parametrize(("native", "expected"), [(True, torch.bfloat16), (False, None)])
 def test_auto_precision_on_cpu_is_bf16_only_where_the_cpu_has_native_bf16(monkeypatch: pytest.MonkeyPatch, native, expected):
-    from fmnist_hpo.training import loop
+    from fmnist_hpo.training import device
 
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": native, "amx_bf16": False})
-    assert loop.cpu_has_native_bf16() is native
-    assert loop.resolve_precision("auto", CPU) == expected
+    assert device.cpu_has_native_bf16() is native
+    assert device.resolve_precision("auto", CPU) == expected
     monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
-    assert loop.resolve_precision("auto", CPU) is None
+    assert device.resolve_precision("auto", CPU) is None
 
 
 def test_progress_within_an_epoch_is_reported_without_changing_the_result(data_dir: Path):
     cfg = validate(tiny_raw(data_dir, train={"epochs": 2, "batch_size": 8}))
     splits = make_splits(load_dataset(cfg.data), cfg.data, CPU)
     heard: list[tuple[int, int]] = []
-    with_progress = train_and_test(cfg, splits, CPU, on_steps=lambda done, total: heard.append((done, total)))
+
+    class Listen(FitHooks):
+        def steps_done(self, done: int, total: int) -> None:
+            heard.append((done, total))
+
+    with_progress = train_and_test(cfg, splits, CPU, Listen())
     plain = train_and_test(cfg, splits, CPU)
     total = heard[0][1]
     assert total == 38  # 300 training images in batches of 8 (the last, of 4, runs)

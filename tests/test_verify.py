@@ -310,7 +310,7 @@ def test_sweep_counts_that_are_not_its_runs(store: Store):
 def test_a_trial_is_rescored_in_the_precision_it_was_scored_in(store: Store):
     from fmnist_hpo.modelops.verify import _trial_precision
     from fmnist_hpo.records import LoggedTrial
-    from fmnist_hpo.training.loop import precision_name
+    from fmnist_hpo.training.device import precision_name
 
     run = store.client.get_run(store.best)
     assert run.data.tags["precision"] == precision_name("auto", torch.device("cpu"))  # auto, resolved when it ran

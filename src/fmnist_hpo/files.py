@@ -1,4 +1,4 @@
-"""Files written whole or not at all."""
+"""Files written whole or not at all, and where a trial's files live: models_dir/experiment/run_id.pt."""
 
 from __future__ import annotations
 
@@ -24,3 +24,18 @@ def atomic_write(path: Path, write: Any) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def models_folder(models_dir: str | Path, experiment: str) -> Path:
+    """The folder of an experiment's checkpoints (and of its trials' training states while they run)."""
+    return Path(models_dir) / experiment
+
+
+def checkpoint_file(folder: Path, run_id: str) -> Path:
+    """A trial's checkpoint in its experiment's models folder."""
+    return folder / f"{run_id}.pt"
+
+
+def state_file(folder: Path, run_id: str) -> Path:
+    """A trial's whole training state, rewritten after every epoch until the trial ends."""
+    return folder / f"{run_id}.state.pt"

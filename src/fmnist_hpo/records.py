@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fmnist_hpo.files import checkpoint_file
 from fmnist_hpo.selection import Selection, objective, select
 
 EPOCH_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds")
@@ -115,7 +116,7 @@ class TrialRecord:
             kept_val_accuracy=m.get("kept_val_accuracy", math.nan), kept_val_loss=m.get("kept_val_loss", math.nan),
             test_accuracy=m.get("test_accuracy", math.nan), test_loss=m.get("test_loss", math.nan),
             epochs_run=int(m.get("epochs_run", 0)), trial_seconds=m.get(TRIAL_SECONDS, 0.0),
-            total_parameters=int(m.get("total_parameters", 0)), checkpoint=models_dir / f"{trial.run_id}.pt",
+            total_parameters=int(m.get("total_parameters", 0)), checkpoint=checkpoint_file(models_dir, trial.run_id),
             pruned_at=int(trial.tags["pruned_at_epoch"]) if "pruned_at_epoch" in trial.tags else None,
         )
 

@@ -33,6 +33,7 @@ from fmnist_hpo.analysis.costs import ACROSS_EXPERIMENTS, FRONT_RULE, cost_secti
 from fmnist_hpo.analysis.render import Section, format_value, to_markdown
 from fmnist_hpo.analysis.stats import describe_trend, summarize
 from fmnist_hpo.files import atomic_write
+from fmnist_hpo.percent import percent
 from fmnist_hpo.records import LoggedTrial
 
 OVERVIEW_COLUMNS = ["experiment", "finished", "pruned", "failed", "cut_off", "selected_runs", "selected_val_accuracy",
@@ -56,10 +57,6 @@ def plot_lines(paths: list[Path] | None, report_path: Path) -> list[str]:
     return [f"![{p.stem}]({os.path.relpath(p, report_path.parent)})" for p in paths or []]
 
 
-def _pct(value: float) -> str:
-    return f"{value * 100:.2f}%"
-
-
 def _points(value: float) -> str:
     return f"{value * 100:+.2f} points"
 
@@ -73,10 +70,10 @@ def selection_line(trials: list[LoggedTrial]) -> str:
     val = chosen.mean(lambda t: t.metrics["kept_val_accuracy"])
     test = chosen.mean(lambda t: t.metrics["test_accuracy"])
     if len(chosen.runs) == 1:
-        return f"The validation split selects trial {rep.number} ({values}): validation {_pct(val)}, test {_pct(test)}."
+        return f"The validation split selects trial {rep.number} ({values}): validation {percent(val)}, test {percent(test)}."
     spread = chosen.std(lambda t: t.metrics["test_accuracy"]) * 100
-    return (f"The validation split selects {values} (mean over its {len(chosen.runs)} repeats): validation {_pct(val)}, "
-            f"test {_pct(test)} ± {spread:.2f} points (std).")
+    return (f"The validation split selects {values} (mean over its {len(chosen.runs)} repeats): validation {percent(val)}, "
+            f"test {percent(test)} ± {spread:.2f} points (std).")
 
 
 def experiment_section(name: str, description: str, trials: list[LoggedTrial], figures: list[str] | None = None) -> str:
@@ -91,8 +88,8 @@ def experiment_section(name: str, description: str, trials: list[LoggedTrial], f
     lines += [
         f"- {len(trials)} trial runs: {counts_text(outcome_counts(trials))}.",
         f"- {selection_line(trials)}",
-        f"- Test accuracy over all runs: {_pct(test.mean)}"
-        + (f" ± {test.std * 100:.2f} points (95% CI {_pct(test.ci_low)} to {_pct(test.ci_high)})" if test.n > 1 else "")
+        f"- Test accuracy over all runs: {percent(test.mean)}"
+        + (f" ± {test.std * 100:.2f} points (95% CI {percent(test.ci_low)} to {percent(test.ci_high)})" if test.n > 1 else "")
         + ".",
         f"- Median model size {format_value('median_parameters', row['median_parameters'])} parameters, "
         f"{format_value('median_epochs', row['median_epochs'])} epochs, "
@@ -138,8 +135,8 @@ def conclusions(trials_by_experiment: dict[str, list[LoggedTrial]]) -> list[str]
                     key=lambda name: -chosen[name].mean(lambda t: t.metrics["kept_val_accuracy"]))
     if not ranked:
         return ["No experiment has finished runs yet."]
-    lines = [f"{i}. {name}: validation {_pct(chosen[name].mean(lambda t: t.metrics['kept_val_accuracy']))}, "
-             f"test {_pct(chosen[name].mean(lambda t: t.metrics['test_accuracy']))} "
+    lines = [f"{i}. {name}: validation {percent(chosen[name].mean(lambda t: t.metrics['kept_val_accuracy']))}, "
+             f"test {percent(chosen[name].mean(lambda t: t.metrics['test_accuracy']))} "
              f"(selected configuration, {len(chosen[name].runs)} run{'s' if len(chosen[name].runs) > 1 else ''})"
              for i, name in enumerate(ranked, start=1)]
     if len(ranked) > 1:

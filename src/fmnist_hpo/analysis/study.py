@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from fmnist_hpo.analysis.analyze import finished, metric_values, selection_of, supports_test, tested_comparison
 from fmnist_hpo.analysis.costs import configurations, front
 from fmnist_hpo.analysis.stats import ALPHA, summarize
+from fmnist_hpo.percent import percent
 from fmnist_hpo.records import TRIAL_SECONDS, LoggedTrial
 
 # (best, average) test accuracy the study reported per experiment; exp01-exp05 reported one figure
@@ -49,10 +50,6 @@ def evidence(trials: list[LoggedTrial]) -> list[LoggedTrial]:
     if chosen is not None and len(chosen.runs) > 1:
         return chosen.runs
     return finished(trials)
-
-
-def _pct(value: float) -> str:
-    return "-" if not math.isfinite(value) else f"{value * 100:.2f}%"
 
 
 def _mean(trials: list[LoggedTrial], key: str = "test_accuracy") -> float:
@@ -119,7 +116,7 @@ def parameters_claim(trials: Trials) -> Verdict:
     if not inside or not larger:
         return Verdict(claim, study, "-", "not run (needs runs inside and above the range)")
     result = tested_comparison(inside, larger, "test_accuracy", "inside", "larger")
-    ours = f"inside {_pct(result.a.mean)} (n = {result.a.n}) vs larger {_pct(result.b.mean)} (n = {result.b.n})"
+    ours = f"inside {percent(result.a.mean)} (n = {result.a.n}) vs larger {percent(result.b.mean)} (n = {result.b.n})"
     efficient = front([c for name, runs in trials.items() for c in configurations(name, runs)], lambda c: c.parameters)
     if efficient:  # what the tool shows, beside what the study claimed: the sizes no cheaper model matches
         ours += (f"; the validation-accuracy/parameters Pareto front runs from {efficient[0].parameters / 1000:.0f}K to "
@@ -132,7 +129,7 @@ def parameters_claim(trials: Trials) -> Verdict:
 
 def best_claim(trials: Trials) -> Verdict:
     """exp12 is the best configuration: first on validation, and its lead over the runner-up."""
-    claim, study = "exp12 is the best configuration", f"exp12 {_pct(STUDY_FIGURES['exp12'][0])}, the top figure"
+    claim, study = "exp12 is the best configuration", f"exp12 {percent(STUDY_FIGURES['exp12'][0])}, the top figure"
     chosen = {name: selection_of(runs) for name, runs in trials.items() if name in STUDY_FIGURES}
     ranked = sorted((name for name, c in chosen.items() if c is not None),
                     key=lambda name: -chosen[name].mean(lambda t: t.metrics["kept_val_accuracy"]))

@@ -11,14 +11,11 @@ from fmnist_hpo.analysis.render import Section, to_markdown
 from fmnist_hpo.analysis.report import experiment_section, plot_lines, runs_line
 from fmnist_hpo.analysis.stats import summarize
 from fmnist_hpo.analysis.study import PLACEMENT_EXPERIMENT, ROUNDS, STUDY_FIGURES, verdicts
+from fmnist_hpo.percent import percent
 from fmnist_hpo.records import LoggedTrial
 
 ROUND_COLUMNS = ["experiment", "study_best", "study_avg", "selected_test", "test_mean_std", "test_ci95", "runs",
                  "median_parameters", "median_trial_s"]
-
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None or value != value else f"{value * 100:.2f}%"
 
 
 def round_section(title: str, names: tuple[str, ...], trials: dict[str, list[LoggedTrial]]) -> Section:
@@ -28,11 +25,11 @@ def round_section(title: str, names: tuple[str, ...], trials: dict[str, list[Log
         best, avg = STUDY_FIGURES[name]
         row = summary_row(name, runs)
         section.rows.append({
-            "experiment": name, "study_best": _pct(best), "study_avg": _pct(avg),
-            "selected_test": _pct(row["selected_test_accuracy"]),
-            "test_mean_std": f"{_pct(row['test_mean'])} ± {row['test_std'] * 100:.2f} points"
-            if row["finished"] > 1 else _pct(row["test_mean"]),
-            "test_ci95": f"{_pct(row['test_ci95'][0])} to {_pct(row['test_ci95'][1])}" if row["finished"] > 1 else "-",
+            "experiment": name, "study_best": percent(best), "study_avg": percent(avg),
+            "selected_test": percent(row["selected_test_accuracy"]),
+            "test_mean_std": f"{percent(row['test_mean'])} ± {row['test_std'] * 100:.2f} points"
+            if row["finished"] > 1 else percent(row["test_mean"]),
+            "test_ci95": f"{percent(row['test_ci95'][0])} to {percent(row['test_ci95'][1])}" if row["finished"] > 1 else "-",
             "runs": row["finished"], "median_parameters": row["median_parameters"],
             "median_trial_s": row["median_trial_seconds"],
         })
@@ -45,9 +42,9 @@ def placement_section(trials: list[LoggedTrial]) -> Section:
     for label, members in parameter_groups(trials, "model.dropout_placement"):
         val = summarize(metric_values(members, "kept_val_accuracy"))
         test = summarize(metric_values(members, "test_accuracy"))
-        section.rows.append({"placement": label, "runs": test.n, "val_mean": _pct(val.mean), "test_mean": _pct(test.mean),
+        section.rows.append({"placement": label, "runs": test.n, "val_mean": percent(val.mean), "test_mean": percent(test.mean),
                              "test_std": f"{test.std * 100:.2f} points" if test.n > 1 else "-",
-                             "test_ci95": f"{_pct(test.ci_low)} to {_pct(test.ci_high)}" if test.n > 1 else "-"})
+                             "test_ci95": f"{percent(test.ci_low)} to {percent(test.ci_high)}" if test.n > 1 else "-"})
     chosen = selection_of(trials)
     if chosen is not None:
         section.title += f" (selected on validation: {chosen.representative.values.get('model.dropout_placement', '-')})"

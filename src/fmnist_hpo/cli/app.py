@@ -16,6 +16,7 @@ import typer
 
 from fmnist_hpo.cli.help import ConventionalGroup, ConventionalHelp
 from fmnist_hpo.errors import FmnistError, MachineFailure, Terminated
+from fmnist_hpo.search.resume import ResumeMode
 
 if TYPE_CHECKING:
     from fmnist_hpo.config.sections import Config
@@ -150,14 +151,14 @@ def run(
     from fmnist_hpo.search.progress import configure_logging
 
     configure_logging(-1 if quiet else (1 if verbose else 0))
-    mode = "resume" if resume else "fresh" if fresh else "ask"
+    mode = ResumeMode.RESUME if resume else ResumeMode.FRESH if fresh else ResumeMode.ASK
     resume_command = shlex.join(["fmnist", "run", *map(str, configs), *(f"--set={o}" for o in all_overrides), "--resume"])
     try:
         with terminate_as_interrupt():  # from the start: a signal during store creation lands cleanly too
             if len(cfgs) == 1:
                 run_one(cfgs[0], mode, quiet, resume_command, register_as)
             else:
-                run_several(cfgs, "continue" if resume else mode, quiet, resume_command)
+                run_several(cfgs, ResumeMode.CONTINUE if resume else mode, quiet, resume_command)
     except (KeyboardInterrupt, Terminated) as exc:  # the sweep had not started: nothing to resume
         raise fail("interrupted before the sweep started", code=143 if isinstance(exc, Terminated) else 130) from None
 
@@ -174,7 +175,7 @@ def interrupted(exc: BaseException, resume_command: str) -> typer.Exit:
     return fail(f"interrupted; finished trials are kept, continue with: {resume_command}", code=code)
 
 
-def run_one(cfg: Config, mode: str, quiet: bool, resume_command: str, register_as: str | None) -> None:
+def run_one(cfg: Config, mode: ResumeMode, quiet: bool, resume_command: str, register_as: str | None) -> None:
     from fmnist_hpo.search.progress import console, preparing, results_table
 
     with preparing("checking the device, the data and the store", show_spinner=not quiet):
@@ -182,12 +183,12 @@ def run_one(cfg: Config, mode: str, quiet: bool, resume_command: str, register_a
         from fmnist_hpo.search.sweep import SweepFailed, run_from_config
     if not quiet:
         typer.echo(f"{cfg.experiment}: {'; '.join(resolved.describe())}")
-    earlier = finished_before_or_fail(cfg) if mode == "ask" else None
+    earlier = finished_before_or_fail(cfg) if mode == ResumeMode.ASK else None
     if earlier is not None:
         typer.echo(f"{cfg.experiment}: finished before (sweep {earlier.parent_run_id}); --fresh to rerun")
     try:
         with terminate_as_interrupt(), preparing("loading the data and opening the store", not quiet) as ready:
-            result = earlier or run_from_config(cfg, show_bars=False if quiet else None, resume=mode,
+            result = earlier or run_from_config(cfg, resolved=resolved, show_bars=False if quiet else None, mode=mode,
                                                 ask=ask_on_terminal(), on_ready=ready)
     except SweepFailed as exc:
         console.print(results_table(exc.result))
@@ -226,7 +227,7 @@ def finished_before_or_fail(cfg: Config) -> object:
         raise fail(str(exc)) from None
 
 
-def run_several(cfgs: list[Config], mode: str, quiet: bool, resume_command: str) -> None:
+def run_several(cfgs: list[Config], mode: ResumeMode, quiet: bool, resume_command: str) -> None:
     """Each spec in order into its own experiment; a closing table with a row per experiment."""
     from rich.console import Console
 
@@ -242,7 +243,7 @@ def run_several(cfgs: list[Config], mode: str, quiet: bool, resume_command: str)
                 if not quiet:
                     typer.echo(f"{cfg.experiment}: {'; '.join(where.describe())}")
                 with preparing("loading the data and opening the store", not quiet) as ready:
-                    outcomes.append(run_spec(cfg, mode, ask_on_terminal(), False if quiet else None, ready))
+                    outcomes.append(run_spec(cfg, where, mode, ask_on_terminal(), False if quiet else None, ready))
     except MachineFailure as exc:
         raise interrupted(exc, resume_command) from None
     except FmnistError as exc:

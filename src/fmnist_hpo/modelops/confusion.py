@@ -11,12 +11,14 @@ import numpy as np
 matplotlib.use("Agg")  # files only: no display is needed or wanted
 import matplotlib.pyplot as plt
 
+from fmnist_hpo.percent import percent
+
 
 def confusion_title(accuracy: float, experiment: str | None = None, trial: int | None = None,
                     fallback: str = "model") -> str:
     """'exp12, trial 7: test accuracy 91.23%'; fallback (a checkpoint's name) where the run is unknown."""
     who = f"{experiment}, trial {trial}" if experiment is not None and trial is not None else fallback
-    return f"{who}: test accuracy {accuracy * 100:.2f}%"
+    return f"{who}: test accuracy {percent(accuracy)}"
 
 
 def confusion_matrix_png(confusion: Any, classes: tuple[str, ...], path: Path, title: str) -> Path:

@@ -27,6 +27,7 @@ import yaml
 
 from fmnist_hpo.data.datasets import UNNAMED, DatasetInfo, dataset_named
 from fmnist_hpo.errors import DataError
+from fmnist_hpo.files import checkpoint_file, models_folder
 from fmnist_hpo.records import EPOCH_METRICS, TRIAL_SECONDS, EpochMetrics, LoggedTrial
 from fmnist_hpo.selection import kept_epoch, select
 from fmnist_hpo.tracking.store_view import StoreView
@@ -305,7 +306,7 @@ class Verifier:
 
     def check_checkpoint(self, label: str, trial: LoggedTrial) -> torch.nn.Module | None:
         """The checkpoint the product would use (the local file, else the artifact copy), loaded; None if none loads."""
-        local = Path(str(_param(trial.params, "models_dir", "models"))) / self._experiment / f"{trial.run_id}.pt"
+        local = checkpoint_file(models_folder(str(_param(trial.params, "models_dir", "models")), self._experiment), trial.run_id)
         with self.view.checkpoint_artifact(trial.run_id) as copy:
             found = [(path, name) for path, name in ((local, str(local)), (copy, "the run's checkpoint artifact"))
                      if path is not None and path.is_file()]

@@ -21,11 +21,15 @@ from fmnist_hpo.config.loading import hash_of, to_dict
 from fmnist_hpo.config.sections import Config
 from fmnist_hpo.config.space import planned_points
 from fmnist_hpo.errors import FmnistError
+from fmnist_hpo.files import models_folder
 from fmnist_hpo.records import SpecOutcome, SweepResult
 from fmnist_hpo.search.packing import speed_variants
+from fmnist_hpo.search.resume import ResumeMode
 
 if TYPE_CHECKING:
     import torch
+
+    from fmnist_hpo.search.preflight import Resolved
 
 # fixed costs no probe of the model sees, measured on a busy 2-core CPU with an SQLite store: a trial's
 # run opened, logged and closed with its checkpoint; a sweep's start-up (imports, reading the data,
@@ -168,18 +172,18 @@ def finished_before(cfg: Config) -> SweepResult | None:
             if p.params.get("search.max_evals") == str(cfg.search.max_evals)]
     if not same:
         return None
-    models_dir = Path(cfg.models_dir) / cfg.experiment
+    models_dir = models_folder(cfg.models_dir, cfg.experiment)
     trials = [TrialRecord.from_logged(t, models_dir) for t in tracker.trials_of(same[0].run_id)
               if t.tags.get("interrupted") != "true"]
     return SweepResult(cfg.experiment, same[0].run_id, cfg.search.metric, trials)
 
 
-def run_spec(cfg: Config, mode: str, ask: Callable[[str], bool] | None, show_bars: bool | None,
-             on_ready: Callable[[], None] | None = None) -> SpecOutcome:
+def run_spec(cfg: Config, resolved: Resolved, mode: ResumeMode, ask: Callable[[str], bool] | None,
+             show_bars: bool | None, on_ready: Callable[[], None] | None = None) -> SpecOutcome:
     """One spec of several: skipped when it finished before (unless mode is fresh), else run or continued."""
     from fmnist_hpo.search.sweep import SweepFailed, run_from_config
 
-    if mode != "fresh":
+    if mode != ResumeMode.FRESH:
         earlier = finished_before(cfg)
         if earlier is not None:
             if on_ready is not None:
@@ -187,7 +191,7 @@ def run_spec(cfg: Config, mode: str, ask: Callable[[str], bool] | None, show_bar
             return SpecOutcome(cfg.experiment, "done before", earlier)
     start = time.perf_counter()
     try:
-        result = run_from_config(cfg, show_bars, resume=mode, ask=ask, on_ready=on_ready)
+        result = run_from_config(cfg, resolved, show_bars, mode, ask=ask, on_ready=on_ready)
     except SweepFailed as exc:
         return SpecOutcome(cfg.experiment, "failed", exc.result, time.perf_counter() - start)
     return SpecOutcome(cfg.experiment, "finished", result, time.perf_counter() - start)

@@ -19,6 +19,7 @@ import torch
 from fmnist_hpo.data.datasets import dataset_named
 from fmnist_hpo.data.loading import data_root, find_files, missing_data
 from fmnist_hpo.errors import DataError, OutputError
+from fmnist_hpo.files import models_folder
 from fmnist_hpo.training.fits import check_fits
 
 if TYPE_CHECKING:
@@ -49,13 +50,13 @@ def preflight(cfg: Config) -> Resolved:
     check_fits(cfg, torch.device(device))
     root, present = check_data(cfg)
     tracking_uri = check_store(cfg.mlflow.tracking_uri)
-    checkpoint_dir = Path(cfg.models_dir, cfg.experiment).expanduser().absolute()
+    checkpoint_dir = models_folder(cfg.models_dir, cfg.experiment).expanduser().absolute()
     check_creatable(checkpoint_dir, "the checkpoint folder")
     return Resolved(device, precision, root, present, tracking_uri, checkpoint_dir)
 
 
 def resolve_compute(cfg: Config) -> tuple[str, str]:
-    from fmnist_hpo.training.loop import precision_name, resolve_device
+    from fmnist_hpo.training.device import precision_name, resolve_device
 
     device = resolve_device(cfg.train.device)
     return device.type, precision_name(cfg.train.precision, device)

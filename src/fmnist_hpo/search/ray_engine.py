@@ -15,7 +15,7 @@ import os
 import shutil
 import signal
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,10 +30,12 @@ from fmnist_hpo.config.space import (
     planned_points,
 )
 from fmnist_hpo.errors import FmnistError, Terminated
-from fmnist_hpo.files import atomic_write
+from fmnist_hpo.files import atomic_write, models_folder
 from fmnist_hpo.records import EPOCH_METRICS, EPOCH_TIMINGS, FINAL_METRICS, EpochMetrics, LoggedTrial, SweepResult, TrialRecord
 from fmnist_hpo.search.hyperopt_space import add_to_history, to_hyperopt
+from fmnist_hpo.search.strategy import Trained, exhausted_note
 from fmnist_hpo.selection import kept_epoch, objective
+from fmnist_hpo.training.hooks import FitHooks
 
 if TYPE_CHECKING:
     from fmnist_hpo.data.loading import Dataset
@@ -54,30 +56,38 @@ def ray_trial(params: dict[str, Any], base: dict[str, Any], dataset: Dataset) ->
     from fmnist_hpo.data.datasets import dataset_named
     from fmnist_hpo.data.splits import make_splits
     from fmnist_hpo.training.checkpoints import save_checkpoint
-    from fmnist_hpo.training.loop import resolve_device, train_and_test
+    from fmnist_hpo.training.device import resolve_device
+    from fmnist_hpo.training.loop import train_and_test
 
     cfg = validate(apply_overrides(base, plain_values(params)))
     device = resolve_device(cfg.train.device)
     splits = make_splits(dataset, cfg.data, device)
-    metric = cfg.search.metric
-    best = math.inf
-
-    def on_epoch(m: EpochMetrics) -> None:
-        # no training state travels with the report: a cut-off trial is rerun from the start, never restored
-        nonlocal best  # the objective so far is the kept epoch's: schedulers compare trials on it
-        best = min(best, objective(metric, m.val_loss, m.val_accuracy))
-        tune.report({**m.as_dict(), "epoch": m.epoch, "objective": best})
-
-    outcome = train_and_test(cfg, splits, device, on_epoch)
+    reports = ReportToTune(cfg.search.metric)
+    outcome = train_and_test(cfg, splits, device, reports)
     record = TrialRecord(-1, "", {})
-    record.keep(outcome.fit.kept, outcome.fit.history)
-    record.test_accuracy, record.test_loss = outcome.test_accuracy, outcome.test_loss
-    record.total_parameters = outcome.total_parameters
+    outcome.record_into(record)
     with tempfile.TemporaryDirectory() as folder:
         save_checkpoint(Path(folder) / MODEL_FILE, outcome.model, to_dict(cfg)["model"],
                         dataset_named(cfg.data.dataset), kept_epoch=record.kept_epoch)
-        tune.report({"final": 1, "objective": best, **{k: getattr(record, k) for k in FINAL_METRICS}},
+        tune.report({"final": 1, "objective": reports.best, **{k: getattr(record, k) for k in FINAL_METRICS}},
                     checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+class ReportToTune(FitHooks):
+    """Every epoch's metrics to Tune, with the objective so far: the kept epoch's, which schedulers compare.
+
+    No training state travels with a report: a cut-off trial is rerun from the start, never restored.
+    """
+
+    def __init__(self, metric: str) -> None:
+        self.metric = metric
+        self.best = math.inf
+
+    def epoch_done(self, metrics: EpochMetrics, state: Callable[[], dict[str, Any]]) -> None:
+        from ray import tune
+
+        self.best = min(self.best, objective(self.metric, metrics.val_loss, metrics.val_accuracy))
+        tune.report({**metrics.as_dict(), "epoch": metrics.epoch, "objective": self.best})
 
 
 def trial_resources(parallel: int, gpus_per_trial: float | None) -> dict[str, float]:
@@ -121,7 +131,7 @@ def run_on_ray(runs: SweepRuns, result: SweepResult, progress: SweepProgress, da
     remaining = planned_points(search.space, search.algo, search.max_evals) - len(result.trials)
     if remaining <= 0:
         return
-    storage = (Path(cfg.models_dir) / cfg.experiment / "ray").absolute()
+    storage = (models_folder(cfg.models_dir, cfg.experiment) / "ray").absolute()
     name = f"sweep-{result.parent_run_id}"
     trainable = tune.with_resources(
         tune.with_parameters(ray_trial, base=to_dict(cfg), dataset=dataset),
@@ -138,8 +148,7 @@ def run_on_ray(runs: SweepRuns, result: SweepResult, progress: SweepProgress, da
         tuner.fit()
     interrupt.raise_if_set()
     if searcher.exhausted:
-        result.note = (f"{search.algo} proposed only configurations already trained, {MAX_REPEATED_PROPOSALS} times "
-                       f"in a row: stopped after {len(result.trials)} distinct configurations of {search.max_evals}")
+        result.note = exhausted_note(search.algo, MAX_REPEATED_PROPOSALS, len(result.trials), search.max_evals)
     shutil.rmtree(storage / name, ignore_errors=True)  # finished: the MLflow runs and models/ hold everything
 
 
@@ -201,24 +210,27 @@ def distinct_searcher(cfg: Config, result: SweepResult, cut_off: list[LoggedTria
     inner = HyperOptSearch(to_hyperopt(search.space), metric="objective", mode="min",
                            random_state_seed=search.seed + 7919 * len(done), n_initial_points=startup,
                            points_to_evaluate=rerun or None)
-    known: dict[tuple, float | None] = {}
+    trained = Trained()
     for trial in done:  # HyperOptSearch built its Hyperopt Trials when given the space; extend them
         loss = trial.objective(search.metric) if trial.status == "ok" else None
         add_to_history(inner._hpopt_trials, search.space, trial.values, loss)
-        known[config_key(trial.values)] = loss
+        trained.record(trial.values, loss)
     inner._hpopt_trials.refresh()
-    return distinct(inner, known)
+    return distinct(inner, trained)
 
 
-def distinct(inner: Any, known: dict[tuple, float | None]) -> Any:
-    """inner wrapped so that a configuration already trained (or training) is never proposed to Tune."""
+def distinct(inner: Any, trained: Trained) -> Any:
+    """inner wrapped so that a configuration already trained (or training) is never proposed to Tune.
+
+    One training is recorded with no loss until it completes: a twin proposed meanwhile is dropped.
+    """
     from ray.tune.search import Searcher
 
     class DistinctSearcher(Searcher):
         def __init__(self) -> None:
             super().__init__(metric="objective", mode="min")
             self.exhausted = False
-            self.live: dict[str, tuple[str, tuple]] = {}  # Tune trial id -> (inner trial id, config key)
+            self.live: dict[str, tuple[str, dict[str, Any]]] = {}  # Tune trial id -> (inner trial id, values)
             self.asked = 0
 
         def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
@@ -231,12 +243,12 @@ def distinct(inner: Any, known: dict[tuple, float | None]) -> Any:
                 proposal = inner.suggest(inner_id)
                 if proposal is None or proposal == Searcher.FINISHED:
                     return proposal
-                key = config_key(plain_values(proposal))
-                training = {k for _, k in self.live.values()}
-                if key not in known and key not in training:
-                    self.live[trial_id] = (inner_id, key)
+                values = plain_values(proposal)
+                if trained.is_new(values):
+                    trained.record(values, None)
+                    self.live[trial_id] = (inner_id, values)
                     return proposal
-                loss = known.get(key)  # answered from the stored result; a twin still training is dropped
+                loss = trained.loss(values)  # answered from the stored result; a twin still training is dropped
                 inner.on_trial_complete(inner_id, {"objective": loss} if loss is not None else None, error=loss is None)
             self.exhausted = True
             return Searcher.FINISHED
@@ -248,8 +260,8 @@ def distinct(inner: Any, known: dict[tuple, float | None]) -> Any:
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
             if trial_id not in self.live:
                 return
-            inner_id, key = self.live.pop(trial_id)
-            known[key] = None if error or not result else result.get("objective")
+            inner_id, values = self.live.pop(trial_id)
+            trained.record(values, None if error or not result else result.get("objective"))
             inner.on_trial_complete(inner_id, result, error)
 
         def save(self, checkpoint_path: str) -> None:

@@ -10,13 +10,26 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fmnist_hpo.config.sections import Config
 from fmnist_hpo.errors import FmnistError
 from fmnist_hpo.records import LoggedTrial, TrialRecord
-from fmnist_hpo.search.trial_runs import sweep_id
-from fmnist_hpo.tracking.tracker import Tracker, alive_elsewhere
+
+if TYPE_CHECKING:  # the CLI imports ResumeMode at start-up: nothing heavy at the top of this module
+    from fmnist_hpo.config.sections import Config
+    from fmnist_hpo.tracking.tracker import Tracker
+
+
+class ResumeMode(StrEnum):
+    """What `fmnist run` does with an interrupted sweep of the same config."""
+
+    ASK = "ask"  # ask on a terminal; with none to ask, continue it
+    RESUME = "resume"  # continue it; an error when there is none
+    CONTINUE = "continue"  # continue it, or start afresh where nothing was interrupted (several specs)
+    FRESH = "fresh"  # start anew, closing the interrupted runs as FAILED
 
 
 class ResumeError(FmnistError):
@@ -43,35 +56,36 @@ def reload(logged: list[LoggedTrial], models_dir: Path) -> Reloaded:
     return reloaded
 
 
-def choose_parent(tracker: Tracker, cfg: Config, mode: str, ask: Callable[[str], bool] | None = None,
+def choose_parent(tracker: Tracker, cfg: Config, mode: ResumeMode, ask: Callable[[str], bool] | None = None,
                   say: Callable[[str], None] = print) -> str | None:
-    """The interrupted sweep to continue, or None for a fresh one.
+    """The interrupted sweep to continue, or None for a fresh one (see ResumeMode).
 
-    mode: 'resume' continues without asking, 'continue' too but starts afresh where nothing was
-    interrupted, 'fresh' starts anew (closing the interrupted runs as FAILED), 'ask' asks through
-    ask(question) -> bool. With no way to ask (stdin is not a terminal:
-    nohup, CI, a scheduler) the safe choice wins: the interrupted sweep is continued, and say() tells so.
+    ASK asks through ask(question) -> bool. With no way to ask (stdin is not a terminal: nohup, CI,
+    a scheduler) the safe choice wins: the interrupted sweep is continued, and say() tells so.
     """
+    from fmnist_hpo.search.trial_runs import sweep_id
+    from fmnist_hpo.tracking.tracker import alive_elsewhere
+
     candidates = tracker.unfinished_sweeps(sweep_id(cfg))
     if not candidates:
-        if mode == "resume":
+        if mode == ResumeMode.RESUME:
             raise ResumeError(f"no interrupted sweep of this config in experiment {cfg.experiment!r} to resume")
         return None
-    mode = "resume" if mode == "continue" else mode
+    mode = ResumeMode.RESUME if mode == ResumeMode.CONTINUE else mode
     parent = candidates[0]
     if alive_elsewhere(parent.tags):
         pid = parent.tags["pid"]
         raise ResumeError(f"this sweep is still running (pid {pid} on this host); wait for it to finish, or stop it "
                           f"(kill {pid}) and run again to continue it")
-    if mode == "ask":
+    if mode == ResumeMode.ASK:
         if ask is None:
             say(f"continuing the interrupted sweep {parent.run_id} of this config "
                 "(no terminal to ask; pass --fresh to start anew instead)")
-            mode = "resume"
+            mode = ResumeMode.RESUME
         else:
-            mode = "resume" if ask(f"An interrupted sweep of this config exists (run {parent.run_id}). Continue it?") \
-                else "fresh"
-    keep = parent.run_id if mode == "resume" else None
+            question = f"An interrupted sweep of this config exists (run {parent.run_id}). Continue it?"
+            mode = ResumeMode.RESUME if ask(question) else ResumeMode.FRESH
+    keep = parent.run_id if mode == ResumeMode.RESUME else None
     for stale in candidates:  # older interrupted copies (and, for --fresh, this one) are closed
         if stale.run_id != keep:
             tracker.abandon(stale.run_id, "abandoned: a fresh sweep of the same config was started"

@@ -1,18 +1,16 @@
 """The sweep driver: every configuration is trained once (repeats aside), tested once and logged.
 
-The sequential engine asks Hyperopt for points one at a time (or walks every point of a grid or of
-a space smaller than max_evals); a point Hyperopt proposes again is answered from the stored result
-without training, so max_evals counts distinct trained configurations. With several trials at
-once (search.parallel above 1, or `auto` on a GPU with room for more, see packing.py) the same
-search runs on Ray Tune (ray_engine.py). Both write MLflow through trial_runs.SweepRuns.
+strategy.py chooses the configurations (a grid's points, or Hyperopt's proposals, one proposed
+again answered from its stored result); this module runs each as trials on one device, one at a
+time, and takes an interrupted sweep back from the store. With several trials at once
+(search.parallel above 1, or `auto` on a GPU with room for more, see packing.py) the same search
+runs on Ray Tune (ray_engine.py). Both write MLflow through trial_runs.SweepRuns.
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
-import logging
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,31 +22,27 @@ from loguru import logger
 
 from fmnist_hpo.config.loading import to_dict
 from fmnist_hpo.config.sections import Config, validate
-from fmnist_hpo.config.space import (
-    MAX_REPEATED_PROPOSALS,
-    config_key,
-    grid_points,
-    plain_values,
-    planned_points,
-    space_size,
-)
+from fmnist_hpo.config.space import planned_points
 from fmnist_hpo.data.datasets import dataset_named
 from fmnist_hpo.data.lineage import idx_digest
 from fmnist_hpo.data.loading import load_dataset
 from fmnist_hpo.data.splits import SplitCache
-from fmnist_hpo.errors import FmnistError, OutputError
+from fmnist_hpo.errors import FmnistError
 from fmnist_hpo.faults import machine_failure
+from fmnist_hpo.files import state_file
 from fmnist_hpo.records import EpochMetrics, LoggedTrial, SweepResult, TrialRecord
-from fmnist_hpo.search.hyperopt_space import add_to_history, to_hyperopt
 from fmnist_hpo.search.interrupts import raise_if_requested
 from fmnist_hpo.search.packing import parallel_for
+from fmnist_hpo.search.preflight import Resolved, preflight
 from fmnist_hpo.search.progress import SweepProgress
 from fmnist_hpo.search.pruning import MedianPruner, best_so_far
-from fmnist_hpo.search.resume import choose_parent, reload
+from fmnist_hpo.search.resume import ResumeMode, choose_parent, reload
+from fmnist_hpo.search.strategy import Trained, explore
 from fmnist_hpo.search.trial_runs import Lineage, SweepRuns, trial_config
 from fmnist_hpo.selection import objective
 from fmnist_hpo.tracking.tracker import Tracker, TrackingError
 from fmnist_hpo.training.checkpoints import CheckpointError, read_training_state, save_checkpoint, save_training_state
+from fmnist_hpo.training.hooks import FitHooks
 from fmnist_hpo.training.loop import train_and_test
 from fmnist_hpo.training.repair import LostCheckpoint
 
@@ -59,9 +53,6 @@ class SweepFailed(FmnistError):
     def __init__(self, message: str, result: SweepResult) -> None:
         super().__init__(message)
         self.result = result
-
-
-Known = dict[tuple, tuple[dict[str, Any], float | None]]  # config key -> (values, mean objective or None)
 
 
 class Sweep:
@@ -117,7 +108,7 @@ class Sweep:
         if self.pruner is not None:
             for trial in reloaded.done:
                 if trial.status == "ok" and trial.run_id not in lost_ids:  # a lost one is trained again
-                    self.pruner.record(self._curve(self.tracker.history(trial.run_id)))
+                    self.pruner.record(self.curve(self.tracker.history(trial.run_id)))
 
     def _lost_checkpoints(self, done: list[TrialRecord], logged: list[LoggedTrial]) -> list[LoggedTrial]:
         """Finished trials whose checkpoint neither loads nor can be restored from its artifact copy: closed."""
@@ -150,67 +141,19 @@ class Sweep:
                            parallel)
             self.interrupted.clear()
             return
-        known = self._finish_started_points(result, progress)
-        size = space_size(search.space)
-        if search.algo == "grid" or (size is not None and size <= search.max_evals):
-            if search.space and search.algo != "grid" and size < search.max_evals:
-                result.note = (f"the search space holds only {size} configurations: each was trained once "
-                               f"(search.max_evals {search.max_evals})")
-            for values in grid_points(search.space):
-                if config_key(values) not in known:
-                    known[config_key(values)] = (values, self.evaluate_point(next(self._points), values, result, progress))
-            return
-        self._hyperopt(result, progress, known)
+        trained = self._finish_started_points(result, progress)
+        note = explore(search, trained, lambda values: self.evaluate_point(next(self._points), values, result, progress))
+        if note:
+            result.note = note
 
-    def _finish_started_points(self, result: SweepResult, progress: SweepProgress) -> Known:
+    def _finish_started_points(self, result: SweepResult, progress: SweepProgress) -> Trained:
         """Every configuration started before an interruption, with its missing repeats run (or continued)."""
         values_of = ({t.point: t.values for t in result.trials} | {p: t.values for (p, _), t in self.interrupted.items()}
                      | {t.point: t.values for t in self.lost})
-        known: Known = {}
+        trained = Trained()
         for point in sorted(values_of):
-            values = values_of[point]
-            known[config_key(values)] = (values, self.evaluate_point(point, values, result, progress))
-        return known
-
-    def _hyperopt(self, result: SweepResult, progress: SweepProgress, known: Known) -> None:
-        from hyperopt import STATUS_FAIL, STATUS_OK, Trials, anneal, fmin, rand, tpe
-        from hyperopt.exceptions import AllTrialsFailed
-
-        logging.getLogger("hyperopt").setLevel(logging.CRITICAL)  # a trial's error is ours to report, once
-        search = self.cfg.search
-        history = Trials()
-        for values, loss in known.values():
-            add_to_history(history, search.space, values, loss)
-        history.refresh()
-        if len(known) >= search.max_evals:
-            return
-        repeated = 0
-
-        def evaluate(point: dict[str, Any]) -> dict[str, Any]:
-            nonlocal repeated
-            values = plain_values(point)
-            key = config_key(values)
-            if key in known:  # trained already: answer from the stored result
-                repeated += 1
-            else:
-                repeated = 0
-                known[key] = (values, self.evaluate_point(next(self._points), values, result, progress))
-            loss = known[key][1]
-            return {"status": STATUS_FAIL} if loss is None else {"status": STATUS_OK, "loss": loss}
-
-        def enough(_: Any, *args: Any) -> tuple[bool, Any]:
-            return len(known) >= search.max_evals or repeated >= MAX_REPEATED_PROPOSALS, args
-
-        algo = {"tpe": tpe, "random": rand, "anneal": anneal}[search.algo].suggest
-        # a resumed search draws from a new stream, or random search would repeat its first points
-        rstate = np.random.default_rng([search.seed, len(history.trials)] if history.trials else search.seed)
-        budget = len(history.trials) + (search.max_evals - len(known)) * (MAX_REPEATED_PROPOSALS + 1)
-        with contextlib.suppress(AllTrialsFailed):  # every failure is recorded; run_from_config reports it
-            fmin(evaluate, to_hyperopt(search.space), algo=algo, max_evals=budget, trials=history, rstate=rstate,
-                 early_stop_fn=enough, show_progressbar=False, return_argmin=False)
-        if len(known) < search.max_evals:
-            result.note = (f"{search.algo} proposed only configurations already trained, {repeated} times in a row: "
-                           f"stopped after {len(known)} distinct configurations of {search.max_evals}")
+            trained.record(values_of[point], self.evaluate_point(point, values_of[point], result, progress))
+        return trained
 
     def evaluate_point(self, point: int, values: dict[str, Any], result: SweepResult,
                        progress: SweepProgress) -> float | None:
@@ -240,7 +183,7 @@ class Sweep:
             failure = machine_failure(exc)
             if failure is not None:  # a full disk or a read-only folder: the sweep stops, resumable
                 raise failure from exc
-            (self.runs.models_dir / f"{record.run_id}.state.pt").unlink(missing_ok=True)
+            state_file(self.runs.models_dir, record.run_id).unlink(missing_ok=True)
             self.runs.close_failed(record, _reason(exc))
             _free_device_memory(self.device)
         else:
@@ -253,53 +196,57 @@ class Sweep:
             return contextlib.nullcontext()
         return self.tracker.system_metrics(run_id)
 
-    def _curve(self, history: list[EpochMetrics]) -> list[float]:
+    def curve(self, history: list[EpochMetrics]) -> list[float]:
         """Best-so-far of the search objective per epoch (lower is better), for the median pruner."""
         metric = self.cfg.search.metric
         return best_so_far([objective(metric, m.val_loss, m.val_accuracy) for m in history])
 
     def _train(self, cfg: Config, record: TrialRecord, progress: SweepProgress) -> None:
         splits = self.data.get(cfg.data)
-        state_path = self.runs.models_dir / f"{record.run_id}.state.pt"
+        state_path = state_file(self.runs.models_dir, record.run_id)
         resume = read_training_state(state_path) if state_path.exists() else None
-        seen: list[EpochMetrics] = [EpochMetrics(**m) for m in resume["history"]] if resume else []
-        logged_from = time.perf_counter()
-
-        def on_epoch(m: EpochMetrics) -> None:
-            nonlocal logged_from
-            logged_from = time.perf_counter()
-            raise_if_requested()
-            seen.append(m)
-            self.runs.log_epoch(record, m)
-            progress.epoch_done(record.number, m)
-
-        def save_state(state: dict[str, Any]) -> None:  # runs right after on_epoch: their cost is the epoch's bookkeeping
-            save_training_state(state_path, state)
-            self.runs.log_bookkeeping(record, seen[-1].epoch, time.perf_counter() - logged_from)
-
-        def steps_done(done: int, total: int) -> None:
-            raise_if_requested()
-            progress.steps_done(len(seen), done, total)
-
-        def should_prune(_: EpochMetrics) -> bool:
-            return self.pruner is not None and self.pruner.should_prune(self._curve(seen))
-
+        hooks = TrialHooks(self, record, progress, state_path, resume)
         start = time.perf_counter()
-        outcome = train_and_test(cfg, splits, self.device, on_epoch, resume, save_state=save_state,
-                                 should_prune=should_prune,
-                                 on_steps=steps_done)
+        outcome = train_and_test(cfg, splits, self.device, hooks, resume)
         if self.pruner is not None:
-            self.pruner.record(self._curve(seen))
-        record.keep(outcome.fit.kept, outcome.fit.history)
-        record.pruned_at = None if outcome.fit.pruned_at is None else outcome.fit.pruned_at + 1
-        record.test_accuracy, record.test_loss = outcome.test_accuracy, outcome.test_loss
-        record.total_parameters = outcome.total_parameters
+            self.pruner.record(self.curve(hooks.seen))
+        outcome.record_into(record)
         record.checkpoint = save_checkpoint(self.runs.checkpoint_path(record), outcome.model,
                                             to_dict(cfg)["model"], dataset_named(cfg.data.dataset),
                                             run_id=record.run_id,
                                             kept_epoch=record.kept_epoch)
         state_path.unlink(missing_ok=True)
         self.tracker.set_tags(record.run_id, {"wall_seconds": f"{time.perf_counter() - start:.1f}"})
+
+
+class TrialHooks(FitHooks):
+    """Around each epoch of a sequential trial: log it, show it, save the training state, ask the pruner."""
+
+    def __init__(self, sweep: Sweep, record: TrialRecord, progress: SweepProgress, state_path: Path,
+                 resume: dict[str, Any] | None) -> None:
+        self.sweep = sweep
+        self.record = record
+        self.progress = progress
+        self.state_path = state_path
+        self.seen: list[EpochMetrics] = [EpochMetrics(**m) for m in resume["history"]] if resume else []
+
+    def steps_done(self, done: int, total: int) -> None:
+        raise_if_requested()
+        self.progress.steps_done(len(self.seen), done, total)
+
+    def epoch_done(self, metrics: EpochMetrics, state: Callable[[], dict[str, Any]]) -> None:
+        logged_from = time.perf_counter()
+        raise_if_requested()
+        self.seen.append(metrics)
+        runs = self.sweep.runs
+        runs.log_epoch(self.record, metrics)
+        self.progress.epoch_done(self.record.number, metrics)
+        save_training_state(self.state_path, state())
+        runs.log_bookkeeping(self.record, metrics.epoch, time.perf_counter() - logged_from)
+
+    def should_prune(self, metrics: EpochMetrics) -> bool:
+        pruner = self.sweep.pruner
+        return pruner is not None and pruner.should_prune(self.sweep.curve(self.seen))
 
 
 def _reason(exc: BaseException) -> str:
@@ -318,35 +265,25 @@ def _free_device_memory(device: torch.device) -> None:
         torch.mps.empty_cache()
 
 
-def check_writable(folder: Path) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"{folder}: cannot create the checkpoint folder ({exc.strerror})") from None
-    if not os.access(folder, os.W_OK):
-        raise OutputError(f"{folder}: the checkpoint folder is not writable")
-
-
-def run_from_config(cfg: Config, show_bars: bool | None = None, resume: str = "ask", ask: Any = None,
+def run_from_config(cfg: Config, resolved: Resolved | None = None, show_bars: bool | None = None,
+                    mode: ResumeMode = ResumeMode.ASK, ask: Any = None,
                     on_ready: Callable[[], None] | None = None) -> SweepResult:
     """Everything `fmnist run` does after parsing: every input is checked before anything is written.
 
+    resolved is what preflight(cfg) found (the CLI checks every spec before the first runs); None: checked here.
     on_ready is called once the data is on the device and the store is open, before the first
     question or progress bar (the CLI ends its 'preparing' status there).
     """
-    from fmnist_hpo.search.preflight import preflight
-
-    resolved = preflight(cfg)
+    resolved = resolved or preflight(cfg)
     device = torch.device(resolved.device)
     data = SplitCache(load_dataset(cfg.data), device)
     data.get(cfg.data)
-    check_writable(resolved.checkpoint_dir)
     tracker = Tracker(resolved.tracking_uri, cfg.experiment)
     digest = idx_digest(resolved.data_root, dataset_named(cfg.data.dataset))
     lineage = Lineage(data.dataset, str(resolved.data_root), digest)
     if on_ready is not None:
         on_ready()
-    parent = choose_parent(tracker, cfg, resume, ask, say=logger.info)
+    parent = choose_parent(tracker, cfg, mode, ask, say=logger.info)
     result = Sweep(cfg, data, tracker, show_bars, lineage).run(resume_parent=parent)
     if not result.finished:
         count = f"all {len(result.trials)} trials" if len(result.trials) > 1 else "the only trial"

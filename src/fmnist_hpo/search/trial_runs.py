@@ -21,6 +21,7 @@ from fmnist_hpo.config.sections import Config
 from fmnist_hpo.data.loading import Dataset
 from fmnist_hpo.data.splits import split_indices
 from fmnist_hpo.errors import DataError, FmnistError, MachineFailure
+from fmnist_hpo.files import checkpoint_file, models_folder
 from fmnist_hpo.milestones import reached
 from fmnist_hpo.records import (
     KEPT_EPOCH,
@@ -71,7 +72,7 @@ class SweepRuns:
         self.tracker = tracker
         self.device = device
         self.lineage = lineage
-        self.models_dir = Path(cfg.models_dir) / cfg.experiment
+        self.models_dir = models_folder(cfg.models_dir, cfg.experiment)
         self.parent_id = ""
         self.open: dict[str, TrialRecord] = {}
         self._next_number = 0
@@ -157,7 +158,7 @@ class SweepRuns:
         """What the trial computes in here, `auto` resolved: what a reader re-scores its checkpoint in."""
         import torch
 
-        from fmnist_hpo.training.loop import precision_name
+        from fmnist_hpo.training.device import precision_name
 
         try:
             return {"precision": precision_name(precision, torch.device(self.device))}
@@ -194,7 +195,7 @@ class SweepRuns:
         self.tracker.log_metrics(record.run_id, {"bookkeeping_seconds": seconds}, step=epoch)
 
     def checkpoint_path(self, record: TrialRecord) -> Path:
-        return self.models_dir / f"{record.run_id}.pt"
+        return checkpoint_file(self.models_dir, record.run_id)
 
     def close_finished(self, record: TrialRecord) -> None:
         """A trial that trained (to the end, or until pruned): its checkpoint, figures and tags; FINISHED."""

@@ -27,10 +27,12 @@ from fmnist_hpo.config.sections import cuda_graph_conflicts
 from fmnist_hpo.data.datasets import DatasetInfo, dataset_named
 from fmnist_hpo.data.splits import Split, Splits
 from fmnist_hpo.errors import DeviceError
-from fmnist_hpo.records import EpochMetrics
+from fmnist_hpo.records import EpochMetrics, TrialRecord
 from fmnist_hpo.selection import maximizes
 from fmnist_hpo.training import graphs
 from fmnist_hpo.training.batches import augment, batches, normalize, steps_per_epoch
+from fmnist_hpo.training.device import PRECISION_NAMES, resolve_precision
+from fmnist_hpo.training.hooks import FitHooks
 
 if TYPE_CHECKING:
     from fmnist_hpo.config.sections import Config, DataConfig, TrainConfig
@@ -38,55 +40,6 @@ if TYPE_CHECKING:
 
 class TrialDiverged(RuntimeError):
     """The training loss became NaN or infinite."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if name not in available:
-        raise DeviceError(f"unknown device {name!r}; use auto, cuda, mps or cpu")
-    if not available[name]:
-        raise DeviceError(f"device {name!r} is not available on this machine (torch {torch.__version__})")
-    return torch.device(name)
-
-
-def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for plain fp32."""
-    if name == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        if device.type == "cpu" and cpu_has_native_bf16():
-            return torch.bfloat16
-        return None
-    if name == "fp16" and device.type == "cpu":
-        raise DeviceError("train.precision: fp16 needs cuda or mps; use bf16 or fp32 on cpu")
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
-
-
-PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-
-
-def precision_name(name: str, device: torch.device) -> str:
-    """What train.precision `name` computes in on device: fp32, bf16 or fp16 (auto resolved)."""
-    return PRECISION_NAMES[resolve_precision(name, device)]
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether oneDNN runs bf16 convolutions natively here (AVX512-BF16 or AMX): 1.5x to 2.4x a fp32
-    step of the study's CNN with channels_last (issue 17, AMD EPYC). Elsewhere bf16 is emulated."""
-    if not torch.backends.mkldnn.is_available():
-        return False
-    capabilities = getattr(torch.cpu, "get_capabilities", None)  # torch >= 2.8; older: the private probes
-    if capabilities is not None:
-        found = capabilities()
-        return bool(found.get("avx512_bf16") or found.get("amx_bf16"))
-    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(probe() for probe in probes if probe is not None)
 
 
 def resolve_cuda_graphs(setting: bool | str, device: torch.device, dtype: torch.dtype | None,
@@ -157,7 +110,6 @@ class Engine:
     graphs_required: bool = False  # train.cuda_graphs: true: a failing graph fails the trial
     train_graph: graphs.GraphedTraining | None = None  # the last captured step, reused while it fits
     eval_graph: graphs.GraphedEvaluation | None = None
-    on_steps: Callable[[int, int], None] | None = None  # progress within an epoch: (steps done, steps)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.dtype is None:
@@ -217,8 +169,10 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, engine: Engine) -> torch.
 
 def train_epoch(model: nn.Module, split: Split, optimizer: torch.optim.Optimizer, engine: Engine,
                 cfg: TrainConfig, data_cfg: DataConfig,
-                step_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> tuple[float, float]:
+                step_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+                on_steps: Callable[[int, int], None] | None = None) -> tuple[float, float]:
     """One pass over the training split; returns (mean loss, accuracy), read from the device once.
+    on_steps hears (steps done, steps in the epoch) as epoch_batches tells it.
 
     Under CUDA graphs every full batch is replayed and the ragged last one runs eagerly, on the same
     model, optimizer and totals; the batches and their augmentation are the same either way.
@@ -228,7 +182,7 @@ def train_epoch(model: nn.Module, split: Split, optimizer: torch.optim.Optimizer
     totals.reset()
     model.train()  # replays ignore the mode; the eager steps do not
     seen = 0
-    for idx in epoch_batches(len(split), cfg.batch_size, engine):
+    for idx in epoch_batches(len(split), cfg.batch_size, engine, on_steps):
         x = augment(engine.inputs(split.images[idx]), data_cfg, engine.generator, engine.dataset)
         y = split.labels[idx]
         if not (graph is not None and len(idx) == graph.batch_size and _replayed(graph, x, y, engine)):
@@ -288,15 +242,16 @@ def _replayed(graph: graphs.GraphedTraining, x: torch.Tensor, y: torch.Tensor, e
     return True
 
 
-def epoch_batches(n: int, batch_size: int, engine: Engine) -> Iterator[torch.Tensor]:
-    """The epoch's batches; engine.on_steps hears (steps done, steps in the epoch) about 100 times an epoch
+def epoch_batches(n: int, batch_size: int, engine: Engine,
+                  on_steps: Callable[[int, int], None] | None = None) -> Iterator[torch.Tensor]:
+    """The epoch's batches; on_steps hears (steps done, steps in the epoch) about 100 times an epoch
     (a CPU epoch can take minutes), never in a way that waits for the device."""
     total = steps_per_epoch(n, batch_size)
     every = max(1, total // 100)
     for done, idx in enumerate(batches(n, batch_size, engine.generator, engine.device), start=1):
         yield idx
-        if engine.on_steps is not None and (done % every == 0 or done == total):
-            engine.on_steps(done, total)
+        if on_steps is not None and (done % every == 0 or done == total):
+            on_steps(done, total)
 
 
 def evaluate(model: nn.Module, split: Split, engine: Engine, batch_size: int = 1024) -> tuple[float, float]:
@@ -364,24 +319,19 @@ def make_schedulers(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_pe
     return None, None
 
 
-def fit(model: nn.Module, splits: Splits, cfg: Config, engine: Engine,
-        on_epoch: Callable[[EpochMetrics], None] | None = None,
-        resume: dict[str, Any] | None = None,
-        save_state: Callable[[dict[str, Any]], None] | None = None,
-        should_prune: Callable[[EpochMetrics], bool] | None = None) -> FitResult:
+def fit(model: nn.Module, splits: Splits, cfg: Config, engine: Engine, hooks: FitHooks | None = None,
+        resume: dict[str, Any] | None = None) -> FitResult:
     """Train with early stopping on the validation split and return the kept epoch's weights.
 
     The kept epoch is the best by the sweep's metric (cfg.search.metric, see selection.py); early
     stopping watches cfg.train.monitor with its own patience and only decides when to stop.
-    save_state receives, after every epoch, everything needed to continue (see training_state);
-    passing that dict back as resume continues from the next epoch with the same result.
-    should_prune(metrics) -> True ends training after that epoch, like early stopping does.
+    hooks hears every epoch and may prune (see hooks.py); resume is a state they were handed.
     """
+    hooks = hooks or FitHooks()
     train_cfg = cfg.train
     optimizer = make_optimizer(model, train_cfg, engine)
     steps = steps_per_epoch(len(splits.train), train_cfg.batch_size)
     schedulers = make_schedulers(optimizer, train_cfg, steps, cycle_momentum=not engine.cuda_graphs)
-    epoch_scheduler, step_scheduler = schedulers
     loop = LoopState(EarlyStopping(train_cfg.patience, train_cfg.min_delta, maximize=maximizes(train_cfg.monitor)),
                      keeper=EarlyStopping(None, 0.0, maximize=maximizes(cfg.search.metric)),
                      best_state=_snapshot(model))
@@ -389,44 +339,42 @@ def fit(model: nn.Module, splits: Splits, cfg: Config, engine: Engine,
         restore_training_state(resume, loop, model, optimizer, schedulers, engine)
         if engine.cuda_graphs:
             graphs.keep_capturable(optimizer, engine.device)
-    stopper = loop.stopper
     pruned_at = None
     for epoch in range(loop.next_epoch, train_cfg.epochs):
-        if stopper.should_stop:
+        if loop.stopper.should_stop:
             break
-        # train_epoch and evaluate end by reading their totals from the device, so these clocks
-        # stop after the GPU has finished: no extra synchronisation is needed.
-        start = time.perf_counter()
-        lr = float(optimizer.param_groups[0]["lr"])
-        train_loss, train_acc = train_epoch(model, splits.train, optimizer, engine, train_cfg, cfg.data, step_scheduler)
-        trained = time.perf_counter()
-        if not math.isfinite(train_loss):
-            raise TrialDiverged(f"training loss became {train_loss} at epoch {epoch}")
-        val_loss, val_acc = evaluate(model, splits.val, engine, train_cfg.eval_batch_size)
-        evaluated = time.perf_counter()
-        if not math.isfinite(val_loss):
-            raise TrialDiverged(f"validation loss became {val_loss} at epoch {epoch}")
-        if epoch_scheduler is not None:
-            epoch_scheduler.step()
-        seconds = time.perf_counter() - start
-        loop.train_seconds += seconds
-        metrics = EpochMetrics(epoch, train_loss, train_acc, val_loss, val_acc, lr, seconds,
-                               train_seconds=trained - start, eval_seconds=evaluated - trained)
-        loop.history.append(metrics)
-        stopper.update(val_acc if stopper.maximize else val_loss, epoch)
-        if loop.keeper.update(val_acc if loop.keeper.maximize else val_loss, epoch):
-            loop.best_state = _snapshot(model)
-        loop.next_epoch = epoch + 1
-        if on_epoch is not None:
-            on_epoch(metrics)
-        if save_state is not None:
-            save_state(training_state(loop, model, optimizer, schedulers, engine))
-        if should_prune is not None and epoch < train_cfg.epochs - 1 and should_prune(metrics):
+        metrics = run_epoch(model, splits, optimizer, schedulers, engine, cfg, epoch, hooks.steps_done)
+        loop.record(metrics, model)
+        hooks.epoch_done(metrics, functools.partial(training_state, loop, model, optimizer, schedulers, engine))
+        if epoch < train_cfg.epochs - 1 and hooks.should_prune(metrics):
             pruned_at = epoch
             break
     model.load_state_dict(loop.best_state)
     return FitResult(loop.history, loop.keeper.best_epoch, loop.best_state, loop.train_seconds,
                      stopped_early=len(loop.history) < train_cfg.epochs, pruned_at=pruned_at)
+
+
+def run_epoch(model: nn.Module, splits: Splits, optimizer: torch.optim.Optimizer, schedulers: tuple[Any, Any],
+              engine: Engine, cfg: Config, epoch: int, on_steps: Callable[[int, int], None]) -> EpochMetrics:
+    """Train one epoch, validate, step the per-epoch scheduler; a loss that is not finite ends the trial."""
+    epoch_scheduler, step_scheduler = schedulers
+    # train_epoch and evaluate end by reading their totals from the device, so these clocks
+    # stop after the GPU has finished: no extra synchronisation is needed.
+    start = time.perf_counter()
+    lr = float(optimizer.param_groups[0]["lr"])
+    train_loss, train_acc = train_epoch(model, splits.train, optimizer, engine, cfg.train, cfg.data, step_scheduler,
+                                        on_steps)
+    trained = time.perf_counter()
+    if not math.isfinite(train_loss):
+        raise TrialDiverged(f"training loss became {train_loss} at epoch {epoch}")
+    val_loss, val_acc = evaluate(model, splits.val, engine, cfg.train.eval_batch_size)
+    evaluated = time.perf_counter()
+    if not math.isfinite(val_loss):
+        raise TrialDiverged(f"validation loss became {val_loss} at epoch {epoch}")
+    if epoch_scheduler is not None:
+        epoch_scheduler.step()
+    return EpochMetrics(epoch, train_loss, train_acc, val_loss, val_acc, lr, time.perf_counter() - start,
+                        train_seconds=trained - start, eval_seconds=evaluated - trained)
 
 
 @dataclass
@@ -439,6 +387,15 @@ class LoopState:
     history: list[EpochMetrics] = field(default_factory=list)
     train_seconds: float = 0.0
     next_epoch: int = 0
+
+    def record(self, metrics: EpochMetrics, model: nn.Module) -> None:
+        """An epoch done: its figures kept, both trackers told, its weights kept where it is the best so far."""
+        self.train_seconds += metrics.epoch_seconds
+        self.history.append(metrics)
+        self.stopper.update(metrics.val_accuracy if self.stopper.maximize else metrics.val_loss, metrics.epoch)
+        if self.keeper.update(metrics.val_accuracy if self.keeper.maximize else metrics.val_loss, metrics.epoch):
+            self.best_state = _snapshot(model)
+        self.next_epoch = metrics.epoch + 1
 
 
 def training_state(loop: LoopState, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -491,6 +448,13 @@ class TrialOutcome:
     test_accuracy: float
     total_parameters: int
 
+    def record_into(self, record: TrialRecord) -> None:
+        """The trial's figures, as both engines log them: the kept epoch, the pruned one (1-based) and the test."""
+        record.keep(self.fit.kept, self.fit.history)
+        record.pruned_at = None if self.fit.pruned_at is None else self.fit.pruned_at + 1
+        record.test_accuracy, record.test_loss = self.test_accuracy, self.test_loss
+        record.total_parameters = self.total_parameters
+
 
 def prepare_trial(cfg: Config, device: torch.device) -> tuple[nn.Module, Engine]:
     """The seeded model on the device (channels_last, compiled as configured) and its engine."""
@@ -507,19 +471,14 @@ def prepare_trial(cfg: Config, device: torch.device) -> tuple[nn.Module, Engine]
     return model, engine
 
 
-def train_and_test(cfg: Config, splits: Splits, device: torch.device,
-                   on_epoch: Callable[[EpochMetrics], None] | None = None,
-                   resume: dict[str, Any] | None = None,
-                   save_state: Callable[[dict[str, Any]], None] | None = None,
-                   should_prune: Callable[[EpochMetrics], bool] | None = None,
-                   on_steps: Callable[[int, int], None] | None = None) -> TrialOutcome:
+def train_and_test(cfg: Config, splits: Splits, device: torch.device, hooks: FitHooks | None = None,
+                   resume: dict[str, Any] | None = None) -> TrialOutcome:
     """Build the model, fit it on train/val, then score the kept epoch's weights once on the test set."""
     from fmnist_hpo.training.model import count_parameters
 
     model, engine = prepare_trial(cfg, device)
-    engine.on_steps = on_steps
     try:
-        result = fit(model, splits, cfg, engine, on_epoch, resume, save_state, should_prune)
+        result = fit(model, splits, cfg, engine, hooks, resume)
         test_loss, test_acc = evaluate(model, splits.test, engine, cfg.train.eval_batch_size)
     finally:
         engine.release_graphs()
