@@ -33,7 +33,7 @@ from fmnist_hpo.search import (
     sweep,
     trial_runs,
 )
-from fmnist_hpo.tracking import tracker
+from fmnist_hpo.tracking import writer
 from fmnist_hpo.training import loop
 
 # (module or class, attribute, label): what is timed, and the name it is reported under
@@ -47,7 +47,7 @@ TIMED = [
     (loop, "prepare_trial", "model build"),
     (sweep, "save_checkpoint", "checkpoint file"),
     (trial_runs.SweepRuns, "close_finished", "close run: artifact, tags, metrics, end"),
-    (tracker.Tracker, "log_file", "  of which checkpoint artifact"),
+    (writer.Tracker, "log_file", "  of which checkpoint artifact"),
     (sweep.SplitCache, "get", "splits on the device"),
 ]
 

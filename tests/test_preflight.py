@@ -14,7 +14,7 @@ from fmnist_hpo.cli.app import app
 from fmnist_hpo.config import spec as config
 from fmnist_hpo.errors import DataError, DeviceError, OutputError
 from fmnist_hpo.search.preflight import preflight
-from fmnist_hpo.tracking.tracker import TrackingError
+from fmnist_hpo.tracking.store import TrackingError
 
 runner = CliRunner()
 

@@ -18,7 +18,10 @@ from mlflow.tracking import MlflowClient
 
 from fmnist_hpo.config import spec
 from fmnist_hpo.data.lineage import idx_digest
-from fmnist_hpo.tracking.tracker import Tracker, _fluent_tracking_uri, log_trial_model, model_requirements
+from fmnist_hpo.tracking.provenance import model_requirements
+from fmnist_hpo.tracking.registry import log_trial_model
+from fmnist_hpo.tracking.store import fluent_tracking_uri
+from fmnist_hpo.tracking.writer import Tracker
 from fmnist_hpo.training.checkpoints import save_checkpoint
 from fmnist_hpo.training.model import build_model, with_normalization
 
@@ -48,7 +51,7 @@ def tiny_checkpoint(folder: Path, run_id: str) -> tuple[Path, torch.nn.Module]:
 
 
 def load_logged(tracker: Tracker, uri: str) -> torch.nn.Module:
-    with _fluent_tracking_uri(tracker.tracking_uri):
+    with fluent_tracking_uri(tracker.tracking_uri):
         return mlflow.pytorch.load_model(uri)
 
 
@@ -179,10 +182,10 @@ def test_system_metrics_without_psutil_say_what_to_install(tracker: Tracker, mon
                                                            capsys: pytest.CaptureFixture):
     from loguru import logger
 
-    from fmnist_hpo.tracking import tracker as tracking
+    from fmnist_hpo.tracking import writer
 
-    monkeypatch.setattr(tracking, "missing_system_metrics_packages", lambda: ["psutil"])
-    tracking._say_once.cache_clear()
+    monkeypatch.setattr(writer, "missing_system_metrics_packages", lambda: ["psutil"])
+    writer._say_once.cache_clear()
     sink = logger.add(lambda message: print(message, end=""), level="WARNING")
     run_id = tracker.start_run("trial-000", {}, {})
     try:

@@ -328,7 +328,7 @@ def analyze(
     if metric not in COMPARE_METRICS:
         raise fail(f"--metric {metric!r}: use {' or '.join(COMPARE_METRICS)}")
     from fmnist_hpo.analysis.render import render
-    from fmnist_hpo.tracking.tracker import resolve_tracking_uri
+    from fmnist_hpo.tracking.store import resolve_tracking_uri
 
     request = AnalysisRequest(resolve_tracking_uri(tracking_uri), experiment or [], all_experiments,
                               list(compare) if compare else None, metric,
@@ -362,7 +362,7 @@ def serve_ui(
     """
     from fmnist_hpo.tracking.serve import display_url, is_loopback, store_missing
     from fmnist_hpo.tracking.serve import serve_ui as serve
-    from fmnist_hpo.tracking.tracker import resolve_tracking_uri
+    from fmnist_hpo.tracking.store import resolve_tracking_uri
 
     configured = None
     if config is not None:
@@ -410,7 +410,7 @@ def evaluate(
     from fmnist_hpo.data.datasets import CLASSES
     from fmnist_hpo.modelops.inference import confusion_lines
     from fmnist_hpo.modelops.operations import evaluate_and_report, resolve_model
-    from fmnist_hpo.tracking.tracker import resolve_tracking_uri
+    from fmnist_hpo.tracking.store import resolve_tracking_uri
 
     if target is not None and (best or experiment is not None):
         raise fail(f"give a run id or checkpoint ({target!r}), or --experiment NAME for its best trial, not both")
@@ -449,7 +449,7 @@ def predict(
     from fmnist_hpo.data.datasets import read_idx
     from fmnist_hpo.modelops.inference import accuracy_line, labels_beside, load_image, read_labels, top_k
     from fmnist_hpo.modelops.operations import resolve_model
-    from fmnist_hpo.tracking.tracker import resolve_tracking_uri
+    from fmnist_hpo.tracking.store import resolve_tracking_uri
 
     if not images and idx is None:
         raise fail("give image files, or --idx FILE")
@@ -498,7 +498,7 @@ def register(
     A trial already registered under that name keeps its version; no identical new one is made.
     """
     from fmnist_hpo.modelops.operations import register_best
-    from fmnist_hpo.tracking.tracker import resolve_tracking_uri
+    from fmnist_hpo.tracking.store import resolve_tracking_uri
 
     try:
         registered = register_best(resolve_tracking_uri(tracking_uri), experiment, name)
@@ -530,7 +530,7 @@ def verify(
 
     from fmnist_hpo.modelops.verify import Request
     from fmnist_hpo.modelops.verify import verify as verify_store
-    from fmnist_hpo.tracking.tracker import resolve_tracking_uri
+    from fmnist_hpo.tracking.store import resolve_tracking_uri
 
     if fmt not in ("text", "json"):
         raise fail(f"--format {fmt!r}: use text or json")

@@ -21,7 +21,7 @@ from fmnist_hpo.config import spec as config_module
 from fmnist_hpo.config.space import planned_points
 from fmnist_hpo.config.spec import Config
 from fmnist_hpo.errors import FmnistError
-from fmnist_hpo.records import SpecOutcome, SweepResult
+from fmnist_hpo.records import SpecOutcome, SpecStatus, SweepResult
 from fmnist_hpo.search.packing import speed_variants
 
 if TYPE_CHECKING:
@@ -164,16 +164,18 @@ def finished_before(cfg: Config) -> SweepResult | None:
     """The newest finished sweep of exactly this config (max_evals too), as a result, or None."""
     from fmnist_hpo.records import TrialRecord
     from fmnist_hpo.search.trial_runs import sweep_id
-    from fmnist_hpo.tracking.tracker import Tracker, resolve_tracking_uri
+    from fmnist_hpo.tags import INTERRUPTED, RunStatus, flagged
+    from fmnist_hpo.tracking.store import resolve_tracking_uri
+    from fmnist_hpo.tracking.writer import Tracker
 
     tracker = Tracker(resolve_tracking_uri(cfg.mlflow.tracking_uri), cfg.experiment)
-    same = [p for p in tracker.sweeps(sweep_id(cfg), ("FINISHED",))
+    same = [p for p in tracker.sweeps(sweep_id(cfg), (RunStatus.FINISHED,))
             if p.params.get("search.max_evals") == str(cfg.search.max_evals)]
     if not same:
         return None
     models_dir = Path(cfg.models_dir) / cfg.experiment
     trials = [TrialRecord.from_logged(t, models_dir) for t in tracker.trials_of(same[0].run_id)
-              if t.tags.get("interrupted") != "true"]
+              if not flagged(t.tags, INTERRUPTED)]
     return SweepResult(cfg.experiment, same[0].run_id, cfg.search.metric, trials)
 
 
@@ -187,10 +189,10 @@ def run_spec(cfg: Config, mode: str, ask: Callable[[str], bool] | None, show_bar
         if earlier is not None:
             if on_ready is not None:
                 on_ready()
-            return SpecOutcome(cfg.experiment, "done before", earlier)
+            return SpecOutcome(cfg.experiment, SpecStatus.DONE_BEFORE, earlier)
     start = time.perf_counter()
     try:
         result = run_from_config(cfg, show_bars, resume=mode, ask=ask, on_ready=on_ready)
     except SweepFailed as exc:
-        return SpecOutcome(cfg.experiment, "failed", exc.result, time.perf_counter() - start)
-    return SpecOutcome(cfg.experiment, "finished", result, time.perf_counter() - start)
+        return SpecOutcome(cfg.experiment, SpecStatus.FAILED, exc.result, time.perf_counter() - start)
+    return SpecOutcome(cfg.experiment, SpecStatus.FINISHED, result, time.perf_counter() - start)

@@ -30,9 +30,19 @@ from fmnist_hpo.config.space import (
 )
 from fmnist_hpo.errors import FmnistError, Terminated
 from fmnist_hpo.files import atomic_write
-from fmnist_hpo.records import EPOCH_METRICS, EPOCH_TIMINGS, FINAL_METRICS, EpochMetrics, LoggedTrial, SweepResult, TrialRecord
+from fmnist_hpo.records import (
+    EPOCH_METRICS,
+    EPOCH_TIMINGS,
+    FINAL_METRICS,
+    EpochMetrics,
+    LoggedTrial,
+    SweepResult,
+    TrialRecord,
+    TrialStatus,
+)
 from fmnist_hpo.search.hyperopt_space import add_to_history, to_hyperopt
 from fmnist_hpo.selection import kept_epoch, objective
+from fmnist_hpo.tags import RAY_TRIAL_ID
 
 if TYPE_CHECKING:
     from fmnist_hpo.data.datasets import Dataset
@@ -201,7 +211,7 @@ def distinct_searcher(cfg: config_module.Config, result: SweepResult, cut_off: l
                            points_to_evaluate=rerun or None)
     known: dict[tuple, float | None] = {}
     for trial in done:  # HyperOptSearch built its Hyperopt Trials when given the space; extend them
-        loss = trial.objective(search.metric) if trial.status == "ok" else None
+        loss = trial.objective(search.metric) if trial.status == TrialStatus.OK else None
         add_to_history(inner._hpopt_trials, search.space, trial.values, loss)
         known[config_key(trial.values)] = loss
     inner._hpopt_trials.refresh()
@@ -299,7 +309,7 @@ class _Feed:
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         if trial.trial_id not in self.records:
             values = plain_values(trial.config)
-            self.records[trial.trial_id] = self.runs.open_trial(None, values, tags={"ray_trial_id": trial.trial_id})
+            self.records[trial.trial_id] = self.runs.open_trial(None, values, tags={RAY_TRIAL_ID: trial.trial_id})
             self.histories[trial.trial_id] = []
             self.progress.trial_started(self.records[trial.trial_id].number, values)
 

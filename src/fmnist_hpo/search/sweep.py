@@ -36,7 +36,7 @@ from fmnist_hpo.data.datasets import SplitCache, load_dataset
 from fmnist_hpo.data.lineage import idx_digest
 from fmnist_hpo.errors import FmnistError, OutputError
 from fmnist_hpo.faults import machine_failure
-from fmnist_hpo.records import EpochMetrics, LoggedTrial, SweepResult, TrialRecord
+from fmnist_hpo.records import EpochMetrics, LoggedTrial, SweepResult, TrialRecord, TrialStatus
 from fmnist_hpo.search.hyperopt_space import add_to_history, to_hyperopt
 from fmnist_hpo.search.interrupts import raise_if_requested
 from fmnist_hpo.search.packing import parallel_for
@@ -45,7 +45,9 @@ from fmnist_hpo.search.pruning import MedianPruner, best_so_far
 from fmnist_hpo.search.resume import choose_parent, reload
 from fmnist_hpo.search.trial_runs import Lineage, SweepRuns, trial_config
 from fmnist_hpo.selection import objective
-from fmnist_hpo.tracking.tracker import Tracker, TrackingError
+from fmnist_hpo.tags import SEARCH_NOTE, WALL_SECONDS
+from fmnist_hpo.tracking.store import TrackingError
+from fmnist_hpo.tracking.writer import Tracker
 from fmnist_hpo.training.checkpoints import CheckpointError, read_training_state, save_checkpoint, save_training_state
 from fmnist_hpo.training.loop import train_and_test
 from fmnist_hpo.training.repair import LostCheckpoint
@@ -95,7 +97,7 @@ class Sweep:
             raise_if_requested()  # a signal Hyperopt or a garbage-collection callback swallowed
             if result.note:
                 logger.info(result.note)
-                self.tracker.set_tags(result.parent_run_id, {"search_note": result.note})
+                self.tracker.set_tags(result.parent_run_id, {SEARCH_NOTE: result.note})
             self.runs.finish_parent(result)
         except BaseException:
             self.runs.kill_open()
@@ -114,7 +116,7 @@ class Sweep:
         self._points = itertools.count(1 + max(started, default=-1))
         if self.pruner is not None:
             for trial in reloaded.done:
-                if trial.status == "ok" and trial.run_id not in lost_ids:  # a lost one is trained again
+                if trial.status == TrialStatus.OK and trial.run_id not in lost_ids:  # a lost one is trained again
                     self.pruner.record(self._curve(self.tracker.history(trial.run_id)))
 
     def _lost_checkpoints(self, done: list[TrialRecord], logged: list[LoggedTrial]) -> list[LoggedTrial]:
@@ -122,7 +124,7 @@ class Sweep:
         by_id = {t.run_id: t for t in logged}
         lost = []
         for record in done:
-            if record.status != "ok" or not np.isfinite(record.test_accuracy):
+            if record.status != TrialStatus.OK or not np.isfinite(record.test_accuracy):
                 continue  # failed, or stopped by a Ray scheduler before its test: no checkpoint
             try:
                 record.checkpoint = self.runs.usable_checkpoint(record)
@@ -216,7 +218,7 @@ class Sweep:
         for repeat in range(self.cfg.search.repeats):
             if repeat not in result.runs_of(point):
                 result.trials.append(self.run_trial(point, values, repeat, progress))
-        losses = [t.objective(self.cfg.search.metric) for t in result.runs_of(point).values() if t.status == "ok"]
+        losses = [t.objective(self.cfg.search.metric) for t in result.runs_of(point).values() if t.status == TrialStatus.OK]
         return float(np.mean(losses)) if losses else None
 
     # --- one trial -------------------------------------------------------------------------
@@ -296,7 +298,7 @@ class Sweep:
                                             config_module.to_dict(cfg)["model"], run_id=record.run_id,
                                             kept_epoch=record.kept_epoch)
         state_path.unlink(missing_ok=True)
-        self.tracker.set_tags(record.run_id, {"wall_seconds": f"{time.perf_counter() - start:.1f}"})
+        self.tracker.set_tags(record.run_id, {WALL_SECONDS: f"{time.perf_counter() - start:.1f}"})
 
 
 def _reason(exc: BaseException) -> str:
