@@ -33,6 +33,9 @@ MODES = ("fp32", "auto")
 def one_run(spec: str, precision: str, overrides: list[str]) -> dict[str, Any]:
     from mlflow.tracking import MlflowClient
 
+    sys.path.insert(0, str(ROOT / "src"))
+    from fmnist_hpo.tags import ROLE, WALL_SECONDS, Role
+
     with tempfile.TemporaryDirectory() as folder:
         uri = f"sqlite:///{folder}/mlflow.db"
         command = [sys.executable, "-m", "fmnist_hpo", "run", spec, "--quiet", "--fresh", "--device", "cpu",
@@ -46,11 +49,11 @@ def one_run(spec: str, precision: str, overrides: list[str]) -> dict[str, Any]:
             raise SystemExit(f"fmnist run failed ({precision}):\n{done.stderr[-2000:]}")
         client = MlflowClient(uri)
         runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-        parent = next(r for r in runs if r.data.tags.get("fmnist.role") == "sweep")
+        parent = next(r for r in runs if r.data.tags.get(ROLE) == Role.SWEEP)
         trials = []
-        for run in (r for r in runs if r.data.tags.get("fmnist.role") == "trial"):
+        for run in (r for r in runs if r.data.tags.get(ROLE) == Role.TRIAL):
             epochs = sum(m.value for m in client.get_metric_history(run.info.run_id, "epoch_seconds"))
-            trial_wall = float(run.data.tags["wall_seconds"])
+            trial_wall = float(run.data.tags[WALL_SECONDS])
             trials.append({"epochs_seconds": epochs, "wall_seconds": trial_wall, "outside_epochs": trial_wall - epochs,
                            "kept_val_accuracy": run.data.metrics.get("kept_val_accuracy")})
     return {"precision": precision, "wall_seconds": wall, "trials": trials,

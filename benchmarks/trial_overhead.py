@@ -34,7 +34,7 @@ from fmnist_hpo.search import (
     trial_runs,
 )
 from fmnist_hpo.search.resume import ResumeMode
-from fmnist_hpo.tracking import tracker
+from fmnist_hpo.tracking import writer
 from fmnist_hpo.training import loop
 
 # (module or class, attribute, label): what is timed, and the name it is reported under
@@ -48,7 +48,7 @@ TIMED = [
     (loop, "prepare_trial", "model build"),
     (sweep, "save_checkpoint", "checkpoint file"),
     (trial_runs.SweepRuns, "close_finished", "close run: artifact, tags, metrics, end"),
-    (tracker.Tracker, "log_file", "  of which checkpoint artifact"),
+    (writer.Tracker, "log_file", "  of which checkpoint artifact"),
     (sweep.SplitCache, "get", "splits on the device"),
 ]
 

@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 
 from fmnist_hpo.analysis.stats import compare, summarize
 from fmnist_hpo.cli.app import app
-from fmnist_hpo.records import RECORD_VERSION, RECORD_VERSION_TAG
-from fmnist_hpo.tracking.tracker import Tracker
+from fmnist_hpo.tags import CURRENT_RECORD_VERSION, RECORD_VERSION
+from fmnist_hpo.tracking.writer import Tracker
 
 runner = CliRunner()
 # alpha and delta: one configuration run with several seeds (repeats); beta: a TPE sweep over filters.
@@ -35,7 +35,7 @@ def log_trial(tracker: Tracker, parent: str, number: int, values: dict, test: fl
     run = tracker.start_run(f"trial-{number:03d}", params={"train.epochs": 3, "search.algo": algo},
                             tags={"fmnist.role": "trial", "trial": str(number), "point": str(point),
                                   "repeat": str(repeat), "sampled": yaml.safe_dump(values),
-                                  RECORD_VERSION_TAG: RECORD_VERSION},
+                                  RECORD_VERSION: CURRENT_RECORD_VERSION},
                             parent_id=parent)
     if status == "FINISHED":
         for epoch in range(3):

@@ -113,7 +113,8 @@ def test_run_counts_add_up_to_the_runs_read():
 
 def test_spec_difference_names_keys_spaces_and_environment():
     a = [trial(0, 0.9, 1, 1, **{"train.lr": 0.001}), trial(1, 0.9, 1, 1, **{"train.lr": 0.01})]
-    b = [trial(0, 0.9, 1, 1, tags={"device": "cuda", "data_digest": "x"})]
+    b = [trial(0, 0.9, 1, 1, tags={"device": "cuda"})]
+    b[0].data_digest = "x"
     for t in a:
         t.params["train.lr"] = str(t.values["train.lr"])
     b[0].params.update({"train.lr": "0.003", "search.space": "{}", "train.epochs": "5"})

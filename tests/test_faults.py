@@ -294,7 +294,7 @@ def test_a_sweep_still_running_is_refused_without_advising_fresh(tmp_path: Path,
     from fmnist_hpo.config.sections import validate
     from fmnist_hpo.search.resume import ResumeError, ResumeMode, choose_parent
     from fmnist_hpo.search.trial_runs import SweepRuns
-    from fmnist_hpo.tracking.tracker import Tracker
+    from fmnist_hpo.tracking.writer import Tracker
 
     cfg = validate(tiny_raw(data_dir, models_dir=str(tmp_path / "models")))
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", cfg.experiment)

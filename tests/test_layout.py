@@ -84,7 +84,7 @@ def test_imports_run_downward(path: Path):
 
 
 def test_the_rules_catch_an_upward_import_a_lazy_one_and_a_foreign_library():
-    source = "from fmnist_hpo.tracking import tracker\nfrom fmnist_hpo import errors\n\ndef f():\n    import mlflow\n"
+    source = "from fmnist_hpo.tracking import writer\nfrom fmnist_hpo import errors\n\ndef f():\n    import mlflow\n"
     assert broken_rules("training", source) == [
         "line 1: training imports fmnist_hpo.tracking",
         "line 5: mlflow is imported only in ['tracking'], not in training",

@@ -16,11 +16,11 @@ EPOCHS = 4
 class FakeReader:
     """Metric histories with MLflow's 0-based steps."""
 
-    def history(self, run_id: str, key: str) -> list[tuple[int, float]]:
+    def history(self, run_id: str, key: str) -> dict[int, float]:
         offset = int(run_id) * 0.001
         if key == "epoch_seconds":
-            return [(step, 2.0) for step in range(EPOCHS)]
-        return [(step, 0.8 + 0.01 * step + offset if key == "val_accuracy" else 1 / (step + 1)) for step in range(EPOCHS)]
+            return dict.fromkeys(range(EPOCHS), 2.0)
+        return {step: 0.8 + 0.01 * step + offset if key == "val_accuracy" else 1 / (step + 1) for step in range(EPOCHS)}
 
 
 def trials(n: int) -> list[LoggedTrial]:

@@ -15,7 +15,7 @@ from fmnist_hpo.config.loading import load
 from fmnist_hpo.config.sections import validate
 from fmnist_hpo.errors import DataError, DeviceError, OutputError
 from fmnist_hpo.search.preflight import preflight
-from fmnist_hpo.tracking.tracker import TrackingError
+from fmnist_hpo.tracking.store import TrackingError
 
 runner = CliRunner()
 

@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 
 from fmnist_hpo.analysis.analyze import summary_row
-from fmnist_hpo.records import RECORD_VERSION, RECORD_VERSION_TAG, LoggedTrial, TrialRecord
-from fmnist_hpo.tracking.tracker import RunReader, Tracker
+from fmnist_hpo.records import LoggedTrial, TrialRecord
+from fmnist_hpo.tags import CURRENT_RECORD_VERSION, RECORD_VERSION
+from fmnist_hpo.tracking.reader import RunReader
+from fmnist_hpo.tracking.writer import Tracker
 
 EPOCH_SECONDS = [7.0, 8.0, 9.0]
 
@@ -62,6 +64,6 @@ def test_a_current_trial_is_read_as_written():
     record = TrialRecord(0, "r", {}, kept_epoch=2, kept_val_accuracy=0.9, kept_val_loss=0.3, test_accuracy=0.9,
                          trial_seconds=5.0, epochs_run=3)
     logged = LoggedTrial("r", "e", 0, 0, 0, "FINISHED", {}, record.final_metrics(),
-                         {}, {"kept_epoch": "2", RECORD_VERSION_TAG: RECORD_VERSION})
+                         {}, {"kept_epoch": "2", RECORD_VERSION: CURRENT_RECORD_VERSION})
     assert (logged.kept_epoch, logged.trial_seconds, logged.tags["kept_epoch"]) == (2, 5.0, "2")
     assert "train_seconds" not in record.final_metrics()  # the per-epoch key is never a trial's figure

@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from fmnist_hpo.cli.app import app
-from fmnist_hpo.tracking import tracker as tracking
+from fmnist_hpo.tracking import store, writer
 
 runner = CliRunner()
 
@@ -41,7 +41,7 @@ def is_complete(db: Path) -> bool:
 
 def test_kill_9_during_store_creation_never_leaves_a_half_built_store(tmp_path: Path):
     db = tmp_path / "mlflow.db"
-    code = f"from fmnist_hpo.tracking.tracker import open_client; open_client('sqlite:///{db}')"
+    code = f"from fmnist_hpo.tracking.store import open_client; open_client('sqlite:///{db}')"
     for delay in (0.0, 1.0, 2.5):  # into the schema migrations, which take seconds
         process = subprocess.Popen([sys.executable, "-c", code])
         deadline = time.monotonic() + 120
@@ -52,7 +52,7 @@ def test_kill_9_during_store_creation_never_leaves_a_half_built_store(tmp_path: 
         process.kill()
         process.wait()
         assert not db.exists(), "the store appears only once it is complete"
-    tracking.open_client(f"sqlite:///{db}")
+    store.open_client(f"sqlite:///{db}")
     assert is_complete(db)
     assert not list(tmp_path.glob(".mlflow.db.creating-*")), "leftovers of killed creations are removed"
 
@@ -64,7 +64,7 @@ def test_an_outside_mlflow_client_creating_the_same_store_at_once(tmp_path: Path
     deadline = time.monotonic() + 120
     while not db.exists() and time.monotonic() < deadline:  # it creates the file in place and migrates it
         time.sleep(0.02)
-    tracking.open_client(f"sqlite:///{db}")  # waits for it rather than migrating the same file at once
+    store.open_client(f"sqlite:///{db}")  # waits for it rather than migrating the same file at once
     _, stderr = outside.communicate(timeout=120)
     assert outside.returncode == 0, stderr
     assert is_complete(db)
@@ -132,7 +132,7 @@ def test_a_locked_store_is_waited_for_in_one_line(tmp_path: Path, caplog: pytest
     """Another process holds the store with BEGIN EXCLUSIVE past SQLite's own 20 s wait: the write waits
     and succeeds, with one line saying so and none of MLflow's ERROR tracebacks."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    tracker = tracking.Tracker(uri, "locked")
+    tracker = writer.Tracker(uri, "locked")
     run_id = tracker.start_run("r", params={}, tags={})
     holder = subprocess.Popen([sys.executable, "-c",
                                "import sqlite3, sys, time; db = sqlite3.connect(sys.argv[1], isolation_level=None); "
@@ -141,7 +141,7 @@ def test_a_locked_store_is_waited_for_in_one_line(tmp_path: Path, caplog: pytest
     assert holder.stdout.readline().strip() == "held"
     said: list[str] = []
     sink = logger.add(lambda message: said.append(str(message)), level="INFO")
-    tracking._say_once.cache_clear()
+    writer._say_once.cache_clear()
     try:
         tracker.set_tags(run_id, {"after": "the lock"})
     finally:

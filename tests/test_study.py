@@ -7,8 +7,8 @@ import yaml
 from typer.testing import CliRunner
 
 from fmnist_hpo.cli.app import app
-from fmnist_hpo.records import RECORD_VERSION, RECORD_VERSION_TAG
-from fmnist_hpo.tracking.tracker import Tracker
+from fmnist_hpo.tags import CURRENT_RECORD_VERSION, RECORD_VERSION
+from fmnist_hpo.tracking.writer import Tracker
 
 runner = CliRunner()
 
@@ -22,7 +22,7 @@ def log_sweep(uri: str, experiment: str, runs: list[dict], algo: str = "tpe") ->
             f"trial-{number:03d}", params={"search.algo": algo, "search.metric": "val_accuracy"},
             tags={"fmnist.role": "trial", "trial": str(number), "point": str(run.get("point", number)),
                   "repeat": str(run.get("repeat", 0)), "sampled": yaml.safe_dump(run.get("values", {})),
-                  RECORD_VERSION_TAG: RECORD_VERSION},
+                  RECORD_VERSION: CURRENT_RECORD_VERSION},
             parent_id=parent)
         test = run["test"]
         tracker.log_metrics(child, {"val_accuracy": test + 0.005, "val_loss": 0.3}, step=0)

@@ -21,7 +21,12 @@ from fmnist_hpo.config.sections import validate
 from fmnist_hpo.data.datasets import FASHION_MNIST
 from fmnist_hpo.data.lineage import idx_digest
 from fmnist_hpo.errors import ConfigError
-from fmnist_hpo.tracking.tracker import Tracker, _fluent_tracking_uri, log_trial_model, model_requirements
+from fmnist_hpo.tags import ROLE, Role
+from fmnist_hpo.tracking.provenance import model_requirements
+from fmnist_hpo.tracking.reader import StoreView, logged_trial
+from fmnist_hpo.tracking.registry import log_trial_model
+from fmnist_hpo.tracking.store import fluent_tracking_uri
+from fmnist_hpo.tracking.writer import Tracker
 from fmnist_hpo.training.checkpoints import save_checkpoint
 from fmnist_hpo.training.model import build_model, with_normalization
 
@@ -51,7 +56,7 @@ def tiny_checkpoint(folder: Path, run_id: str) -> tuple[Path, torch.nn.Module]:
 
 
 def load_logged(tracker: Tracker, uri: str) -> torch.nn.Module:
-    with _fluent_tracking_uri(tracker.tracking_uri):
+    with fluent_tracking_uri(tracker.tracking_uri):
         return mlflow.pytorch.load_model(uri)
 
 
@@ -163,6 +168,21 @@ def test_datasets_are_the_runs_inputs_with_their_split(tracker: Tracker, finishe
     tracker.log_datasets(other_run, digest, str(root), split_seed=4, sizes=sizes)
     other = {i.dataset.digest for i in tracker.client.get_run(other_run).inputs.dataset_inputs}
     assert other.isdisjoint(d.digest for d in by_context.values())  # another seed, other splits
+    read = logged_trial(tracker.client.get_run(finished_run), "tracked")
+    assert read.data_digest == digest and "data_digest" not in read.tags
+
+
+def test_a_step_logged_twice_reads_back_as_its_last_value_everywhere(tracker: Tracker):
+    """A resumed epoch logs its step again: the writer's and the readers' histories all keep the later value."""
+    run_id = tracker.start_run("trial-000", {}, {ROLE: Role.TRIAL})
+    epoch = {"train_loss": 1.0, "train_accuracy": 0.5, "val_loss": 1.0, "val_accuracy": 0.5, "lr": 0.1,
+             "epoch_seconds": 2.0}
+    tracker.log_metrics(run_id, epoch, step=0)
+    time.sleep(0.01)  # a later timestamp
+    tracker.log_metrics(run_id, {**epoch, "val_accuracy": 0.7}, step=0)
+    tracker.end_run(run_id)
+    assert [m.val_accuracy for m in tracker.history(run_id)] == [0.7]
+    assert StoreView(tracker.tracking_uri).history(run_id, "val_accuracy") == {0: 0.7}
 
 
 @pytest.mark.skipif(importlib.util.find_spec("psutil") is None, reason="MLflow's system metrics need psutil")
@@ -182,10 +202,10 @@ def test_system_metrics_without_psutil_say_what_to_install(tracker: Tracker, mon
                                                            capsys: pytest.CaptureFixture):
     from loguru import logger
 
-    from fmnist_hpo.tracking import tracker as tracking
+    from fmnist_hpo.tracking import writer
 
-    monkeypatch.setattr(tracking, "missing_system_metrics_packages", lambda: ["psutil"])
-    tracking._say_once.cache_clear()
+    monkeypatch.setattr(writer, "missing_system_metrics_packages", lambda: ["psutil"])
+    writer._say_once.cache_clear()
     sink = logger.add(lambda message: print(message, end=""), level="WARNING")
     run_id = tracker.start_run("trial-000", {}, {})
     try:

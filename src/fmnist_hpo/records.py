@@ -7,32 +7,54 @@ figures (`test_accuracy`, `test_loss`) were scored once, on that epoch's weights
 Epochs a user reads are numbered from 1 (`kept_epoch`, `pruned_at_epoch`); EpochMetrics.epoch and
 MLflow's step are 0-based indices (epoch N is step N-1). A trial's total time is `trial_seconds`;
 `train_seconds` is only ever the training part of one epoch. Stores written before either rule are
-read back under it (LoggedTrial.__post_init__, tracking.logged_trial).
+read back under it (LoggedTrial.__post_init__, tracking.reader.logged_trial).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from fmnist_hpo.files import checkpoint_file
 from fmnist_hpo.selection import Selection, objective, select
+from fmnist_hpo.tags import (
+    FAILURE_REASON,
+    KEPT_EPOCH,
+    PARENT,
+    PRUNED,
+    PRUNED_AT_EPOCH,
+    RECORD_VERSION,
+    RunStatus,
+    flagged,
+)
 
 EPOCH_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds")
 # what a trial's run logs at its end: the kept epoch's figures, its test score, its size and time
 FINAL_METRICS = ("kept_epoch", "kept_train_accuracy", "kept_val_accuracy", "kept_val_loss", "test_accuracy",
                  "test_loss", "total_parameters", "trial_seconds", "epochs_run")
 TRIAL_SECONDS = "trial_seconds"  # the trial's epochs end to end (training, validation, the loop's work), summed
-KEPT_EPOCH = "kept_epoch"  # 1-based, as a metric and as a tag
-# a finished trial's run carries it from the record version on which kept_epoch counts from 1 and
-# trial_seconds exists; runs without it are older and are read back under the new rules
-RECORD_VERSION_TAG, RECORD_VERSION = "fmnist.record_version", "2"
 EPOCH_TIMINGS = ("train_seconds", "eval_seconds")  # logged since they were measured apart; older runs lack them
 # metric names of stores written before the kept epoch had one definition
 _LEGACY_NAMES = {"best_val_accuracy": "kept_val_accuracy", "best_val_loss": "kept_val_loss",
                  "best_train_accuracy": "kept_train_accuracy"}
+
+
+class TrialStatus(StrEnum):
+    """How a trial of the running sweep ended (its run's MLflow status says more: RunStatus)."""
+
+    OK = "ok"
+    FAILED = "failed"
+
+
+class SpecStatus(StrEnum):
+    """What happened to one spec of a multi-spec run."""
+
+    FINISHED = "finished"
+    DONE_BEFORE = "done before"
+    FAILED = "failed"
 
 
 @dataclass
@@ -68,7 +90,7 @@ class TrialRecord:
     values: dict[str, Any]
     point: int = 0
     repeat: int = 0
-    status: str = "ok"  # ok | failed
+    status: TrialStatus = TrialStatus.OK
     reason: str | None = None
     kept_epoch: int = 0  # 1-based; 0: none
     kept_train_accuracy: float = math.nan
@@ -88,7 +110,7 @@ class TrialRecord:
 
     def eligible(self) -> bool:
         """Whether selection may pick it: finished, not pruned, tested (so it has a checkpoint)."""
-        return self.status == "ok" and self.pruned_at is None and math.isfinite(self.test_accuracy)
+        return self.status == TrialStatus.OK and self.pruned_at is None and math.isfinite(self.test_accuracy)
 
     def objective(self, metric: str) -> float:
         return objective(metric, self.kept_val_loss, self.kept_val_accuracy)
@@ -111,13 +133,14 @@ class TrialRecord:
         m = trial.metrics
         return cls(
             number=trial.number, run_id=trial.run_id, values=trial.values, point=trial.point, repeat=trial.repeat,
-            status="ok" if trial.status == "FINISHED" else "failed", reason=trial.tags.get("failure_reason"),
+            status=TrialStatus.OK if trial.status == RunStatus.FINISHED else TrialStatus.FAILED,
+            reason=trial.tags.get(FAILURE_REASON),
             kept_epoch=int(m.get(KEPT_EPOCH, 0)), kept_train_accuracy=m.get("kept_train_accuracy", math.nan),
             kept_val_accuracy=m.get("kept_val_accuracy", math.nan), kept_val_loss=m.get("kept_val_loss", math.nan),
             test_accuracy=m.get("test_accuracy", math.nan), test_loss=m.get("test_loss", math.nan),
             epochs_run=int(m.get("epochs_run", 0)), trial_seconds=m.get(TRIAL_SECONDS, 0.0),
             total_parameters=int(m.get("total_parameters", 0)), checkpoint=checkpoint_file(models_dir, trial.run_id),
-            pruned_at=int(trial.tags["pruned_at_epoch"]) if "pruned_at_epoch" in trial.tags else None,
+            pruned_at=int(trial.tags[PRUNED_AT_EPOCH]) if PRUNED_AT_EPOCH in trial.tags else None,
         )
 
 
@@ -131,11 +154,11 @@ class SweepResult:
 
     @property
     def finished(self) -> list[TrialRecord]:
-        return [t for t in self.trials if t.status == "ok"]
+        return [t for t in self.trials if t.status == TrialStatus.OK]
 
     @property
     def failed(self) -> list[TrialRecord]:
-        return [t for t in self.trials if t.status != "ok"]
+        return [t for t in self.trials if t.status != TrialStatus.OK]
 
     @property
     def selection(self) -> Selection | None:
@@ -156,7 +179,7 @@ class SpecOutcome:
     """One spec of a multi-spec run: what happened to it and its sweep's result."""
 
     experiment: str
-    status: str  # finished, done before, failed
+    status: SpecStatus
     result: SweepResult | None
     seconds: float = 0.0
 
@@ -170,11 +193,12 @@ class LoggedTrial:
     number: int
     point: int
     repeat: int
-    status: str  # FINISHED, FAILED, KILLED, RUNNING
+    status: str  # MLflow's: a RunStatus
     values: dict[str, Any]  # the sampled values of this trial
     metrics: dict[str, float]
     params: dict[str, str]
     tags: dict[str, str]
+    data_digest: str | None = None  # of the IDX files, from the run's dataset inputs (None: not recorded)
 
     def __post_init__(self) -> None:
         for old, new in _LEGACY_NAMES.items():
@@ -183,14 +207,14 @@ class LoggedTrial:
         if self.is_legacy_record:  # epochs were counted from 0
             if KEPT_EPOCH in self.metrics:
                 self.metrics[KEPT_EPOCH] += 1
-            for tag in (KEPT_EPOCH, "pruned_at_epoch"):
+            for tag in (KEPT_EPOCH, PRUNED_AT_EPOCH):
                 if self.tags.get(tag, "").lstrip("-").isdigit():
                     self.tags[tag] = str(int(self.tags[tag]) + 1)
 
     @property
     def is_legacy_record(self) -> bool:
         """A finished trial written before the record version tag (0-based epochs, no trial_seconds)."""
-        return RECORD_VERSION_TAG not in self.tags and KEPT_EPOCH in {*self.metrics, *self.tags}
+        return RECORD_VERSION not in self.tags and KEPT_EPOCH in {*self.metrics, *self.tags}
 
     @property
     def kept_epoch(self) -> int:
@@ -204,14 +228,14 @@ class LoggedTrial:
     @property
     def config_key(self) -> tuple[str, int]:
         """Runs of one configuration: the same point of the same sweep."""
-        return self.tags.get("mlflow.parentRunId", ""), self.point
+        return self.tags.get(PARENT, ""), self.point
 
     @property
     def search_metric(self) -> str:
         return self.params.get("search.metric", "val_accuracy")
 
     def eligible(self) -> bool:
-        return (self.status == "FINISHED" and self.tags.get("pruned") != "true"
+        return (self.status == RunStatus.FINISHED and not flagged(self.tags, PRUNED)
                 and {"kept_val_accuracy", "kept_val_loss", "test_accuracy"} <= set(self.metrics))
 
     def objective(self, metric: str) -> float:

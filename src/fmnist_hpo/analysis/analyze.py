@@ -18,6 +18,7 @@ from fmnist_hpo.analysis.stats import Comparison, Trend, compare, summarize, tre
 from fmnist_hpo.errors import FmnistError
 from fmnist_hpo.records import TRIAL_SECONDS, LoggedTrial
 from fmnist_hpo.selection import Selection, select
+from fmnist_hpo.tags import INTERRUPTED, PRUNED, UNFINISHED, RunStatus, flagged, was_abandoned
 
 MAX_GROUPS = 8  # more distinct values (more than 4 for a continuous one) are grouped into quartile ranges
 # space primitives whose values are numbers on a line: analysed as a trend, not as groups of one run each
@@ -31,7 +32,8 @@ class AnalysisError(FmnistError):
 
 def finished(trials: list[LoggedTrial]) -> list[LoggedTrial]:
     """Trials that trained to their end and were tested; pruned ones (cut short, on either engine) are not."""
-    return [t for t in trials if t.status == "FINISHED" and "test_accuracy" in t.metrics and t.tags.get("pruned") != "true"]
+    return [t for t in trials
+            if t.status == RunStatus.FINISHED and "test_accuracy" in t.metrics and not flagged(t.tags, PRUNED)]
 
 
 def metric_values(trials: list[LoggedTrial], key: str) -> list[float]:
@@ -53,11 +55,11 @@ def has_repeats(trials: list[LoggedTrial]) -> bool:
 
 def outcome_of(trial: LoggedTrial) -> str:
     """finished, pruned, failed or cut off (interrupted: killed, left running, or closed to be run again)."""
-    if trial.tags.get("interrupted") == "true" or trial.status in ("KILLED", "RUNNING"):
+    if flagged(trial.tags, INTERRUPTED) or trial.status in UNFINISHED:
         return "cut off"
-    if trial.status == "FAILED":  # abandoned: interrupted, then a fresh sweep of its config was started instead
-        return "cut off" if trial.tags.get("failure_reason", "").startswith("abandoned") else "failed"
-    if trial.tags.get("pruned") == "true":
+    if trial.status == RunStatus.FAILED:  # abandoned: interrupted, then a fresh sweep of its config was started instead
+        return "cut off" if was_abandoned(trial.tags) else "failed"
+    if flagged(trial.tags, PRUNED):
         return "pruned"
     return "finished" if "test_accuracy" in trial.metrics else "cut off"
 

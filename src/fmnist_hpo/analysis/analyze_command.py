@@ -46,7 +46,7 @@ class AnalysisResult:
 
 
 def run_analysis(request: AnalysisRequest) -> AnalysisResult:
-    from fmnist_hpo.tracking.tracker import RunReader
+    from fmnist_hpo.tracking.reader import RunReader
 
     reader = RunReader(request.tracking_uri)
     names = reader.experiments() if request.all_experiments else list(dict.fromkeys(request.experiments))

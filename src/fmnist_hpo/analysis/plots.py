@@ -30,7 +30,7 @@ from fmnist_hpo.analysis.analyze import (
 from fmnist_hpo.analysis.costs import ACROSS_EXPERIMENTS, FRONT_RULE, FRONTS, configurations, front
 from fmnist_hpo.milestones import targets_in
 from fmnist_hpo.records import LoggedTrial
-from fmnist_hpo.tracking.tracker import RunReader
+from fmnist_hpo.tracking.reader import RunReader
 
 
 def _slug(text: str) -> str:
@@ -81,12 +81,12 @@ def learning_curves(reader: RunReader, experiment: str, trials: list[LoggedTrial
         color = colormap(scale(t.number)) if by_colormap else f"C{i % 10}"
         accuracy = reader.history(t.run_id, "val_accuracy")
         for ax, points in ((ax_loss, reader.history(t.run_id, "val_loss")), (ax_acc, accuracy)):
-            ax.plot([step + 1 for step, _ in points], [v for _, v in points], marker=".", linewidth=1,
+            ax.plot([step + 1 for step in points], list(points.values()), marker=".", linewidth=1,
                     color=color, label=_trial_label(t))
-        seconds = dict(reader.history(t.run_id, "epoch_seconds"))
-        if seconds and all(step in seconds for step, _ in accuracy):
-            elapsed = np.cumsum([seconds[step] for step, _ in accuracy])
-            ax_time.plot(elapsed, [v for _, v in accuracy], marker=".", linewidth=1, color=color)
+        seconds = reader.history(t.run_id, "epoch_seconds")
+        if seconds and all(step in seconds for step in accuracy):
+            elapsed = np.cumsum([seconds[step] for step in accuracy])
+            ax_time.plot(elapsed, list(accuracy.values()), marker=".", linewidth=1, color=color)
     for target in targets_in(t.metrics for t in done):
         ax_time.axhline(target, color="gray", linestyle=":", linewidth=0.8)
         ax_time.annotate(f"{target:.0%}" if round(target * 100) == target * 100 else f"{target:.1%}",

@@ -3,20 +3,30 @@ and the differences of environment (device, torch, data, code) that make a compa
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from operator import attrgetter
+
 from fmnist_hpo.analysis.render import Section
 from fmnist_hpo.records import LoggedTrial
+from fmnist_hpo.tags import DEVICE, GIT_COMMIT, TORCH_VERSION
 
 NOT_THE_RECIPE = ("experiment", "description", "models_dir")  # names and paths, never a cause of a difference
 NOT_THE_RECIPE_SECTIONS = ("mlflow.",)
 SPACE_KEY = "search.space"
-# tag -> what it names; a difference in the first three changes what is measured, in the code it may
-ENVIRONMENT = {"device": "device", "torch_version": "torch version", "data_digest": "data (IDX files digest)",
-               "git_commit": "code (git commit)"}
-UNFAIR = ("device", "torch_version", "data_digest")
 SHOWN_VALUES = 3
 
 
-def _distinct(group: list[LoggedTrial], read) -> tuple[str, ...]:
+def _tag(name: str) -> Callable[[LoggedTrial], str | None]:
+    return lambda trial: trial.tags.get(name)
+
+
+# what it names -> (how a run records it, whether a difference changes what is measured; in the code it may)
+ENVIRONMENT = {"device": (_tag(DEVICE), True), "torch version": (_tag(TORCH_VERSION), True),
+               "data (IDX files digest)": (attrgetter("data_digest"), True),
+               "code (git commit)": (_tag(GIT_COMMIT), False)}
+
+
+def _distinct(group: list[LoggedTrial], read: Callable[[LoggedTrial], object]) -> tuple[str, ...]:
     return tuple(sorted({str(read(t)) for t in group if read(t) is not None}))
 
 
@@ -51,12 +61,12 @@ def spec_difference(a_name: str, a: list[LoggedTrial], b_name: str, b: list[Logg
     rows.append({"key": SPACE_KEY, "a": spaces[0] if spaces[0] != "{}" else "none (one configuration)",
                  "b": spaces[1] if spaces[1] != "{}" else "none (one configuration)"})
     unfair = []
-    for tag, label in ENVIRONMENT.items():
-        values_a, values_b = (_distinct(g, lambda t, tag=tag: t.tags.get(tag)) for g in (a, b))
+    for label, (read, changes_the_measure) in ENVIRONMENT.items():
+        values_a, values_b = (_distinct(g, read) for g in (a, b))
         if values_a != values_b:
             rows.append({"key": f"environment: {label}", "a": _describe(values_a, False),
                          "b": _describe(values_b, False)})
-            unfair += [label] if tag in UNFAIR else []
+            unfair += [label] if changes_the_measure else []
     fairness = (f"not like for like: {', '.join(unfair)} differ" if unfair else
                 "same device, torch version and data")
     return Section(f"{a_name} vs {b_name}: what differs ({fairness})", ["key", "a", "b"], rows)

@@ -329,7 +329,7 @@ def analyze(
     if metric not in COMPARE_METRICS:
         raise fail(f"--metric {metric!r}: use {' or '.join(COMPARE_METRICS)}")
     from fmnist_hpo.analysis.render import render
-    from fmnist_hpo.tracking.tracker import resolve_tracking_uri
+    from fmnist_hpo.tracking.store import resolve_tracking_uri
 
     request = AnalysisRequest(resolve_tracking_uri(tracking_uri), experiment or [], all_experiments,
                               list(compare) if compare else None, metric,
@@ -363,7 +363,7 @@ def serve_ui(
     """
     from fmnist_hpo.tracking.serve import display_url, is_loopback, store_missing
     from fmnist_hpo.tracking.serve import serve_ui as serve
-    from fmnist_hpo.tracking.tracker import resolve_tracking_uri
+    from fmnist_hpo.tracking.store import resolve_tracking_uri
 
     configured = None
     if config is not None:
@@ -413,7 +413,7 @@ def evaluate(
     """Score a trained model on the test set: accuracy, per-class precision/recall, confusion matrix."""
     from fmnist_hpo.modelops.inference import confusion_lines
     from fmnist_hpo.modelops.operations import evaluate_and_report, resolve_model
-    from fmnist_hpo.tracking.tracker import resolve_tracking_uri
+    from fmnist_hpo.tracking.store import resolve_tracking_uri
 
     if target is not None and (best or experiment is not None):
         raise fail(f"give a run id or checkpoint ({target!r}), or --experiment NAME for its best trial, not both")
@@ -452,7 +452,7 @@ def predict(
     from fmnist_hpo.modelops.inference import accuracy_line, top_k
     from fmnist_hpo.modelops.inputs import check_input_files, idx_inputs, picture_inputs
     from fmnist_hpo.modelops.operations import dataset_for, resolve_model
-    from fmnist_hpo.tracking.tracker import resolve_tracking_uri
+    from fmnist_hpo.tracking.store import resolve_tracking_uri
 
     if not images and idx is None:
         raise fail("give image files, or --idx FILE")
@@ -486,7 +486,7 @@ def register(
     A trial already registered under that name keeps its version; no identical new one is made.
     """
     from fmnist_hpo.modelops.operations import register_best
-    from fmnist_hpo.tracking.tracker import resolve_tracking_uri
+    from fmnist_hpo.tracking.store import resolve_tracking_uri
 
     try:
         registered = register_best(resolve_tracking_uri(tracking_uri), experiment, name)
@@ -518,7 +518,7 @@ def verify(
 
     from fmnist_hpo.modelops.verify import Request
     from fmnist_hpo.modelops.verify import verify as verify_store
-    from fmnist_hpo.tracking.tracker import resolve_tracking_uri
+    from fmnist_hpo.tracking.store import resolve_tracking_uri
 
     if fmt not in ("text", "json"):
         raise fail(f"--format {fmt!r}: use text or json")

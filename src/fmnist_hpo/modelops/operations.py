@@ -32,7 +32,7 @@ def resolve_model(target: str | None, tracking_uri: str, experiment: str | None 
     """A checkpoint path, a run id, or (target None) the best trial of experiment."""
     if target is not None and Path(target).is_file():
         return ResolvedModel(*load_trained(target), Path(target), None)
-    from fmnist_hpo.tracking.tracker import ModelStore
+    from fmnist_hpo.tracking.registry import ModelStore
 
     store = ModelStore(tracking_uri)
     if target is None:
@@ -76,7 +76,7 @@ def evaluate_and_report(resolved: ResolvedModel, data_root: str | None, png: Pat
     if log:
         if resolved.run_id is None:
             raise FmnistError("--log needs a run id (a bare checkpoint file belongs to no run)")
-        from fmnist_hpo.tracking.tracker import ModelStore
+        from fmnist_hpo.tracking.registry import ModelStore
 
         ModelStore(tracking_uri).attach(resolved.run_id, evaluation.as_metrics(), [png])
     return evaluation, png
@@ -87,7 +87,8 @@ def register_best(tracking_uri: str, experiment: str, name: str, run_id: str | N
 
     A run already registered under name keeps its version (the "registered" key says "existing").
     """
-    from fmnist_hpo.tracking.tracker import ModelStore, Tracker, log_trial_model
+    from fmnist_hpo.tracking.registry import ModelStore, log_trial_model
+    from fmnist_hpo.tracking.writer import Tracker
 
     store = ModelStore(tracking_uri)
 

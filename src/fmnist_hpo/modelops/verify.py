@@ -9,7 +9,7 @@ on the test set to the logged test accuracy; its logged model, which lives in th
 links to the run both ways, loads through mlflow.pytorch.load_model and predicts like the
 checkpoint; the dataset digests of its lineage against the IDX files on disk.
 
-Nothing is written: the store is read through store_view.StoreView, copies go to temporary folders.
+Nothing is written: the store is read through tracking.reader.StoreView, copies go to temporary folders.
 """
 
 from __future__ import annotations
@@ -30,8 +30,23 @@ from fmnist_hpo.errors import DataError
 from fmnist_hpo.files import checkpoint_file, models_folder
 from fmnist_hpo.records import EPOCH_METRICS, TRIAL_SECONDS, EpochMetrics, LoggedTrial
 from fmnist_hpo.selection import kept_epoch, select
-from fmnist_hpo.tracking.store_view import StoreView
-from fmnist_hpo.tracking.tracker import PARENT_TAG, alive_elsewhere, split_fingerprint
+from fmnist_hpo.tags import (
+    DEVICE,
+    FAILURE_REASON,
+    HOST,
+    INTERRUPTED,
+    KEPT_EPOCH,
+    MODEL_URI,
+    PARENT,
+    PID,
+    PRECISION,
+    SELECTED_RUN_ID,
+    ModelStatus,
+    RunStatus,
+    flagged,
+)
+from fmnist_hpo.tracking.provenance import alive_elsewhere, split_fingerprint
+from fmnist_hpo.tracking.reader import StoreView
 from fmnist_hpo.training.checkpoints import CheckpointError, load_model, read_checkpoint
 
 # test accuracy re-scored on the CPU in fp32 against one measured elsewhere (CUDA kernels, bf16
@@ -110,10 +125,10 @@ def verify(request: Request) -> Report:
 def _trial_precision(trial: LoggedTrial) -> str:
     """fp32, bf16 or fp16: the trial's `precision` tag; runs from before it have train.precision, where auto
     meant fp32 on a CPU."""
-    if "precision" in trial.tags:
-        return trial.tags["precision"]
+    if PRECISION in trial.tags:
+        return trial.tags[PRECISION]
     configured = _param(trial.params, "train.precision", "auto")
-    return "fp32" if configured == "auto" and trial.tags.get("device") == "cpu" else str(configured)
+    return "fp32" if configured == "auto" and trial.tags.get(DEVICE) == "cpu" else str(configured)
 
 
 def _trial_dataset(trial: LoggedTrial) -> DatasetInfo:
@@ -158,17 +173,17 @@ class Verifier:
     def check_experiment(self, name: str) -> None:
         self._experiment = name
         self.report.experiments += 1
-        sweeps = {s.run_id: s for s in self.view.runs(name, "sweep")}
-        trials = self.view.runs(name, "trial")
+        sweeps = {s.run_id: s for s in self.view.sweeps(name)}
+        trials = self.view.trials(name)
         rescore = self._to_rescore(trials)
         states = {}
         for sweep in sweeps.values():
             self.report.sweeps += 1
-            members = [t for t in trials if t.tags.get(PARENT_TAG) == sweep.run_id]
+            members = [t for t in trials if t.tags.get(PARENT) == sweep.run_id]
             states[sweep.run_id] = self.check_sweep(sweep, members)
         for trial in trials:
             self.report.trials += 1
-            parent = trial.tags.get(PARENT_TAG)
+            parent = trial.tags.get(PARENT)
             if parent not in sweeps:
                 self.problem(_label(trial), trial.run_id, "status", f"belongs to no sweep of {name} (parent {parent})")
             self.check_trial(trial, states.get(parent, "gone"), trial.run_id in rescore)
@@ -183,38 +198,38 @@ class Verifier:
         """Its status against its process, counts and selection; returns live, unknown, dead or its status."""
         label = f"sweep (run {sweep.run_id[:8]})"
         resume = "continue it with `fmnist run SPEC --resume`"
-        if sweep.status == "RUNNING":
-            if sweep.tags.get("host") not in (None, os.uname().nodename):
-                self.note(label, sweep.run_id, "status", f"RUNNING, driven from host {sweep.tags['host']}: whether "
+        if sweep.status == RunStatus.RUNNING:
+            if sweep.tags.get(HOST) not in (None, os.uname().nodename):
+                self.note(label, sweep.run_id, "status", f"RUNNING, driven from host {sweep.tags[HOST]}: whether "
                           "it is still alive cannot be told here; its running trials are not blamed")
                 return "unknown"
             if alive_elsewhere(sweep.tags):
-                self.note(label, sweep.run_id, "status", f"still running (pid {sweep.tags['pid']}): "
+                self.note(label, sweep.run_id, "status", f"still running (pid {sweep.tags[PID]}): "
                           "its running trials are not blamed")
                 return "live"
-            self.problem(label, sweep.run_id, "status", f"left RUNNING, but its process (pid {sweep.tags.get('pid', '?')}) "
+            self.problem(label, sweep.run_id, "status", f"left RUNNING, but its process (pid {sweep.tags.get(PID, '?')}) "
                          f"is gone (a crash or kill -9): {resume}")
             return "dead"
-        if sweep.status == "KILLED":
+        if sweep.status == RunStatus.KILLED:
             self.note(label, sweep.run_id, "status", f"interrupted: {resume}")
-        if sweep.status == "FINISHED":
+        if sweep.status == RunStatus.FINISHED:
             self.check_counts(label, sweep, trials)
             self.check_selection(label, sweep, trials)
         return sweep.status
 
     def check_counts(self, label: str, sweep: LoggedTrial, trials: list[LoggedTrial]) -> None:
-        counted = [t for t in trials if t.tags.get("interrupted") != "true"]
-        actual = {"trials_finished": sum(t.status == "FINISHED" for t in counted),
-                  "trials_failed": sum(t.status == "FAILED" for t in counted)}
+        counted = [t for t in trials if not flagged(t.tags, INTERRUPTED)]
+        actual = {"trials_finished": sum(t.status == RunStatus.FINISHED for t in counted),
+                  "trials_failed": sum(t.status == RunStatus.FAILED for t in counted)}
         for key, count in actual.items():
             if key in sweep.metrics and int(sweep.metrics[key]) != count:
                 self.problem(label, sweep.run_id, "selection", f"{key} is {int(sweep.metrics[key])}, its runs hold {count}")
 
     def check_selection(self, label: str, sweep: LoggedTrial, trials: list[LoggedTrial]) -> None:
-        runs = [t for t in trials if t.tags.get("interrupted") != "true"]
+        runs = [t for t in trials if not flagged(t.tags, INTERRUPTED)]
         metric = _param(sweep.params, "search.metric", "val_accuracy")
         chosen = select(runs, metric)
-        selected = sweep.tags.get("selected_run_id")
+        selected = sweep.tags.get(SELECTED_RUN_ID)
         if chosen is None:
             if selected:
                 self.problem(label, sweep.run_id, "selection", f"names selected run {selected[:8]}, but none of its "
@@ -239,15 +254,15 @@ class Verifier:
 
     def check_trial(self, trial: LoggedTrial, sweep_state: str, rescore: bool) -> None:
         label = _label(trial)
-        if trial.status == "RUNNING" and sweep_state not in ("live", "unknown"):
+        if trial.status == RunStatus.RUNNING and sweep_state not in ("live", "unknown"):
             self.problem(label, trial.run_id, "status", "left RUNNING by a sweep that is not running: "
                          "`fmnist run SPEC --resume` continues it")
-        elif trial.status == "KILLED" and sweep_state in ("FINISHED", "FAILED"):
+        elif trial.status == RunStatus.KILLED and sweep_state in (RunStatus.FINISHED, RunStatus.FAILED):
             self.problem(label, trial.run_id, "status", f"KILLED, though its sweep is {sweep_state}")
-        elif trial.status == "FAILED" and "failure_reason" not in trial.tags:
+        elif trial.status == RunStatus.FAILED and FAILURE_REASON not in trial.tags:
             self.problem(label, trial.run_id, "status", "FAILED with no failure_reason")
         self._check_models_of_run(label, trial)
-        if trial.status != "FINISHED":
+        if trial.status != RunStatus.FINISHED:
             return
         history = self.check_history(label, trial)
         if history is not None:
@@ -255,7 +270,7 @@ class Verifier:
         model = self.check_checkpoint(label, trial) if "test_accuracy" in trial.metrics else None
         if model is not None and rescore:
             self.check_rescore(label, trial, model)
-        if "model_uri" in trial.tags:
+        if MODEL_URI in trial.tags:
             self.check_logged_model(label, trial, model)
         self.check_lineage(label, trial)
 
@@ -287,7 +302,7 @@ class Verifier:
         if logged != best:
             self.problem(label, trial.run_id, "kept epoch", f"kept_epoch is {logged}, but the best epoch by {metric} "
                          f"is {best}")
-        tag = trial.tags.get("kept_epoch")
+        tag = trial.tags.get(KEPT_EPOCH)
         if tag is not None and tag != str(logged):
             self.problem(label, trial.run_id, "kept epoch", f"the kept_epoch tag says {tag}, the metric {logged}")
         if 1 <= logged <= len(history):
@@ -366,7 +381,7 @@ class Verifier:
         _, accuracy = evaluate(model, Split(*test), engine, int(_param(trial.params, "train.eval_batch_size", 256)))
         self.report.rescored += 1
         logged, count = trial.metrics["test_accuracy"], len(test[1])
-        exact = (trial.tags.get("device") == "cpu" and precision == "fp32"
+        exact = (trial.tags.get(DEVICE) == "cpu" and precision == "fp32"
                  and not _param(trial.params, "train.compile", False))
         if exact and round(accuracy * count) != round(logged * count):
             self.problem(label, trial.run_id, "rescore", f"its checkpoint re-scores {accuracy:.4f} on the {count} test "
@@ -374,7 +389,7 @@ class Verifier:
         elif not exact and abs(accuracy - logged) > RESCORE_TOLERANCE:
             self.problem(label, trial.run_id, "rescore", f"its checkpoint re-scores {accuracy:.4f} on the {count} test "
                          f"images, the run logged {logged:.4f} (more than {RESCORE_TOLERANCE} apart for a trial on "
-                         f"{trial.tags.get('device', '?')})")
+                         f"{trial.tags.get(DEVICE, '?')})")
 
     # --- its logged model ------------------------------------------------------------------
 
@@ -389,12 +404,12 @@ class Verifier:
             if m.experiment_id != own:
                 self.problem(label, trial.run_id, "logged model", f"its model {m.model_id} is filed in experiment "
                              f"{self.view.experiment_name(m.experiment_id)!r}, not in {self._experiment!r}")
-            if m.status != "READY":
+            if m.status != ModelStatus.READY:
                 self.problem(label, trial.run_id, "logged model", f"its model {m.model_id} is {m.status}: a logging cut off "
                              "by an interrupt; logging this run's model again (a resumed sweep does) deletes it")
 
     def check_logged_model(self, label: str, trial: LoggedTrial, checkpoint_model: torch.nn.Module | None) -> None:
-        uri = trial.tags["model_uri"]
+        uri = trial.tags[MODEL_URI]
         info = self.view.logged_model(uri.removeprefix("models:/"))
         if info is None:
             self.problem(label, trial.run_id, "logged model", f"model_uri {uri} names no LoggedModel in this store")

@@ -22,7 +22,7 @@ from fmnist_hpo.config.sections import Config
 from fmnist_hpo.config.space import planned_points
 from fmnist_hpo.errors import FmnistError
 from fmnist_hpo.files import models_folder
-from fmnist_hpo.records import SpecOutcome, SweepResult
+from fmnist_hpo.records import SpecOutcome, SpecStatus, SweepResult
 from fmnist_hpo.search.packing import speed_variants
 from fmnist_hpo.search.resume import ResumeMode
 
@@ -165,16 +165,18 @@ def finished_before(cfg: Config) -> SweepResult | None:
     """The newest finished sweep of exactly this config (max_evals too), as a result, or None."""
     from fmnist_hpo.records import TrialRecord
     from fmnist_hpo.search.trial_runs import sweep_id
-    from fmnist_hpo.tracking.tracker import Tracker, resolve_tracking_uri
+    from fmnist_hpo.tags import INTERRUPTED, RunStatus, flagged
+    from fmnist_hpo.tracking.store import resolve_tracking_uri
+    from fmnist_hpo.tracking.writer import Tracker
 
     tracker = Tracker(resolve_tracking_uri(cfg.mlflow.tracking_uri), cfg.experiment)
-    same = [p for p in tracker.sweeps(sweep_id(cfg), ("FINISHED",))
+    same = [p for p in tracker.sweeps(sweep_id(cfg), (RunStatus.FINISHED,))
             if p.params.get("search.max_evals") == str(cfg.search.max_evals)]
     if not same:
         return None
     models_dir = models_folder(cfg.models_dir, cfg.experiment)
     trials = [TrialRecord.from_logged(t, models_dir) for t in tracker.trials_of(same[0].run_id)
-              if t.tags.get("interrupted") != "true"]
+              if not flagged(t.tags, INTERRUPTED)]
     return SweepResult(cfg.experiment, same[0].run_id, cfg.search.metric, trials)
 
 
@@ -188,10 +190,10 @@ def run_spec(cfg: Config, resolved: Resolved, mode: ResumeMode, ask: Callable[[s
         if earlier is not None:
             if on_ready is not None:
                 on_ready()
-            return SpecOutcome(cfg.experiment, "done before", earlier)
+            return SpecOutcome(cfg.experiment, SpecStatus.DONE_BEFORE, earlier)
     start = time.perf_counter()
     try:
         result = run_from_config(cfg, resolved, show_bars, mode, ask=ask, on_ready=on_ready)
     except SweepFailed as exc:
-        return SpecOutcome(cfg.experiment, "failed", exc.result, time.perf_counter() - start)
-    return SpecOutcome(cfg.experiment, "finished", result, time.perf_counter() - start)
+        return SpecOutcome(cfg.experiment, SpecStatus.FAILED, exc.result, time.perf_counter() - start)
+    return SpecOutcome(cfg.experiment, SpecStatus.FINISHED, result, time.perf_counter() - start)

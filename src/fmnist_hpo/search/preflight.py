@@ -77,7 +77,7 @@ def check_data(cfg: Config) -> tuple[Path, bool]:
 
 
 def check_store(configured_uri: str | None) -> str:
-    from fmnist_hpo.tracking.tracker import check_sqlite_location, resolve_tracking_uri
+    from fmnist_hpo.tracking.store import check_sqlite_location, resolve_tracking_uri
 
     tracking_uri = resolve_tracking_uri(configured_uri)
     check_sqlite_location(tracking_uri)

@@ -14,6 +14,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from fmnist_hpo.records import TrialStatus
+
 if TYPE_CHECKING:
     from fmnist_hpo.records import EpochMetrics, SpecOutcome, SweepResult, TrialRecord
 
@@ -101,7 +103,7 @@ class SweepProgress:
             self.progress.update(self.epochs_bar, completed=m.epoch + 1, status=f"val_acc {m.val_accuracy:.4f}")
 
     def trial_done(self, record: TrialRecord) -> None:
-        if record.status == "ok":
+        if record.status == TrialStatus.OK:
             pruned = f", pruned after epoch {record.pruned_at}" if record.pruned_at is not None else ""
             logger.info(f"trial {record.number} done: val_acc={record.kept_val_accuracy:.4f} "
                         f"test_acc={record.test_accuracy:.4f} epochs={record.epochs_run} "
@@ -135,7 +137,7 @@ def results_table(result: SweepResult) -> Table:
     best_id = result.best.run_id if result.best else None
     for t in sorted(result.trials, key=lambda t: t.number):  # parallel trials finish out of order
         mark = "*" if t.run_id == best_id else ""
-        ok = t.status == "ok"
+        ok = t.status == TrialStatus.OK
         table.add_row(
             f"{t.number}{mark}",
             *(_fmt(t.values.get(k, "")) for k in keys),

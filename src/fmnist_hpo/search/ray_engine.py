@@ -31,10 +31,20 @@ from fmnist_hpo.config.space import (
 )
 from fmnist_hpo.errors import FmnistError, Terminated
 from fmnist_hpo.files import atomic_write, models_folder
-from fmnist_hpo.records import EPOCH_METRICS, EPOCH_TIMINGS, FINAL_METRICS, EpochMetrics, LoggedTrial, SweepResult, TrialRecord
+from fmnist_hpo.records import (
+    EPOCH_METRICS,
+    EPOCH_TIMINGS,
+    FINAL_METRICS,
+    EpochMetrics,
+    LoggedTrial,
+    SweepResult,
+    TrialRecord,
+    TrialStatus,
+)
 from fmnist_hpo.search.hyperopt_space import add_to_history, to_hyperopt
 from fmnist_hpo.search.strategy import Trained, exhausted_note
 from fmnist_hpo.selection import kept_epoch, objective
+from fmnist_hpo.tags import RAY_TRIAL_ID
 from fmnist_hpo.training.hooks import FitHooks
 
 if TYPE_CHECKING:
@@ -212,7 +222,7 @@ def distinct_searcher(cfg: Config, result: SweepResult, cut_off: list[LoggedTria
                            points_to_evaluate=rerun or None)
     trained = Trained()
     for trial in done:  # HyperOptSearch built its Hyperopt Trials when given the space; extend them
-        loss = trial.objective(search.metric) if trial.status == "ok" else None
+        loss = trial.objective(search.metric) if trial.status == TrialStatus.OK else None
         add_to_history(inner._hpopt_trials, search.space, trial.values, loss)
         trained.record(trial.values, loss)
     inner._hpopt_trials.refresh()
@@ -313,7 +323,7 @@ class _Feed:
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         if trial.trial_id not in self.records:
             values = plain_values(trial.config)
-            self.records[trial.trial_id] = self.runs.open_trial(None, values, tags={"ray_trial_id": trial.trial_id})
+            self.records[trial.trial_id] = self.runs.open_trial(None, values, tags={RAY_TRIAL_ID: trial.trial_id})
             self.histories[trial.trial_id] = []
             self.progress.trial_started(self.records[trial.trial_id].number, values)
 

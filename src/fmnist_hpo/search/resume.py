@@ -14,13 +14,13 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fmnist_hpo.config.sections import Config
 from fmnist_hpo.errors import FmnistError
 from fmnist_hpo.records import LoggedTrial, TrialRecord
+from fmnist_hpo.tags import FAILURE_REASON, INTERRUPTED, PID, RunStatus, abandoned_because, flagged
 
 if TYPE_CHECKING:  # the CLI imports ResumeMode at start-up: nothing heavy at the top of this module
     from fmnist_hpo.config.sections import Config
-    from fmnist_hpo.tracking.tracker import Tracker
+    from fmnist_hpo.tracking.writer import Tracker
 
 
 class ResumeMode(StrEnum):
@@ -47,9 +47,9 @@ class Reloaded:
 def reload(logged: list[LoggedTrial], models_dir: Path) -> Reloaded:
     reloaded = Reloaded()
     for trial in logged:
-        if trial.tags.get("interrupted") == "true":
+        if flagged(trial.tags, INTERRUPTED):
             continue  # a Ray trial cut off by an earlier interruption, already closed and run again
-        if trial.status == "FINISHED" or (trial.status == "FAILED" and "failure_reason" in trial.tags):
+        if trial.status == RunStatus.FINISHED or (trial.status == RunStatus.FAILED and FAILURE_REASON in trial.tags):
             reloaded.done.append(TrialRecord.from_logged(trial, models_dir))
         else:  # RUNNING after a crash, KILLED after Ctrl-C
             reloaded.interrupted.append(trial)
@@ -64,7 +64,7 @@ def choose_parent(tracker: Tracker, cfg: Config, mode: ResumeMode, ask: Callable
     a scheduler) the safe choice wins: the interrupted sweep is continued, and say() tells so.
     """
     from fmnist_hpo.search.trial_runs import sweep_id
-    from fmnist_hpo.tracking.tracker import alive_elsewhere
+    from fmnist_hpo.tracking.provenance import alive_elsewhere
 
     candidates = tracker.unfinished_sweeps(sweep_id(cfg))
     if not candidates:
@@ -74,7 +74,7 @@ def choose_parent(tracker: Tracker, cfg: Config, mode: ResumeMode, ask: Callable
     mode = ResumeMode.RESUME if mode == ResumeMode.CONTINUE else mode
     parent = candidates[0]
     if alive_elsewhere(parent.tags):
-        pid = parent.tags["pid"]
+        pid = parent.tags[PID]
         raise ResumeError(f"this sweep is still running (pid {pid} on this host); wait for it to finish, or stop it "
                           f"(kill {pid}) and run again to continue it")
     if mode == ResumeMode.ASK:
@@ -88,6 +88,6 @@ def choose_parent(tracker: Tracker, cfg: Config, mode: ResumeMode, ask: Callable
     keep = parent.run_id if mode == ResumeMode.RESUME else None
     for stale in candidates:  # older interrupted copies (and, for --fresh, this one) are closed
         if stale.run_id != keep:
-            tracker.abandon(stale.run_id, "abandoned: a fresh sweep of the same config was started"
-                            if keep is None else f"abandoned: superseded by the resumed sweep {keep}")
+            tracker.abandon(stale.run_id, abandoned_because("a fresh sweep of the same config was started"
+                                                            if keep is None else f"superseded by the resumed sweep {keep}"))
     return keep

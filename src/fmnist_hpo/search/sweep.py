@@ -30,7 +30,7 @@ from fmnist_hpo.data.splits import SplitCache
 from fmnist_hpo.errors import FmnistError
 from fmnist_hpo.faults import machine_failure
 from fmnist_hpo.files import state_file
-from fmnist_hpo.records import EpochMetrics, LoggedTrial, SweepResult, TrialRecord
+from fmnist_hpo.records import EpochMetrics, LoggedTrial, SweepResult, TrialRecord, TrialStatus
 from fmnist_hpo.search.interrupts import raise_if_requested
 from fmnist_hpo.search.packing import parallel_for
 from fmnist_hpo.search.preflight import Resolved, preflight
@@ -40,7 +40,9 @@ from fmnist_hpo.search.resume import ResumeMode, choose_parent, reload
 from fmnist_hpo.search.strategy import Trained, explore
 from fmnist_hpo.search.trial_runs import Lineage, SweepRuns, trial_config
 from fmnist_hpo.selection import objective
-from fmnist_hpo.tracking.tracker import Tracker, TrackingError
+from fmnist_hpo.tags import SEARCH_NOTE, WALL_SECONDS
+from fmnist_hpo.tracking.store import TrackingError
+from fmnist_hpo.tracking.writer import Tracker
 from fmnist_hpo.training.checkpoints import CheckpointError, read_training_state, save_checkpoint, save_training_state
 from fmnist_hpo.training.hooks import FitHooks
 from fmnist_hpo.training.loop import train_and_test
@@ -88,7 +90,7 @@ class Sweep:
             raise_if_requested()  # a signal Hyperopt or a garbage-collection callback swallowed
             if result.note:
                 logger.info(result.note)
-                self.tracker.set_tags(result.parent_run_id, {"search_note": result.note})
+                self.tracker.set_tags(result.parent_run_id, {SEARCH_NOTE: result.note})
             self.runs.finish_parent(result)
         except BaseException:
             self.runs.kill_open()
@@ -107,7 +109,7 @@ class Sweep:
         self._points = itertools.count(1 + max(started, default=-1))
         if self.pruner is not None:
             for trial in reloaded.done:
-                if trial.status == "ok" and trial.run_id not in lost_ids:  # a lost one is trained again
+                if trial.status == TrialStatus.OK and trial.run_id not in lost_ids:  # a lost one is trained again
                     self.pruner.record(self.curve(self.tracker.history(trial.run_id)))
 
     def _lost_checkpoints(self, done: list[TrialRecord], logged: list[LoggedTrial]) -> list[LoggedTrial]:
@@ -115,7 +117,7 @@ class Sweep:
         by_id = {t.run_id: t for t in logged}
         lost = []
         for record in done:
-            if record.status != "ok" or not np.isfinite(record.test_accuracy):
+            if record.status != TrialStatus.OK or not np.isfinite(record.test_accuracy):
                 continue  # failed, or stopped by a Ray scheduler before its test: no checkpoint
             try:
                 record.checkpoint = self.runs.usable_checkpoint(record)
@@ -161,7 +163,7 @@ class Sweep:
         for repeat in range(self.cfg.search.repeats):
             if repeat not in result.runs_of(point):
                 result.trials.append(self.run_trial(point, values, repeat, progress))
-        losses = [t.objective(self.cfg.search.metric) for t in result.runs_of(point).values() if t.status == "ok"]
+        losses = [t.objective(self.cfg.search.metric) for t in result.runs_of(point).values() if t.status == TrialStatus.OK]
         return float(np.mean(losses)) if losses else None
 
     # --- one trial -------------------------------------------------------------------------
@@ -216,7 +218,7 @@ class Sweep:
                                             run_id=record.run_id,
                                             kept_epoch=record.kept_epoch)
         state_path.unlink(missing_ok=True)
-        self.tracker.set_tags(record.run_id, {"wall_seconds": f"{time.perf_counter() - start:.1f}"})
+        self.tracker.set_tags(record.run_id, {WALL_SECONDS: f"{time.perf_counter() - start:.1f}"})
 
 
 class TrialHooks(FitHooks):

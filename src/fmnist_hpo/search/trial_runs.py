@@ -23,21 +23,44 @@ from fmnist_hpo.data.splits import split_indices
 from fmnist_hpo.errors import DataError, FmnistError, MachineFailure
 from fmnist_hpo.files import checkpoint_file, models_folder
 from fmnist_hpo.milestones import reached
-from fmnist_hpo.records import (
+from fmnist_hpo.records import EpochMetrics, LoggedTrial, SweepResult, TrialRecord, TrialStatus
+from fmnist_hpo.tags import (
+    CHECKPOINT_LOST,
+    CONFIG_HASH,
+    CURRENT_RECORD_VERSION,
+    DEVICE,
+    FAILURE_REASON,
+    HOST,
+    INTERRUPTED,
     KEPT_EPOCH,
+    NOTE,
+    PID,
+    POINT,
+    PRECISION,
+    PRUNED,
+    PRUNED_AT_EPOCH,
     RECORD_VERSION,
-    RECORD_VERSION_TAG,
-    EpochMetrics,
-    LoggedTrial,
-    SweepResult,
-    TrialRecord,
+    REPEAT,
+    RESUMED,
+    ROLE,
+    SAMPLED,
+    SELECTED_RUN_ID,
+    SELECTED_RUNS,
+    SELECTED_TRIAL,
+    SELECTED_VALUES,
+    SWEEP_ID,
+    TRIAL,
+    TRUE,
+    Role,
+    RunStatus,
 )
-from fmnist_hpo.tracking.tracker import Tracker, TrackingError
+from fmnist_hpo.tracking.store import TrackingError
+from fmnist_hpo.tracking.writer import Tracker
 
 
 def process_tags() -> dict[str, str]:
     """Which process drives a sweep: a resume refuses to take over one that is still alive."""
-    return {"pid": str(os.getpid()), "host": os.uname().nodename}
+    return {PID: str(os.getpid()), HOST: os.uname().nodename}
 
 
 def sweep_id(cfg: Config) -> str:
@@ -84,8 +107,8 @@ class SweepRuns:
         self.parent_id = self.tracker.start_run(
             f"sweep-{config_hash(cfg)}",
             params=flatten(to_dict(cfg)),
-            tags={"fmnist.role": "sweep", "sweep_id": sweep_id(cfg), "config_hash": config_hash(cfg),
-                  "device": self.device, "mlflow.note.content": cfg.description, **process_tags()},
+            tags={ROLE: Role.SWEEP, SWEEP_ID: sweep_id(cfg), CONFIG_HASH: config_hash(cfg),
+                  DEVICE: self.device, NOTE: cfg.description, **process_tags()},
         )
         self.tracker.log_text(self.parent_id, dump_yaml(cfg), "config.yaml")
         return self.parent_id
@@ -105,14 +128,14 @@ class SweepRuns:
             "trials_finished": len(result.finished), "trials_failed": len(result.failed),
             "configurations": len({t.point for t in result.trials})})
         if chosen is None:
-            self.tracker.end_run(self.parent_id, "FAILED")
+            self.tracker.end_run(self.parent_id, RunStatus.FAILED)
             return
         best = chosen.representative
         if self.cfg.mlflow.log_model == "best":
             self.log_model(best)
         self.tracker.set_tags(self.parent_id, {
-            "selected_run_id": best.run_id, "selected_trial": best.number, "selected_runs": len(chosen.runs),
-            "selected_values": yaml.safe_dump(best.values, sort_keys=False).strip()})
+            SELECTED_RUN_ID: best.run_id, SELECTED_TRIAL: best.number, SELECTED_RUNS: len(chosen.runs),
+            SELECTED_VALUES: yaml.safe_dump(best.values, sort_keys=False).strip()})
         figures = {}
         for key in ("kept_val_accuracy", "kept_val_loss", "test_accuracy", "test_loss"):
             name = "selected_" + key.removeprefix("kept_")
@@ -120,7 +143,7 @@ class SweepRuns:
             if len(chosen.runs) > 1:
                 figures[f"{name}_std"] = chosen.std(lambda t, key=key: getattr(t, key))
         self.tracker.log_metrics(self.parent_id, {k: v for k, v in figures.items() if math.isfinite(v)})
-        self.tracker.end_run(self.parent_id, "FINISHED")
+        self.tracker.end_run(self.parent_id, RunStatus.FINISHED)
 
     def kill_open(self) -> None:
         """Ctrl-C, SIGTERM or a crash of the driver: every run still open, and the sweep, become KILLED.
@@ -129,9 +152,9 @@ class SweepRuns:
         """
         with contextlib.suppress(TrackingError, MachineFailure):
             for run_id in list(self.open):
-                self.tracker.end_run(run_id, "KILLED")
+                self.tracker.end_run(run_id, RunStatus.KILLED)
             if self.parent_id:
-                self.tracker.end_run(self.parent_id, "KILLED")
+                self.tracker.end_run(self.parent_id, RunStatus.KILLED)
         self.open.clear()
 
     # --- trials -----------------------------------------------------------------------------
@@ -145,9 +168,9 @@ class SweepRuns:
         raw = trial_config(self.cfg, values, repeat)
         run_id = self.tracker.start_run(
             f"trial-{number:03d}", params=flatten(raw),
-            tags={"fmnist.role": "trial", "trial": str(number), "point": str(point), "repeat": str(repeat),
-                  "device": self.device, **self._precision_tag(raw["train"]["precision"]),
-                  "sampled": yaml.safe_dump(values, sort_keys=False).strip(), **(tags or {})},
+            tags={ROLE: Role.TRIAL, TRIAL: str(number), POINT: str(point), REPEAT: str(repeat),
+                  DEVICE: self.device, **self._precision_tag(raw["train"]["precision"]),
+                  SAMPLED: yaml.safe_dump(values, sort_keys=False).strip(), **(tags or {})},
             parent_id=self.parent_id,
         )
         self._log_inputs(run_id, raw["data"])
@@ -161,7 +184,7 @@ class SweepRuns:
         from fmnist_hpo.training.device import precision_name
 
         try:
-            return {"precision": precision_name(precision, torch.device(self.device))}
+            return {PRECISION: precision_name(precision, torch.device(self.device))}
         except (FmnistError, KeyError, TypeError):
             return {}  # an invalid sampled point: the trial fails with the reason
 
@@ -178,13 +201,13 @@ class SweepRuns:
 
     def reopen_trial(self, logged: LoggedTrial) -> TrialRecord:
         """An interrupted trial, to continue from its last saved epoch in its own run."""
-        self.tracker.reopen(logged.run_id, {"resumed": "after an interruption"})
+        self.tracker.reopen(logged.run_id, {RESUMED: "after an interruption"})
         record = self.open[logged.run_id] = TrialRecord(logged.number, logged.run_id, logged.values,
                                                         logged.point, logged.repeat)
         return record
 
     def describe_trial(self, record: TrialRecord, trial_cfg: Config) -> None:
-        self.tracker.set_tags(record.run_id, {"config_hash": config_hash(trial_cfg)})
+        self.tracker.set_tags(record.run_id, {CONFIG_HASH: config_hash(trial_cfg)})
         self.tracker.log_text(record.run_id, dump_yaml(trial_cfg), "config.yaml")
 
     def log_epoch(self, record: TrialRecord, metrics: EpochMetrics) -> None:
@@ -201,14 +224,14 @@ class SweepRuns:
         """A trial that trained (to the end, or until pruned): its checkpoint, figures and tags; FINISHED."""
         if record.checkpoint is not None:
             self.tracker.log_file(record.run_id, record.checkpoint, "checkpoint")
-        tags: dict[str, Any] = {KEPT_EPOCH: record.kept_epoch, RECORD_VERSION_TAG: RECORD_VERSION}
+        tags: dict[str, Any] = {KEPT_EPOCH: record.kept_epoch, RECORD_VERSION: CURRENT_RECORD_VERSION}
         if record.pruned_at is not None:
-            tags.update({"pruned": "true", "pruned_at_epoch": record.pruned_at})
+            tags.update({PRUNED: TRUE, PRUNED_AT_EPOCH: record.pruned_at})
         self.tracker.set_tags(record.run_id, tags)
         self.tracker.log_metrics(record.run_id, {**record.final_metrics(), **self._time_to_accuracy(record)})
         if self.cfg.mlflow.log_model == "all" and record.checkpoint is not None:
             self.log_model(record)
-        self._close(record, "FINISHED")
+        self._close(record, RunStatus.FINISHED)
 
     def _time_to_accuracy(self, record: TrialRecord) -> dict[str, float]:
         """Read from the logged epochs, so a resumed trial counts the epochs before its interruption too."""
@@ -216,27 +239,27 @@ class SweepRuns:
 
     def close_cut_off(self, logged: LoggedTrial) -> None:
         """A Ray trial cut off by an interruption: closed FAILED and tagged; its configuration runs again."""
-        self.tracker.set_tags(logged.run_id, {"interrupted": "true",
-                                              "failure_reason": "interrupted; its configuration is run again"})
-        self.tracker.end_run(logged.run_id, "FAILED")
+        self.tracker.set_tags(logged.run_id, {INTERRUPTED: TRUE,
+                                              FAILURE_REASON: "interrupted; its configuration is run again"})
+        self.tracker.end_run(logged.run_id, RunStatus.FAILED)
 
     def close_failed(self, record: TrialRecord, reason: str, tags: dict[str, str] | None = None) -> None:
-        record.status, record.reason = "failed", reason
-        self.tracker.set_tags(record.run_id, {"failure_reason": reason, **(tags or {})})
-        self._close(record, "FAILED")
+        record.status, record.reason = TrialStatus.FAILED, reason
+        self.tracker.set_tags(record.run_id, {FAILURE_REASON: reason, **(tags or {})})
+        self._close(record, RunStatus.FAILED)
 
-    def _close(self, record: TrialRecord, status: str) -> None:
+    def _close(self, record: TrialRecord, status: RunStatus) -> None:
         self.tracker.end_run(record.run_id, status)
         self.open.pop(record.run_id, None)
 
     def log_model(self, record: TrialRecord) -> str:
-        from fmnist_hpo.tracking.tracker import log_trial_model
+        from fmnist_hpo.tracking.registry import log_trial_model
 
         return log_trial_model(self.tracker, record.run_id, self.usable_checkpoint(record))
 
     def usable_checkpoint(self, record: TrialRecord) -> Path:
         """The trial's checkpoint, restored from its run's artifact copy if damaged; LostCheckpoint if it cannot be."""
-        from fmnist_hpo.tracking.tracker import download_checkpoint
+        from fmnist_hpo.tracking.reader import download_checkpoint
         from fmnist_hpo.training.repair import usable_checkpoint
 
         return usable_checkpoint(record.checkpoint or self.checkpoint_path(record), record.run_id,
@@ -244,6 +267,6 @@ class SweepRuns:
 
     def close_lost(self, record: TrialRecord, reason: str) -> None:
         """A finished trial whose checkpoint is gone for good: closed like a cut-off trial; its configuration runs again."""
-        self.tracker.set_tags(record.run_id, {"interrupted": "true", "checkpoint_lost": reason,
-                                              "failure_reason": "its checkpoint was lost; its configuration is trained again"})
-        self.tracker.end_run(record.run_id, "FAILED")
+        self.tracker.set_tags(record.run_id, {INTERRUPTED: TRUE, CHECKPOINT_LOST: reason,
+                                              FAILURE_REASON: "its checkpoint was lost; its configuration is trained again"})
+        self.tracker.end_run(record.run_id, RunStatus.FAILED)

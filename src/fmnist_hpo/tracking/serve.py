@@ -57,7 +57,7 @@ def prepare_store(tracking_uri: str, create: bool) -> None:
     if not create:
         raise ServeError(f"{tracking_uri}: no MLflow store here yet (run `fmnist run` first, pass --create to start "
                          "an empty one, or --tracking-uri)")
-    from fmnist_hpo.tracking.tracker import create_store
+    from fmnist_hpo.tracking.store import create_store
 
     create_store(tracking_uri)
 
@@ -176,7 +176,7 @@ def serve_ui(tracking_uri: str, host: str, port: int, on_ready: Callable[[str, P
     check_host(host)
     prepare_store(tracking_uri, create)
     check_port_free(host, port)
-    from fmnist_hpo.tracking.tracker import experiment_to_show
+    from fmnist_hpo.tracking.reader import experiment_to_show
 
     page = runs_page(display_url(host, port), experiment_to_show(tracking_uri, experiment))
     log = Path(tempfile.mkstemp(prefix="fmnist-serve-ui-", suffix=".log")[1])

@@ -3,7 +3,7 @@
 MLflow builds a new store with a few dozen schema migrations, several seconds in all. A process
 killed meanwhile, or two processes building the same file at once, leave a half-built schema that
 every later command trips over ("table secrets already exists"). So fmnist builds a new store in a
-temporary file beside it and links it into place (tracking.open_client), and looks at an existing
+temporary file beside it and links it into place (store.open_client), and looks at an existing
 file before MLflow opens it: a complete store is used, one being built elsewhere is waited for, and
 a half-built, corrupt or foreign file is refused with one line that says what to do.
 """
