@@ -1,0 +1,9 @@
+"""Options several command groups share."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+TrackingOption = Annotated[str | None, typer.Option(help="MLflow tracking URI (default: sqlite:///mlflow.db)")]
