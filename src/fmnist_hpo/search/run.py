@@ -45,7 +45,6 @@ def stopped(exc: BaseException, resume_command: str) -> RunStopped:
 def load_specs(paths: list[Path], overrides: list[str], flags: dict[str, str]) -> list[Config]:
     """Every spec validated before anything runs; the problems of all of them reported together."""
     from fmnist_hpo.config import spec as config_module
-    from fmnist_hpo.search.plan import check_distinct_experiments
 
     configs, problems = [], []
     for path in paths:
@@ -55,6 +54,8 @@ def load_specs(paths: list[Path], overrides: list[str], flags: dict[str, str]) -
             problems.append(str(exc))
     if problems:
         raise FmnistError("\n".join(problems))
+    from fmnist_hpo.search.plan import check_distinct_experiments  # torch: only once the specs are sound
+
     check_distinct_experiments(list(zip(paths, configs, strict=True)))
     return configs
 
@@ -83,13 +84,13 @@ def run_specs(cfgs: list[Config], mode: str, quiet: bool, resume_command: str, a
 
 
 def run_one(cfg: Config, mode: str, quiet: bool, resume_command: str, ask: Ask) -> Finished:
-    from fmnist_hpo.search.plan import finished_before
     from fmnist_hpo.search.progress import console, preparing, results_table
 
     with preparing("checking the device, the data and the store", show_spinner=not quiet):
         from fmnist_hpo.search.preflight import preflight
 
         resolved = preflight(cfg)
+        from fmnist_hpo.search.plan import finished_before
         from fmnist_hpo.search.sweep import SweepFailed, run_from_config
     if not quiet:
         print(f"{cfg.experiment}: {'; '.join(resolved.describe())}", flush=True)
