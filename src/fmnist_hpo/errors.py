@@ -1,8 +1,10 @@
-"""Errors a user can cause. The CLI prints their message on one line and exits 2."""
+"""Errors a user can cause. The CLI prints their message on one line and exits with their exit_code."""
 
 
 class FmnistError(Exception):
     """Base class for expected, user-facing failures."""
+
+    exit_code = 2  # a usage error, as click's own; one that stops a sweep short says otherwise
 
 
 class ConfigError(FmnistError):

@@ -35,7 +35,7 @@ class Evaluation:
 def predict_logits(model: nn.Module, images: np.ndarray, info: DatasetInfo, batch_size: int = 512) -> torch.Tensor:
     """Logits for uint8 images of shape (N, 28, 28) from info, computed on the CPU in eval mode."""
     model.eval()
-    x = torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1)
+    x = torch.from_numpy(np.require(images, requirements=["C", "W"])).unsqueeze(1)  # a read-only file buffer is copied
     return torch.cat([model(normalize(x[i:i + batch_size], info)) for i in range(0, len(x), batch_size)])
 
 
