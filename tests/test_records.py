@@ -67,3 +67,11 @@ def test_a_current_trial_is_read_as_written():
                          {}, {"kept_epoch": "2", RECORD_VERSION: CURRENT_RECORD_VERSION})
     assert (logged.kept_epoch, logged.trial_seconds, logged.tags["kept_epoch"]) == (2, 5.0, "2")
     assert "train_seconds" not in record.final_metrics()  # the per-epoch key is never a trial's figure
+
+
+def test_a_models_dir_under_home_is_written_where_preflight_checked_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """`models_dir: ~/models` is the home folder's models/, for the writer as for preflight's check."""
+    from fmnist_hpo.files import checkpoint_file, models_folder
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert checkpoint_file(models_folder("~/models", "exp12"), "abc") == tmp_path / "models" / "exp12" / "abc.pt"

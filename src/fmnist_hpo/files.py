@@ -27,8 +27,9 @@ def atomic_write(path: Path, write: Any) -> None:
 
 
 def models_folder(models_dir: str | Path, experiment: str) -> Path:
-    """The folder of an experiment's checkpoints (and of its trials' training states while they run)."""
-    return Path(models_dir) / experiment
+    """The folder of an experiment's checkpoints (and of its trials' training states while they run);
+    `~` is the user's home here as in preflight's check, not a folder named ~."""
+    return Path(models_dir).expanduser() / experiment
 
 
 def checkpoint_file(folder: Path, run_id: str) -> Path:
