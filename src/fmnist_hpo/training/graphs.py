@@ -17,7 +17,7 @@ is left to the caller to run eagerly on the same model, optimizer and totals.
 
 Graphs are an optimisation that must prove itself: the first replay of each capture is checked
 against the same step run eagerly, and a capture that raises or a check that disagrees is a
-GraphError, which train.py turns into eager training for the rest of the process (auto) or a
+GraphError, which the loop (training.loop) turns into eager training for the rest of the process (auto) or a
 failed trial (true). Graphs are destroyed explicitly (release) rather than by the collector, and
 the collector is paused during capture: a collection that frees an old graph mid-capture
 invalidates the capture (pytorch PRs 158193, 195397). Everything CUDA-specific goes through
