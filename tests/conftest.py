@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import gzip
+import os
 import struct
 from pathlib import Path
 
+# The tests' models are tiny and several processes (sweeps, servers, Ray workers) share CI's two cores: a second
+# torch thread there costs more than it gives (a tiny training step takes several times the CPU). Set before
+# torch loads, here and in every subprocess the tests start, which inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import numpy as np
 import pytest
+import torch
 
 from fmnist_hpo.data.datasets import FILES
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 N_TRAIN, N_TEST = 400, 100
 

@@ -35,7 +35,8 @@ runner = CliRunner()
 def sweep(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> dict:
     """A finished 2-trial sweep (best model logged) in its own folder, as a user would have it."""
     folder = tmp_path_factory.mktemp("sweep")
-    raw = tiny_raw(data_dir, experiment="served", train={"epochs": 2},
+    # fp32 even where auto trains in bf16 (CPUs with AVX512-BF16 or AMX): evaluate re-scores in fp32
+    raw = tiny_raw(data_dir, experiment="served", train={"epochs": 2, "precision": "fp32"},
                    search={"max_evals": 2, "space": {"model.filters": {"choice": [4, 8]}}},
                    mlflow={"log_model": "best"})
     spec = folder / "spec.yaml"

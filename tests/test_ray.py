@@ -38,6 +38,7 @@ def runs(folder: Path, experiment: str):
     return client, parents, trials
 
 
+@pytest.mark.cluster  # each starts a local Ray cluster
 def test_parallel_sweep_logs_like_the_sequential_engine(tmp_path: Path, data_dir: Path):
     for name in ("first", "again"):
         done = fmnist(tmp_path, str(spec(tmp_path, data_dir, name)))
@@ -74,6 +75,7 @@ def test_median_pruning_stops_an_obviously_bad_trial(tmp_path: Path, data_dir: P
     assert all("pruned" not in t.data.tags for t in trials if t is not bad)
 
 
+@pytest.mark.cluster  # each starts a local Ray cluster
 def test_asha_prunes_on_the_ray_engine(tmp_path: Path, data_dir: Path):
     path = spec(tmp_path, data_dir, "asha", epochs=6, max_evals=8, algo="random", seed=1, pruner="asha",
                 grace_epochs=1, space={"train.lr": {"choice": [0.003, 0.004, 0.005, 0.006, 1e-6, 2e-6, 3e-6, 4e-6]}})
@@ -88,6 +90,7 @@ def test_asha_prunes_on_the_ray_engine(tmp_path: Path, data_dir: Path):
     assert parents[0].data.tags["selected_run_id"] not in {t.info.run_id for t in pruned}
 
 
+@pytest.mark.cluster  # each starts a local Ray cluster
 def test_an_interrupted_ray_sweep_resumes_to_exactly_max_evals(tmp_path: Path, data_dir: Path):
     path = spec(tmp_path, data_dir, "resumed", epochs=25)
     process = subprocess.Popen([sys.executable, "-m", "fmnist_hpo", "run", str(path), "--quiet"], cwd=tmp_path,
