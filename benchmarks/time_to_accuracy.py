@@ -24,9 +24,10 @@ from fmnist_hpo.config.loading import load
 from fmnist_hpo.config.sections import Config
 from fmnist_hpo.data.loading import load_dataset
 from fmnist_hpo.data.splits import make_splits
+from fmnist_hpo.records import EpochMetrics
 from fmnist_hpo.training.device import resolve_device
 from fmnist_hpo.training.hooks import FitHooks
-from fmnist_hpo.training.loop import EpochMetrics, evaluate, fit, prepare_trial
+from fmnist_hpo.training.loop import evaluate, fit, prepare_trial
 
 THRESHOLDS = (0.930, 0.935, 0.940)
 

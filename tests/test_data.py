@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import N_TEST, N_TRAIN, write_dataset, write_idx
-from fmnist_hpo.data.idx import read_idx
-from fmnist_hpo.data.loading import load_dataset
-from fmnist_hpo.data.splits import balanced_subset, make_splits, stratified_split
 
 from fmnist_hpo.config.sections import validate
 from fmnist_hpo.data.datasets import FILES
+from fmnist_hpo.data.idx import read_idx
+from fmnist_hpo.data.loading import load_dataset
+from fmnist_hpo.data.splits import balanced_subset, make_splits, stratified_split
 from fmnist_hpo.errors import DataError
 
 

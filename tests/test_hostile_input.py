@@ -14,7 +14,6 @@ import pytest
 import torch
 import yaml
 from conftest import tiny_raw
-from fmnist_hpo.data.idx import read_idx
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -22,6 +21,7 @@ from fmnist_hpo.cli.app import app
 from fmnist_hpo.config.loading import apply_overrides, to_dict
 from fmnist_hpo.config.sections import validate
 from fmnist_hpo.data.datasets import FASHION_MNIST
+from fmnist_hpo.data.idx import read_idx
 from fmnist_hpo.errors import ConfigError, DataError
 from fmnist_hpo.modelops.inputs import ImageError, load_image
 from fmnist_hpo.training.checkpoints import CheckpointError, load_model, save_checkpoint

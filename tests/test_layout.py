@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).parents[1] / "src" / "fmnist_hpo"
-ROOT = "root"  # the modules directly in fmnist_hpo/: plain records, errors, the one selection rule
+ROOT = "root"  # the modules directly in fmnist_hpo/: errors, records, selection, tags, files and the like
 
 # wing -> the wings it may import (itself always); a wing never imports one above it
 MAY_IMPORT = {
@@ -42,7 +42,9 @@ def imported(source: str) -> list[tuple[int, str]]:
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
             found += [(node.lineno, alias.name) for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+        elif isinstance(node, ast.ImportFrom) and node.level > 0:  # a relative import hides its wing
+            found.append((node.lineno, "." * node.level + (node.module or "")))
+        elif isinstance(node, ast.ImportFrom) and node.module:
             found.append((node.lineno, node.module))
             if node.module == "fmnist_hpo":  # `from fmnist_hpo import errors` names root modules
                 found += [(node.lineno, f"fmnist_hpo.{alias.name}") for alias in node.names]
@@ -59,6 +61,9 @@ def target_wing(module: str) -> str | None:
 def broken_rules(wing: str, source: str) -> list[str]:
     wrong = []
     for line, module in imported(source):
+        if module.startswith("."):
+            wrong.append(f"line {line}: relative import {module}: name the wing (fmnist_hpo.<wing>.<module>)")
+            continue
         target = target_wing(module)
         if target is not None and target != wing and target not in MAY_IMPORT[wing]:
             wrong.append(f"line {line}: {wing} imports {module}")
@@ -92,3 +97,5 @@ def test_the_rules_catch_an_upward_import_a_lazy_one_and_a_foreign_library():
     assert broken_rules(ROOT, "from fmnist_hpo.config.sections import Config\n") == [
         "line 1: root imports fmnist_hpo.config.sections"]
     assert broken_rules("analysis", "import torch\n") == ["line 1: analysis never imports torch"]
+    assert broken_rules("search", "from .sweep import Sweep\n") == [
+        "line 1: relative import .sweep: name the wing (fmnist_hpo.<wing>.<module>)"]

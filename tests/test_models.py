@@ -17,13 +17,13 @@ import pytest
 import torch
 import yaml
 from conftest import tiny_raw
-from fmnist_hpo.data.idx import read_idx
 from mlflow.tracking import MlflowClient
 from PIL import Image
 from typer.testing import CliRunner
 
 from fmnist_hpo.cli.app import app
 from fmnist_hpo.data.datasets import FASHION_MNIST, FILES
+from fmnist_hpo.data.idx import read_idx
 from fmnist_hpo.modelops.inference import predict_logits
 from fmnist_hpo.modelops.inputs import load_image
 from fmnist_hpo.training.checkpoints import load_model

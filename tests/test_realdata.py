@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from fmnist_hpo.data.loading import load_dataset
-from fmnist_hpo.data.splits import make_splits
 
 from fmnist_hpo.config.sections import validate
+from fmnist_hpo.data.loading import load_dataset
+from fmnist_hpo.data.splits import make_splits
 from fmnist_hpo.training.loop import train_and_test
 
 DATA_DIR = os.environ.get("FMNIST_DATA_DIR")

@@ -18,9 +18,9 @@ from mlflow.tracking import MlflowClient
 from fmnist_hpo.config.sections import validate
 from fmnist_hpo.data.loading import load_dataset
 from fmnist_hpo.data.splits import make_splits
+from fmnist_hpo.files import atomic_write
 from fmnist_hpo.training.checkpoints import (
     CheckpointError,
-    atomic_write,
     read_checkpoint,
     read_training_state,
     save_training_state,

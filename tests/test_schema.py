@@ -1,4 +1,4 @@
-"""`fmnist schema`: the JSON Schema editors use agrees with the shipped file, the configs and config.py."""
+"""`fmnist schema`: the JSON Schema editors use agrees with the shipped file, the configs and the spec's pydantic sections."""
 
 from __future__ import annotations
 

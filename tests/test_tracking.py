@@ -152,7 +152,7 @@ def test_datasets_are_the_runs_inputs_with_their_split(tracker: Tracker, finishe
     root = write_dataset(tmp_path / "data", n_train=40, n_test=10)
     digest = idx_digest(root, FASHION_MNIST)
     sizes = {"train": 30, "validation": 10, "test": 10}
-    tracker.log_datasets(finished_run, digest, str(root), split_seed=3, sizes=sizes)
+    tracker.log_datasets(finished_run, "fashion-mnist", digest, str(root), split_seed=3, sizes=sizes)
     inputs = tracker.client.get_run(finished_run).inputs.dataset_inputs
     by_context = {next(t.value for t in i.tags if t.key == "mlflow.data.context"): i.dataset for i in inputs}
     assert set(by_context) == set(sizes)
@@ -162,14 +162,18 @@ def test_datasets_are_the_runs_inputs_with_their_split(tracker: Tracker, finishe
             "fashion-mnist", digest, 3, sizes[split])
         assert json.loads(dataset.source)["uri"] == str(root)
     assert len({d.digest for d in by_context.values()}) == 3
-    tracker.log_datasets(finished_run, digest, str(root), split_seed=3, sizes=sizes)  # a resumed trial logs again
+    # a resumed trial logs again
+    tracker.log_datasets(finished_run, "fashion-mnist", digest, str(root), split_seed=3, sizes=sizes)
     assert len(tracker.client.get_run(finished_run).inputs.dataset_inputs) == 3
     other_run = tracker.start_run("trial-001", {}, {})
-    tracker.log_datasets(other_run, digest, str(root), split_seed=4, sizes=sizes)
+    tracker.log_datasets(other_run, "fashion-mnist", digest, str(root), split_seed=4, sizes=sizes)
     other = {i.dataset.digest for i in tracker.client.get_run(other_run).inputs.dataset_inputs}
     assert other.isdisjoint(d.digest for d in by_context.values())  # another seed, other splits
     read = logged_trial(tracker.client.get_run(finished_run), "tracked")
     assert read.data_digest == digest and "data_digest" not in read.tags
+    mnist_run = tracker.start_run("trial-002", {}, {})
+    tracker.log_datasets(mnist_run, "mnist", digest, str(root), split_seed=3, sizes=sizes)
+    assert {i.dataset.name for i in tracker.client.get_run(mnist_run).inputs.dataset_inputs} == {"mnist"}
 
 
 def test_a_step_logged_twice_reads_back_as_its_last_value_everywhere(tracker: Tracker):

@@ -76,7 +76,7 @@ def test_epochs_time_training_and_validation_separately(data_dir: Path):
 
 
 def test_metrics_without_the_timing_split_still_load_and_log():
-    from fmnist_hpo.training.loop import EpochMetrics
+    from fmnist_hpo.records import EpochMetrics
 
     old = EpochMetrics(0, 1.0, 0.5, 0.9, 0.6, 1e-3, 2.0)  # as tracking and ray_engine build them
     assert old.as_dict() == {"train_loss": 1.0, "train_accuracy": 0.5, "val_loss": 0.9, "val_accuracy": 0.6,
@@ -84,7 +84,7 @@ def test_metrics_without_the_timing_split_still_load_and_log():
 
 
 def test_kept_epoch_is_the_first_best_by_the_metric():
-    from fmnist_hpo.training.loop import EpochMetrics
+    from fmnist_hpo.records import EpochMetrics
 
     history = [EpochMetrics(i, 1.0, 0.5, loss, acc, 1e-3, 1.0)
                for i, (loss, acc) in enumerate([(0.5, 0.80), (0.3, 0.85), (0.4, 0.90), (0.6, 0.90)])]

@@ -55,6 +55,8 @@ class MachineFailure(FmnistError):
     fix what the user does before resuming.
     """
 
+    exit_code = 75  # EX_TEMPFAIL, wherever it is raised: the same command works once the machine is fixed
+
     def __init__(self, cause: str, fix: str) -> None:
         self.cause, self.fix = cause, fix
         super().__init__(f"{cause}; {fix}")

@@ -90,10 +90,18 @@ def run(
 
 
 def register_best_trial(finished: Finished, name: str) -> None:
+    from fmnist_hpo.errors import Terminated
     from fmnist_hpo.modelops.operations import register_best
+    from fmnist_hpo.search.interrupts import stop_on_signals
+    from fmnist_hpo.search.run import RunStopped, signal_exit_code
 
     result = finished.result
-    registered = register_best(finished.tracking_uri, result.experiment, name, result.best.run_id)
+    try:
+        with stop_on_signals():
+            registered = register_best(finished.tracking_uri, result.experiment, name, result.best.run_id)
+    except (KeyboardInterrupt, Terminated) as exc:
+        raise RunStopped(f"interrupted while registering; the sweep is finished, register its best trial with: "
+                         f"fmnist register --experiment {result.experiment} --name {name}", signal_exit_code(exc)) from None
     done = "already registered as" if registered["registered"] == "existing" else "registered"
     typer.echo(f"{done} {name} version {registered['version']} (alias champion)")
 

@@ -197,7 +197,8 @@ class SweepRuns:
         except (DataError, TypeError, ValueError):
             return  # an invalid sampled point: the trial fails with the reason, with nothing to record
         sizes = {"train": len(train), "validation": len(val), "test": len(self.lineage.dataset.test_labels)}
-        self.tracker.log_datasets(run_id, self.lineage.digest, self.lineage.source, data["split_seed"], sizes)
+        self.tracker.log_datasets(run_id, self.lineage.dataset.info.name, self.lineage.digest, self.lineage.source,
+                                  data["split_seed"], sizes)
 
     def reopen_trial(self, logged: LoggedTrial) -> TrialRecord:
         """An interrupted trial, to continue from its last saved epoch in its own run."""

@@ -268,8 +268,8 @@ class Tracker:
         return self.client.create_logged_model(run.info.experiment_id, name="model", source_run_id=run.info.run_id,
                                                params=run.data.params).model_id
 
-    def log_datasets(self, run_id: str, digest: str, source: str, split_seed: int, sizes: dict[str, int],
-                     name: str = "fashion-mnist") -> None:
+    def log_datasets(self, run_id: str, name: str, digest: str, source: str, split_seed: int,
+                     sizes: dict[str, int]) -> None:
         """Record the run's inputs: one dataset per split (train, validation, test) with MLflow's dataset tracking.
 
         digest fingerprints the IDX files; each split's own digest also covers the split seed and its
