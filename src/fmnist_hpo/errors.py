@@ -60,3 +60,8 @@ class MachineFailure(FmnistError):
     def __init__(self, cause: str, fix: str) -> None:
         self.cause, self.fix = cause, fix
         super().__init__(f"{cause}; {fix}")
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """An exception's message cut to its first line (its type's name when it has none), for a one-line error."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:limit]

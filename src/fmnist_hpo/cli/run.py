@@ -14,7 +14,8 @@ from fmnist_hpo.search.resume import ResumeMode
 
 if TYPE_CHECKING:
     from fmnist_hpo.config.sections import Config
-    from fmnist_hpo.search.run import Ask, Finished
+    from fmnist_hpo.search.resume import Ask
+    from fmnist_hpo.search.run import Finished
 
 ConfigArg = Annotated[Path, typer.Argument(metavar="SPEC", help="experiment spec (YAML), e.g. configs/exp12.yaml")]
 ConfigsArg = Annotated[list[Path], typer.Argument(

@@ -26,7 +26,7 @@ import torch
 import yaml
 
 from fmnist_hpo.data.datasets import UNNAMED, DatasetInfo, dataset_named
-from fmnist_hpo.errors import DataError
+from fmnist_hpo.errors import DataError, first_line
 from fmnist_hpo.files import checkpoint_file, models_folder
 from fmnist_hpo.records import EPOCH_METRICS, TRIAL_SECONDS, EpochMetrics, LoggedTrial
 from fmnist_hpo.selection import kept_epoch, select
@@ -421,8 +421,8 @@ class Verifier:
         try:
             logged = self.view.load_logged_model(uri)
         except Exception as exc:  # whatever MLflow or torch.export raise for a model that does not load
-            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-            self.problem(label, trial.run_id, "logged model", f"{uri} does not load through mlflow.pytorch.load_model ({first})")
+            self.problem(label, trial.run_id, "logged model",
+                         f"{uri} does not load through mlflow.pytorch.load_model ({first_line(exc)})")
             return
         if checkpoint_model is None:
             return

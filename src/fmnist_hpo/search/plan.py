@@ -24,7 +24,7 @@ from fmnist_hpo.errors import FmnistError
 from fmnist_hpo.files import models_folder
 from fmnist_hpo.records import SpecOutcome, SpecStatus, SweepResult
 from fmnist_hpo.search.packing import speed_variants
-from fmnist_hpo.search.resume import ResumeMode
+from fmnist_hpo.search.resume import Ask, ResumeMode
 
 if TYPE_CHECKING:
     import torch
@@ -180,7 +180,7 @@ def finished_before(cfg: Config) -> SweepResult | None:
     return SweepResult(cfg.experiment, same[0].run_id, cfg.search.metric, trials)
 
 
-def run_spec(cfg: Config, resolved: Resolved, mode: ResumeMode, ask: Callable[[str], bool] | None,
+def run_spec(cfg: Config, resolved: Resolved, mode: ResumeMode, ask: Ask,
              show_bars: bool | None, on_ready: Callable[[], None] | None = None) -> SpecOutcome:
     """One spec of several: skipped when it finished before (unless mode is fresh), else run or continued."""
     from fmnist_hpo.search.sweep import SweepFailed, run_from_config

@@ -32,6 +32,9 @@ class ResumeMode(StrEnum):
     FRESH = "fresh"  # start anew, closing the interrupted runs as FAILED
 
 
+Ask = Callable[[str], bool] | None  # how to ask whether to continue an interrupted sweep; None: it continues
+
+
 class ResumeError(FmnistError):
     """An earlier sweep cannot be continued as asked."""
 
@@ -56,7 +59,7 @@ def reload(logged: list[LoggedTrial], models_dir: Path) -> Reloaded:
     return reloaded
 
 
-def choose_parent(tracker: Tracker, cfg: Config, mode: ResumeMode, ask: Callable[[str], bool] | None = None,
+def choose_parent(tracker: Tracker, cfg: Config, mode: ResumeMode, ask: Ask = None,
                   say: Callable[[str], None] = print) -> str | None:
     """The interrupted sweep to continue, or None for a fresh one (see ResumeMode).
 

@@ -8,7 +8,6 @@ Heavy modules are imported as each step needs them, so the spinner of that step 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,13 +15,12 @@ from typing import TYPE_CHECKING
 from fmnist_hpo.config.loading import load
 from fmnist_hpo.errors import FmnistError, MachineFailure, Terminated
 from fmnist_hpo.records import SpecStatus
-from fmnist_hpo.search.resume import ResumeMode
+from fmnist_hpo.search.resume import Ask, ResumeMode
 
 if TYPE_CHECKING:
     from fmnist_hpo.config.sections import Config
     from fmnist_hpo.records import SweepResult
 
-Ask = Callable[[str], bool] | None  # how to ask whether to continue an interrupted sweep; None: it continues
 
 
 class RunStopped(FmnistError):

@@ -36,7 +36,7 @@ from fmnist_hpo.search.packing import parallel_for
 from fmnist_hpo.search.preflight import Resolved, preflight
 from fmnist_hpo.search.progress import SweepProgress
 from fmnist_hpo.search.pruning import MedianPruner, best_so_far
-from fmnist_hpo.search.resume import ResumeMode, choose_parent, reload
+from fmnist_hpo.search.resume import Ask, ResumeMode, choose_parent, reload
 from fmnist_hpo.search.strategy import Trained, explore
 from fmnist_hpo.search.trial_runs import Lineage, SweepRuns, trial_config
 from fmnist_hpo.selection import objective
@@ -268,7 +268,7 @@ def _free_device_memory(device: torch.device) -> None:
 
 
 def run_from_config(cfg: Config, resolved: Resolved | None = None, show_bars: bool | None = None,
-                    mode: ResumeMode = ResumeMode.ASK, ask: Any = None,
+                    mode: ResumeMode = ResumeMode.ASK, ask: Ask = None,
                     on_ready: Callable[[], None] | None = None) -> SweepResult:
     """Everything `fmnist run` does after parsing: every input is checked before anything is written.
 

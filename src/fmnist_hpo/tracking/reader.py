@@ -20,11 +20,11 @@ import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from fmnist_hpo.errors import first_line
 from fmnist_hpo.records import TRIAL_SECONDS, LoggedTrial
 from fmnist_hpo.tags import DATA_CONTEXT, POINT, REPEAT, SAMPLED, TRIAL, Role
 from fmnist_hpo.tracking.store import (
     TrackingError,
-    first_line,
     fluent_tracking_uri,
     open_reader,
     quiet_mlflow,

@@ -19,7 +19,7 @@ from loguru import logger
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from fmnist_hpo.errors import FmnistError, MachineFailure
+from fmnist_hpo.errors import FmnistError, MachineFailure, first_line
 from fmnist_hpo.faults import machine_failure
 from fmnist_hpo.tags import ROLE, Role
 from fmnist_hpo.tracking import sqlite_store
@@ -170,9 +170,6 @@ class _ReadingClient:
 
         return call
 
-
-def first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
 @functools.cache  # parsing MLflow's migration scripts takes a moment

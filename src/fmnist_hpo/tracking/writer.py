@@ -16,6 +16,7 @@ from loguru import logger
 from mlflow.entities import LoggedModelStatus, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
+from fmnist_hpo.errors import first_line
 from fmnist_hpo.records import EPOCH_METRICS, EPOCH_TIMINGS, EpochMetrics, LoggedTrial
 from fmnist_hpo.tags import (
     ABANDONED,
@@ -34,7 +35,6 @@ from fmnist_hpo.tracking.store import (
     StoreFailure,
     TrackingError,
     check_sqlite_location,
-    first_line,
     fluent_tracking_uri,
     is_unreachable,
     open_client,
@@ -207,7 +207,7 @@ class Tracker:
         """Parent runs of this sweep in one of statuses, newest first."""
         runs = self._retry(self.client.search_runs, [self.experiment_id],
                            f"{role_filter(Role.SWEEP)} and tags.`{SWEEP_ID}` = '{sweep_id}'",
-                           max_results=1000, order_by=["attributes.start_time DESC"])
+                           max_results=MAX_RUNS, order_by=["attributes.start_time DESC"])
         return [logged_trial(r, "") for r in runs if r.info.status in statuses]
 
     def unfinished_sweeps(self, sweep_id: str) -> list[LoggedTrial]:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from fmnist_hpo.data.datasets import UNNAMED, DatasetInfo, dataset_named
-from fmnist_hpo.errors import DataError, FmnistError
+from fmnist_hpo.errors import DataError, FmnistError, first_line
 from fmnist_hpo.files import atomic_write
 
 FORMAT_VERSION = 1
@@ -81,7 +81,7 @@ def load_failure(exc: BaseException) -> str:
         return "it holds objects other than tensors and plain values, which could run code when loaded; refused"
     if isinstance(exc, pickle.UnpicklingError) or "weights_only" in text or "Weights only load failed" in text:
         return "damaged, or not a checkpoint: its bytes do not unpickle as tensors and plain values"
-    return (text.splitlines() or [type(exc).__name__])[0][:200]
+    return first_line(exc)
 
 
 def trained_on(path: str | Path, payload: dict[str, Any]) -> DatasetInfo:

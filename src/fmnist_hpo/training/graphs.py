@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fmnist_hpo.errors import DeviceError
+from fmnist_hpo.errors import DeviceError, first_line
 
 WARMUP_STEPS = 3  # the PyTorch notes warm up with a few real iterations; cudnn autotunes in the first
 CHECK_LOSS_RTOL = 1e-2  # first replay vs the same step run eagerly: the batch's loss, relative
@@ -152,8 +152,7 @@ def capture(step: Callable[[], None]) -> Replayable:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0][:300]}" if text else type(exc).__name__
+    return f"{type(exc).__name__}: {first_line(exc, 300)}" if str(exc).strip() else type(exc).__name__
 
 
 # --- what capture needs from the optimizer ------------------------------------------------
