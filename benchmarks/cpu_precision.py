@@ -69,7 +69,7 @@ def interleaved_steps(config_path: str, overrides: list[str], blocks: int, steps
 
     sys.path.insert(0, str(ROOT / "src"))
     from fmnist_hpo.data.splits import Split
-    from fmnist_hpo.training.loop import make_optimizer, prepare_trial
+    from fmnist_hpo.training.loop import evaluate, make_optimizer, prepare_trial
 
     cpu = torch.device("cpu")
     setups = {}
@@ -95,15 +95,13 @@ def interleaved_steps(config_path: str, overrides: list[str], blocks: int, steps
             optimizer.step()
         return (time.perf_counter() - start) / steps
 
-    @torch.inference_mode()
     def eval_block(mode: str) -> float:
+        """One evaluation batch as a trial scores it (evaluate: on CPU, BatchNorm folded into the layers first)."""
         _, model, engine, _ = setups[mode]
-        model.eval()
-        x = engine.inputs(data.images[:eval_batch])
+        batch_split = Split(data.images[:eval_batch], data.labels[:eval_batch])
         start = time.perf_counter()
         for _ in range(steps):
-            with engine.autocast():
-                model(x)
+            evaluate(model, batch_split, engine, eval_batch)
         return (time.perf_counter() - start) / steps
 
     seconds: dict[str, dict[str, list[float]]] = {kind: {m: [] for m in MODES} for kind in ("train", "eval")}

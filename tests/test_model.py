@@ -3,7 +3,7 @@ import torch
 
 from fmnist_hpo.config.sections import validate
 from fmnist_hpo.data.datasets import FASHION_MNIST
-from fmnist_hpo.training.model import build_model, conv_dropout_rates, count_parameters
+from fmnist_hpo.training.model import ConvBlock, build_model, conv_dropout_rates, count_parameters, folded_batchnorm
 
 
 def model_cfg(**values):
@@ -51,3 +51,44 @@ def test_per_block_dropout_rates():
     model = build_model(cfg, FASHION_MNIST)
     rates = [b.dropout.p for b in list(model.towers[0])[:3]]
     assert rates == [0.1, 0.2, 0.3]
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_block_pools_before_relu_with_the_values_and_gradients_of_relu_first(channels_last: bool, dtype):
+    """The block pools, then applies ReLU (a quarter of the elements); conv -> BN -> ReLU -> pool must give
+    bitwise the same output, input gradient, weight gradients and running statistics."""
+    torch.manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    pooled_first, relu_first = (ConvBlock(4, 6, 3, batchnorm=True, dropout=0.0, residual=False).to(memory_format=fmt)
+                                for _ in range(2))
+    relu_first.load_state_dict(pooled_first.state_dict())
+    images = torch.randn(8, 4, 7, 7).contiguous(memory_format=fmt)  # 7x7: ceil_mode pools a ragged edge
+    upstream = torch.randn(8, 6, 4, 4)
+
+    def run(block: ConvBlock, forward) -> list[torch.Tensor]:
+        x = images.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            y = forward(block, x)
+        (y.float() * upstream).sum().backward()
+        return [y, x.grad, *(p.grad for p in block.parameters()), block.norm.running_mean, block.norm.running_var]
+
+    ours = run(pooled_first, ConvBlock.forward)
+    theirs = run(relu_first, lambda b, x: b.pool(torch.relu(b.norm(b.conv(x)))))
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))
+
+
+@pytest.mark.parametrize("variant", [{}, {"residual": True}, {"architecture": "dual_path"}, {"batchnorm": False}])
+def test_folded_batchnorm_is_the_same_function_without_batchnorm_layers(variant: dict):
+    torch.manual_seed(0)
+    model = build_model(model_cfg(num_blocks=3, filters=6, units1=8, units2=8, **variant), FASHION_MNIST)
+    with torch.no_grad():
+        for _ in range(3):  # running statistics away from their initial 0 and 1
+            model.train()(torch.randn(32, 1, 28, 28) * 2 + 0.5)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    folded = folded_batchnorm(model)
+    images = torch.randn(16, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(images), model.eval()(images), rtol=1e-4, atol=1e-5)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d | torch.nn.BatchNorm1d) for m in folded.modules())
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # the model itself is untouched

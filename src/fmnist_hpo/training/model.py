@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import TYPE_CHECKING
 
 import torch
@@ -43,10 +44,12 @@ class ConvBlock(nn.Module):
         self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.relu(self.norm(self.conv(x)))
+        y = self.norm(self.conv(x))
         if self.shortcut is not None:
-            y = y + self.shortcut(x)
-        return self.dropout(self.pool(y))
+            return self.dropout(self.pool(torch.relu(y) + self.shortcut(x)))
+        # ReLU and max-pooling commute (both monotone), values and gradients alike: pooling first
+        # leaves ReLU a quarter of the elements, the largest tensors of a step
+        return self.dropout(torch.relu(self.pool(y)))
 
 
 def _tower(cfg: ModelConfig, kernel_size: int, in_channels: int) -> nn.Sequential:
@@ -94,6 +97,23 @@ class FashionCNN(nn.Module):
 
 def build_model(cfg: ModelConfig, info: DatasetInfo) -> FashionCNN:
     return FashionCNN(cfg, info)
+
+
+def folded_batchnorm(model: nn.Module) -> nn.Module:
+    """An eval-mode copy of model with each BatchNorm folded into the conv or linear layer before it: the same
+    function to float rounding, one pass less over every activation. For evaluation only."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
+
+    with torch.no_grad():
+        folded = copy.deepcopy(model).eval()
+        for block in (m for m in folded.modules() if isinstance(m, ConvBlock)):
+            if isinstance(block.norm, nn.BatchNorm2d):
+                block.conv, block.norm = fuse_conv_bn_eval(block.conv, block.norm), nn.Identity()
+        for layers in (m for m in folded.modules() if isinstance(m, nn.Sequential)):
+            for i in range(len(layers) - 1):
+                if isinstance(layers[i], nn.Linear) and isinstance(layers[i + 1], nn.BatchNorm1d):
+                    layers[i], layers[i + 1] = fuse_linear_bn_eval(layers[i], layers[i + 1]), nn.Identity()
+    return folded
 
 
 def count_parameters(model: nn.Module) -> int:
