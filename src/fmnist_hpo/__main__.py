@@ -1,3 +1,3 @@
-from fmnist_hpo.cli import app
+from fmnist_hpo.cli.app import entry
 
-app(prog_name="fmnist")
+entry()
