@@ -1,3 +1,4 @@
+import platform
 from pathlib import Path
 
 import pytest
@@ -191,6 +192,16 @@ def test_auto_precision_on_cpu_is_bf16_only_where_the_cpu_has_native_bf16(monkey
     assert device.resolve_precision("auto", CPU) == expected
     monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
     assert device.resolve_precision("auto", CPU) is None
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_a_cpu_engine_keeps_activation_buffers_on_glibcs_heap():
+    from fmnist_hpo.training.device import keep_cpu_buffers
+
+    keep_cpu_buffers.cache_clear()
+    make_engine(validate({}).train, CPU, 0, FASHION_MNIST)
+    assert keep_cpu_buffers.cache_info().currsize == 1  # the engine asked for it
+    assert keep_cpu_buffers() is True  # and glibc took both thresholds
 
 
 def test_progress_within_an_epoch_is_reported_without_changing_the_result(data_dir: Path):

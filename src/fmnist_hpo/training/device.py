@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
+
 import torch
 
 from fmnist_hpo.errors import DeviceError
@@ -54,3 +57,22 @@ def cpu_has_native_bf16() -> bool:
         return bool(found.get("avx512_bf16") or found.get("amx_bf16"))
     probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     return any(probe() for probe in probes if probe is not None)
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+
+
+@functools.cache
+def keep_cpu_buffers() -> bool:
+    """Have glibc's malloc serve a CPU trial's activation buffers from its heap and keep them there when freed.
+
+    By default it maps every block over 128 KiB to fresh pages and unmaps it on free (raising that
+    threshold only as it learns), so early steps page-fault their activations anew and a bf16 test
+    pass ran 2x slower (BENCHMARKS.md). False where the C library is not glibc: nothing changes.
+    """
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    # 32 MiB is the largest mmap threshold glibc takes on 64-bit systems; keep up to 1 GiB of free heap
+    return bool(mallopt(M_MMAP_THRESHOLD, 32 * 2**20)) and bool(mallopt(M_TRIM_THRESHOLD, 2**30))

@@ -31,7 +31,7 @@ from fmnist_hpo.records import EpochMetrics, TrialRecord
 from fmnist_hpo.selection import maximizes
 from fmnist_hpo.training import graphs
 from fmnist_hpo.training.batches import augment, batches, normalize, steps_per_epoch
-from fmnist_hpo.training.device import PRECISION_NAMES, resolve_precision
+from fmnist_hpo.training.device import PRECISION_NAMES, keep_cpu_buffers, resolve_precision
 from fmnist_hpo.training.hooks import FitHooks
 from fmnist_hpo.training.model import folded_batchnorm
 
@@ -149,6 +149,8 @@ def make_engine(cfg: TrainConfig, device: torch.device, seed: int, info: Dataset
     dtype = resolve_precision(cfg.precision, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input shapes: autotuned kernels pay off after one batch
+    if device.type == "cpu":
+        keep_cpu_buffers()
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     return Engine(
@@ -167,7 +169,9 @@ def make_engine(cfg: TrainConfig, device: torch.device, seed: int, info: Dataset
 def make_optimizer(model: nn.Module, cfg: TrainConfig, engine: Engine) -> torch.optim.Optimizer:
     if engine.cuda_graphs:
         return graphs.make_capturable_adam(model.parameters(), cfg.lr, cfg.weight_decay, engine.device)
-    return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # fused on CPU: one kernel per parameter instead of a dozen, 0.3 ms a step instead of 1.0 (quick.yaml's model)
+    return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                            fused=engine.device.type == "cpu" or None)
 
 
 def train_epoch(model: nn.Module, split: Split, optimizer: torch.optim.Optimizer, engine: Engine,
