@@ -28,6 +28,7 @@ from fmnist_hpo.config.loading import load
 
 ROOT = Path(__file__).resolve().parent.parent
 MODES = ("fp32", "auto")
+EVAL_BATCHES = 4
 
 
 def one_run(spec: str, precision: str, overrides: list[str]) -> dict[str, Any]:
@@ -79,8 +80,10 @@ def interleaved_steps(config_path: str, overrides: list[str], blocks: int, steps
         setups[mode] = (cfg, model, engine, make_optimizer(model, cfg.train, engine))
     batch, eval_batch = cfg.train.batch_size, cfg.train.eval_batch_size
     generator = torch.Generator().manual_seed(0)
-    data = Split(torch.randint(0, 256, (max(batch, eval_batch), 1, 28, 28), dtype=torch.uint8, generator=generator),
-                 torch.randint(0, 10, (max(batch, eval_batch),), generator=generator))
+    size = max(batch, EVAL_BATCHES * eval_batch)
+    data = Split(torch.randint(0, 256, (size, 1, 28, 28), dtype=torch.uint8, generator=generator),
+                 torch.randint(0, 10, (size,), generator=generator))
+    eval_data = Split(data.images[:EVAL_BATCHES * eval_batch], data.labels[:EVAL_BATCHES * eval_batch])
 
     def train_block(mode: str) -> float:
         _, model, engine, optimizer = setups[mode]
@@ -96,13 +99,13 @@ def interleaved_steps(config_path: str, overrides: list[str], blocks: int, steps
         return (time.perf_counter() - start) / steps
 
     def eval_block(mode: str) -> float:
-        """One evaluation batch as a trial scores it (evaluate: on CPU, BatchNorm folded into the layers first)."""
+        """One evaluation batch as a trial scores it: evaluate() over EVAL_BATCHES batches (on CPU it folds
+        BatchNorm into the layers first, once per call, as once per validation pass)."""
         _, model, engine, _ = setups[mode]
-        batch_split = Split(data.images[:eval_batch], data.labels[:eval_batch])
         start = time.perf_counter()
         for _ in range(steps):
-            evaluate(model, batch_split, engine, eval_batch)
-        return (time.perf_counter() - start) / steps
+            evaluate(model, eval_data, engine, eval_batch)
+        return (time.perf_counter() - start) / (steps * EVAL_BATCHES)
 
     seconds: dict[str, dict[str, list[float]]] = {kind: {m: [] for m in MODES} for kind in ("train", "eval")}
     for block in range(blocks + 1):  # the first block of each is a warm-up
