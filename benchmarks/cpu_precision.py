@@ -3,11 +3,14 @@ native bf16): wall time, validation accuracy and where a trial's time goes, mode
 
     python benchmarks/cpu_precision.py --config configs/quick.yaml --rounds 2 --out cpu_precision.json
     python benchmarks/cpu_precision.py --config configs/quick.yaml --set search.max_evals=1   # one trial
+    git worktree add /tmp/old a31bb89
+    python benchmarks/cpu_precision.py --config configs/quick.yaml --against /tmp/old   # old code too
 
 Each run is a fresh `fmnist run` process (so its wall time is what a user waits, imports and the
 store included) into its own temporary MLflow store and models folder. Per trial it reads back the
 epochs' seconds and the trial's wall time, so `outside epochs` is what a trial costs besides
 training and validation (its run, params, dataset inputs, test pass, checkpoint, state files).
+--against CHECKOUT runs both modes of that checkout's `src/` as well, interleaved with these.
 Targets (issue 17): auto at least 1.8x faster than fp32, validation accuracy within 0.3 points.
 """
 
@@ -31,7 +34,7 @@ MODES = ("fp32", "auto")
 EVAL_BATCHES = 4
 
 
-def one_run(spec: str, precision: str, overrides: list[str]) -> dict[str, Any]:
+def one_run(spec: str, precision: str, overrides: list[str], source: Path = ROOT / "src") -> dict[str, Any]:
     from mlflow.tracking import MlflowClient
 
     sys.path.insert(0, str(ROOT / "src"))
@@ -42,7 +45,7 @@ def one_run(spec: str, precision: str, overrides: list[str]) -> dict[str, Any]:
         command = [sys.executable, "-m", "fmnist_hpo", "run", spec, "--quiet", "--fresh", "--device", "cpu",
                    "--tracking-uri", uri, "--set", f"train.precision={precision}",
                    "--set", f"models_dir={folder}/models", *(a for o in overrides for a in ("--set", o))]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(source), os.environ.get("PYTHONPATH", "")])}
         start = time.perf_counter()
         done = subprocess.run(command, capture_output=True, text=True, env=env)
         wall = time.perf_counter() - start
@@ -123,6 +126,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="KEY=VALUE for both modes")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--against", type=Path, metavar="CHECKOUT", help="also run this checkout's src/ (older code)")
     parser.add_argument("--steps-only", action="store_true",
                         help="only the interleaved step timing (seconds, where whole runs take minutes)")
     args = parser.parse_args()
@@ -137,22 +141,22 @@ def main() -> None:
     if args.steps_only:
         return
 
-    runs: dict[str, list[dict]] = {mode: [] for mode in MODES}
+    sources = {"": ROOT / "src"} | ({f" ({args.against.name})": args.against / "src"} if args.against else {})
+    cells = [(mode, label) for label in sources for mode in MODES]
+    runs: dict[str, list[dict]] = {mode + label: [] for mode, label in cells}
     for round_number in range(args.rounds):
-        order = MODES if round_number % 2 == 0 else MODES[::-1]  # neither mode always runs first
-        for mode in order:
-            runs[mode].append(one_run(args.config, mode, args.overrides))
-            last = runs[mode][-1]
-            print(f"round {round_number + 1} {mode}: {last['wall_seconds']:.1f} s, epochs {last['epochs_seconds']:.1f} s, "
-                  f"outside epochs {last['outside_epochs']:.2f} s per trial, val acc {last['selected_val_accuracy']:.4f}",
-                  file=sys.stderr, flush=True)
-    median = {mode: {key: statistics.median(r[key] for r in runs[mode])
+        for mode, label in (cells if round_number % 2 == 0 else cells[::-1]):  # none always runs first
+            runs[mode + label].append(one_run(args.config, mode, args.overrides, sources[label]))
+            last = runs[mode + label][-1]
+            print(f"round {round_number + 1} {mode + label}: {last['wall_seconds']:.1f} s, epochs "
+                  f"{last['epochs_seconds']:.1f} s, outside epochs {last['outside_epochs']:.2f} s per trial, "
+                  f"val acc {last['selected_val_accuracy']:.4f}", file=sys.stderr, flush=True)
+    median = {cell: {key: statistics.median(r[key] for r in cell_runs)
                      for key in ("wall_seconds", "epochs_seconds", "outside_epochs", "selected_val_accuracy")}
-              for mode in MODES}
-    print(f"{'precision':<10}{'wall s':>9}{'epochs s':>10}{'outside/trial s':>17}{'val acc':>9}")
-    for mode in MODES:
-        m = median[mode]
-        print(f"{mode:<10}{m['wall_seconds']:>9.1f}{m['epochs_seconds']:>10.1f}{m['outside_epochs']:>17.2f}"
+              for cell, cell_runs in runs.items()}
+    print(f"{'precision':<24}{'wall s':>9}{'epochs s':>10}{'outside/trial s':>17}{'val acc':>9}")
+    for cell, m in median.items():
+        print(f"{cell:<24}{m['wall_seconds']:>9.1f}{m['epochs_seconds']:>10.1f}{m['outside_epochs']:>17.2f}"
               f"{m['selected_val_accuracy']:>9.4f}")
     speedup = median["fp32"]["wall_seconds"] / median["auto"]["wall_seconds"]
     epochs_speedup = median["fp32"]["epochs_seconds"] / median["auto"]["epochs_seconds"]
