@@ -78,10 +78,13 @@ def test_block_pools_before_relu_with_the_values_and_gradients_of_relu_first(cha
     assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("variant", [{}, {"residual": True}, {"architecture": "dual_path"}, {"batchnorm": False}])
-def test_folded_batchnorm_is_the_same_function_without_batchnorm_layers(variant: dict):
+def test_folded_batchnorm_is_the_same_function_without_batchnorm_layers(variant: dict, channels_last: bool):
     torch.manual_seed(0)
     model = build_model(model_cfg(num_blocks=3, filters=6, units1=8, units2=8, **variant), FASHION_MNIST)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     with torch.no_grad():
         for _ in range(3):  # running statistics away from their initial 0 and 1
             model.train()(torch.randn(32, 1, 28, 28) * 2 + 0.5)
@@ -92,3 +95,13 @@ def test_folded_batchnorm_is_the_same_function_without_batchnorm_layers(variant:
         torch.testing.assert_close(folded(images), model.eval()(images), rtol=1e-4, atol=1e-5)
     assert not any(isinstance(m, torch.nn.BatchNorm2d | torch.nn.BatchNorm1d) for m in folded.modules())
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # the model itself is untouched
+
+
+def test_a_residual_block_adds_its_shortcut_after_relu_and_before_the_pool():
+    torch.manual_seed(0)
+    block = ConvBlock(6, 6, 3, batchnorm=True, dropout=0.0, residual=True).eval()
+    x = torch.randn(4, 6, 7, 7)
+    with torch.no_grad():
+        expected = block.pool(torch.relu(block.norm(block.conv(x))) + x)
+        assert torch.equal(block(x), expected)
+        assert not torch.equal(block.pool(torch.relu(block.norm(block.conv(x)))) + block.pool(x), expected)

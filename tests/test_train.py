@@ -194,6 +194,30 @@ def test_auto_precision_on_cpu_is_bf16_only_where_the_cpu_has_native_bf16(monkey
     assert device.resolve_precision("auto", CPU) is None
 
 
+def test_cpu_evaluation_scores_a_folded_copy_and_leaves_the_model_in_eval_mode(monkeypatch: pytest.MonkeyPatch):
+    from fmnist_hpo.data.splits import Split
+    from fmnist_hpo.training import loop
+    from fmnist_hpo.training.model import build_model, folded_batchnorm
+
+    torch.manual_seed(0)
+    model = build_model(validate({"model": {"filters": 6, "units1": 8, "units2": 8}}).model, FASHION_MNIST)
+    with torch.no_grad():
+        model.train()(torch.randn(64, 1, 28, 28))  # running statistics of their own
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    split = Split(torch.randint(0, 256, (300, 1, 28, 28), dtype=torch.uint8), torch.randint(0, 10, (300,)))
+    engine = make_engine(validate({"train": {"precision": "fp32"}}).train, CPU, 0, FASHION_MNIST)
+    folds = []
+    monkeypatch.setattr(loop, "folded_batchnorm", lambda m: folds.append(m) or folded_batchnorm(m))
+    loss, accuracy = evaluate(model, split, engine, batch_size=128)
+    assert folds == [model] and not model.training
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    unfolded_loss, unfolded_accuracy = loop._evaluate_eagerly(model, split, engine, 128)
+    assert loss == pytest.approx(unfolded_loss, rel=1e-5) and accuracy == unfolded_accuracy
+    engine.compiled = True  # a torch.compile'd model is scored as it is
+    evaluate(model, split, engine, batch_size=128)
+    assert len(folds) == 1
+
+
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 def test_a_cpu_engine_keeps_activation_buffers_on_glibcs_heap():
     from fmnist_hpo.training.device import keep_cpu_buffers

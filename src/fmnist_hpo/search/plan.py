@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 TRIAL_FIXED_SECONDS = 1.0
 SWEEP_FIXED_SECONDS = 20.0
 PROBE_ROUNDS = (3, 7)  # timed rounds of steps, at least and at most: their median is a step's cost
+EVAL_PROBE_BATCHES = 4
 PROBE_BUDGET_SECONDS = 1.5  # rounds stop once they took this long (after the minimum)
 
 
@@ -109,13 +110,15 @@ def probe(cfg: Config, device: torch.device, steps: int = 2) -> Probe:
 
     batch, eval_batch = cfg.train.batch_size, cfg.train.eval_batch_size
     info = dataset_named(cfg.data.dataset)
-    train_split, eval_split = noise_split(batch * steps, info, device), noise_split(eval_batch, info, device)
+    train_split = noise_split(batch * steps, info, device)
+    # several batches a call, as a validation pass: evaluate() folds BatchNorm once per call on CPU
+    eval_split = noise_split(eval_batch * EVAL_PROBE_BATCHES, info, device)
     first = _timed(lambda: train_epoch(model, noise_split(batch, info, device), optimizer, engine, cfg.train,
                                        cfg.data, step_scheduler))
     step = _median_seconds(lambda: train_epoch(model, train_split, optimizer, engine, cfg.train, cfg.data,
                                                step_scheduler)) / steps
     evaluate(model, eval_split, engine, eval_batch)
-    eval_batch_seconds = _median_seconds(lambda: evaluate(model, eval_split, engine, eval_batch))
+    eval_batch_seconds = _median_seconds(lambda: evaluate(model, eval_split, engine, eval_batch)) / EVAL_PROBE_BATCHES
     engine.release_graphs()  # a graph that failed here has already turned graphs off (auto) and trained eagerly
     train_images = cfg.data.train_subset or info.train_images - cfg.data.val_size
     epoch = steps_per_epoch(train_images, batch) * step + math.ceil(cfg.data.val_size / eval_batch) * eval_batch_seconds
