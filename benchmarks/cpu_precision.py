@@ -27,18 +27,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fmnist_hpo.config.loading import load
-
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+from fmnist_hpo.config.loading import load
+from fmnist_hpo.tags import ROLE, WALL_SECONDS, Role
+
 MODES = ("fp32", "auto")
 EVAL_BATCHES = 4
 
 
 def one_run(spec: str, precision: str, overrides: list[str], source: Path = ROOT / "src") -> dict[str, Any]:
     from mlflow.tracking import MlflowClient
-
-    sys.path.insert(0, str(ROOT / "src"))
-    from fmnist_hpo.tags import ROLE, WALL_SECONDS, Role
 
     with tempfile.TemporaryDirectory() as folder:
         uri = f"sqlite:///{folder}/mlflow.db"
@@ -71,7 +71,6 @@ def interleaved_steps(config_path: str, overrides: list[str], blocks: int, steps
     alternating blocks of `steps`: on a machine shared with other work both modes see the same load."""
     import torch
 
-    sys.path.insert(0, str(ROOT / "src"))
     from fmnist_hpo.data.splits import Split
     from fmnist_hpo.training.loop import evaluate, make_optimizer, prepare_trial
 
@@ -130,7 +129,6 @@ def main() -> None:
     parser.add_argument("--steps-only", action="store_true",
                         help="only the interleaved step timing (seconds, where whole runs take minutes)")
     args = parser.parse_args()
-    sys.path.insert(0, str(ROOT / "src"))
     from fmnist_hpo.training.device import cpu_has_native_bf16
 
     steps = interleaved_steps(args.config, args.overrides, blocks=10, steps=10)

@@ -50,7 +50,7 @@ def preflight(cfg: Config) -> Resolved:
     check_fits(cfg, torch.device(device))
     root, present = check_data(cfg)
     tracking_uri = check_store(cfg.mlflow.tracking_uri)
-    checkpoint_dir = models_folder(cfg.models_dir, cfg.experiment).expanduser().absolute()
+    checkpoint_dir = models_folder(cfg.models_dir, cfg.experiment).absolute()
     check_creatable(checkpoint_dir, "the checkpoint folder")
     return Resolved(device, precision, root, present, tracking_uri, checkpoint_dir)
 

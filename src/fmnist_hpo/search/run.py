@@ -39,7 +39,7 @@ def signal_exit_code(exc: BaseException) -> int:
 def stopped(exc: BaseException, resume_command: str) -> RunStopped:
     """A sweep cut off by the machine or a signal, and the command that continues it."""
     if isinstance(exc, MachineFailure):
-        return RunStopped(f"{exc.cause}; {exc.fix}, then: {resume_command}", 75)
+        return RunStopped(f"{exc.cause}; {exc.fix}, then: {resume_command}", exc.exit_code)
     return RunStopped(f"interrupted; finished trials are kept, continue with: {resume_command}", signal_exit_code(exc))
 
 

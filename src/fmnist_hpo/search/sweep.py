@@ -27,7 +27,7 @@ from fmnist_hpo.data.datasets import dataset_named
 from fmnist_hpo.data.lineage import idx_digest
 from fmnist_hpo.data.loading import load_dataset
 from fmnist_hpo.data.splits import SplitCache
-from fmnist_hpo.errors import FmnistError
+from fmnist_hpo.errors import FmnistError, first_line
 from fmnist_hpo.faults import machine_failure
 from fmnist_hpo.files import state_file
 from fmnist_hpo.records import EpochMetrics, LoggedTrial, SweepResult, TrialRecord, TrialStatus
@@ -252,8 +252,7 @@ class TrialHooks(FitHooks):
 
 
 def _reason(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text}"[:500] if text else type(exc).__name__
+    return f"{type(exc).__name__}: {first_line(exc, 500)}"[:500] if str(exc).strip() else type(exc).__name__
 
 
 def _free_device_memory(device: torch.device) -> None:

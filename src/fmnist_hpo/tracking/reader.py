@@ -145,6 +145,7 @@ class RunReader:
         quiet_mlflow()
         self.client = open_reader(tracking_uri)
         self.tracking_uri = tracking_uri
+        self._experiment_ids: dict[str, str] = {}  # a command reads one experiment many times
 
     def experiments(self) -> list[str]:
         """Names of the experiments that hold at least one fmnist trial, sorted."""
@@ -152,11 +153,13 @@ class RunReader:
                       if self.client.search_runs([e.experiment_id], role_filter(Role.TRIAL), max_results=1))
 
     def experiment_id(self, name: str) -> str:
-        found = self.client.get_experiment_by_name(name)
-        if found is None:
-            known = ", ".join(self.experiments()) or "none"
-            raise TrackingError(f"unknown experiment {name!r}; known experiments: {known}")
-        return found.experiment_id
+        if name not in self._experiment_ids:
+            found = self.client.get_experiment_by_name(name)
+            if found is None:
+                known = ", ".join(self.experiments()) or "none"
+                raise TrackingError(f"unknown experiment {name!r}; known experiments: {known}")
+            self._experiment_ids[name] = found.experiment_id
+        return self._experiment_ids[name]
 
     def trials(self, experiment: str) -> list[LoggedTrial]:
         runs = self.client.search_runs([self.experiment_id(experiment)], role_filter(Role.TRIAL), max_results=MAX_RUNS)
@@ -170,13 +173,14 @@ class RunReader:
 
     def history(self, run_id: str, key: str) -> dict[int, float]:
         """A metric's values by step, in step order (last_per_step)."""
-        return dict(sorted(last_per_step(self.client.get_metric_history(run_id, key)).items()))
+        return last_per_step(self.client.get_metric_history(run_id, key))
 
     def sweep_description(self, experiment: str) -> str:
-        if self.client.get_experiment_by_name(experiment) is None:
-            return ""
-        sweeps = self.sweeps(experiment)
-        return sweeps[0].params.get("description", "") if sweeps else ""
+        """The description param of the experiment's newest sweep; "" where there is none."""
+        found = self.client.get_experiment_by_name(experiment)
+        newest = self.client.search_runs([found.experiment_id], role_filter(Role.SWEEP), max_results=1,
+                                         order_by=["attributes.start_time DESC"]) if found is not None else []
+        return newest[0].data.params.get("description", "") if newest else ""
 
 
 class StoreView(RunReader):
